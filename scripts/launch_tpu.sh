@@ -1,0 +1,582 @@
+#!/usr/bin/env bash
+# One command from a workstation to a Cloud TPU VM or pod slice: create (or reuse) the TPU,
+# put this project on every worker, bring the data, train (one model or the whole ensemble
+# recipe), keep the outputs, optionally delete the TPU. Run with --help for the options.
+#
+# How commands reach the workers: each remote step is ONE `gcloud compute tpus tpu-vm ssh
+# NAME --worker=all --command=...`. gcloud opens one ssh per worker concurrently, waits for
+# all of them and exits non-zero if any worker failed. The remote command prefixes every line
+# with "[worker N] " itself (N read from the TPU metadata server), so interleaved logs of a
+# pod slice stay readable. --worker=all is passed for single-host TPUs too (it is worker 0).
+set -euo pipefail
+
+PROG=${0##*/}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+  cat <<'EOF'
+usage: launch_tpu.sh [options] [-- TRAIN_ARGS...]
+
+Create (or reuse) a Cloud TPU VM / pod slice, install leaf_xla on every worker, fetch the
+data and run `python -m leaf_xla.train --data-dir D --out-dir O TRAIN_ARGS...` (or, with
+--recipe, `python -m leaf_xla.recipe --config configs/ensemble.yaml --data-dir D --out-dir O
+TRAIN_ARGS...`) on all workers with PJRT_DEVICE=TPU. Everything after `--` is passed to the
+training command verbatim (quoted for the remote shell).
+
+TPU
+  --name NAME              TPU (and queued resource) name                [leaf-xla]
+  --zone ZONE              default: gcloud config get-value compute/zone
+  --project PROJECT        default: gcloud config get-value project
+  --accelerator-type T     v2-N, v3-N, v4-N, v5p-N (N = TensorCores, v4/v5p: multiple of 8),
+                           v5litepod-N, v6e-N (N = chips, power of two); e.g. v3-8, v4-8,
+                           v4-32, v5litepod-16. Required unless --existing. N > 8 = pod slice.
+  --version V              runtime version; default by generation: v2/v3/v4
+                           tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
+                           v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
+  --spot                   spot capacity (cheaper, can be preempted: see --resume)
+  --queued                 create through `gcloud compute tpus queued-resources` and wait until
+                           it is ACTIVE (for scarce capacity, large v4/v5e/v5p/v6e slices)
+  --queue-timeout DUR      give up queueing after DUR (--valid-until-duration, e.g. 6h)
+  --create-arg ARG         extra flag for the create command, repeatable
+                           (e.g. --create-arg=--reserved --create-arg=--network=my-net)
+  --existing               use an existing READY TPU, never create one
+  --resume                 continue a run: re-create the TPU if it is gone or PREEMPTED,
+                           pull outputs back from --output, append --resume to the command
+  --delete                 delete the TPU (or queued resource) at the end, even if training
+                           failed (not if --fetch failed and there is no --output)
+
+Project code on the workers
+  --copy-local             copy this checkout (git archive of HEAD plus uncommitted changes to
+                           tracked files; untracked files are not copied)   [default]
+  --repo URL [--ref REF]   git clone URL and check out REF (branch, tag or sha) [REF: HEAD]
+  --skip-setup             do not copy or pip-install the project (already on the VM)
+  --pip-arg ARG            extra argument for `pip install -e '.[tpu]'`, repeatable
+  --python PY              Python on the VM                                   [python3]
+
+Data
+  --data gs://BUCKET/PATH  `gcloud storage rsync -r` it into the data dir on every worker
+  --data kaggle:COMP       `kaggle competitions download -c COMP` + unzip on every worker
+                           (needs ~/.kaggle/kaggle.json there, or --kaggle-json)
+  --kaggle-json FILE       copy this Kaggle API token to ~/.kaggle/kaggle.json on the workers
+  --prepare-size N         run `python -m leaf_xla.prepare --data-dir D --size N` first
+  (no --data: the data is expected to be in the data dir already)
+
+Training and outputs
+  --recipe                 run the ensemble recipe instead of one train run
+  --recipe-config FILE     config of --recipe                    [configs/ensemble.yaml]
+  --env KEY=VALUE          export on the workers, repeatable (e.g. XLA_PERSISTENT_CACHE_PATH=...)
+  --output gs://B/PATH     sync the out dir there from worker 0 every --sync-every seconds
+                           and after the run; --resume syncs it back down first
+  --sync-every SECONDS     0 = only after the run                                [600]
+  --fetch LOCAL_DIR        scp --recurse the out dir from worker 0 to LOCAL_DIR at the end
+  --setup-only             stop after setup (code, install, data, prepare)
+
+Paths on the VM (relative = relative to the remote home; quote a leading ~)
+  --remote-dir DIR         project checkout                                   [leaf_xla]
+  --remote-data-dir DIR    --data-dir of the run     [data/plant-pathology-2020-fgvc7]
+  --remote-out-dir DIR     --out-dir of the run                         [leaf_xla_runs]
+
+Other
+  --OPTION=VALUE           also accepted; needed for values starting with --
+                           (e.g. --create-arg=--reserved, --pip-arg=--no-cache-dir)
+  --dry-run                print every command, one per line, shell-quoted, and run none
+                           (only `gcloud config get-value` and local git lookups run)
+  -h, --help               this text
+
+Examples
+  launch_tpu.sh --accelerator-type v3-8 --data gs://my-bucket/plant-pathology-2020-fgvc7 \
+    -- --model tf_efficientnet_b7 --config configs/tf_efficientnet_b7.yaml
+  launch_tpu.sh --name leaf-pod --accelerator-type v4-32 --spot --output gs://my-bucket/runs/b7 \
+    --data kaggle:plant-pathology-2020-fgvc7 --kaggle-json ~/.kaggle/kaggle.json --recipe
+  launch_tpu.sh --name leaf-pod --accelerator-type v4-32 --spot --output gs://my-bucket/runs/b7 \
+    --data kaggle:plant-pathology-2020-fgvc7 --recipe --resume    # after a preemption
+
+How it runs: every remote step is one `gcloud compute tpus tpu-vm ssh NAME --worker=all
+--command=...` (also on single-host TPUs); gcloud runs it on all workers at once, streams
+their output, each line prefixed "[worker N] ", and fails if any worker fails.
+Errors in the options exit with status 2 and one line on stderr; otherwise the exit status
+is that of the failing step (for training: that of a failed worker).
+EOF
+}
+
+die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
+fail() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
+note() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# options
+NAME=leaf-xla ZONE='' PROJECT='' ACCEL='' VERSION='' SPOT=0 QUEUED=0 QUEUE_TIMEOUT=''
+EXISTING=0 RESUME=0 DELETE=0 DRY_RUN=0 SETUP_ONLY=0 SKIP_SETUP=0 RECIPE=0
+COPY_LOCAL=0 REPO='' REF='' DATA='' KAGGLE_JSON='' PREPARE_SIZE='' OUTPUT='' FETCH=''
+RECIPE_CONFIG=configs/ensemble.yaml SYNC_EVERY=600 PY=python3
+REMOTE_DIR=leaf_xla REMOTE_DATA=data/plant-pathology-2020-fgvc7 REMOTE_OUT=leaf_xla_runs
+ENVS=() CREATE_ARGS=() PIP_ARGS=() TRAIN_ARGS=()
+
+while (($#)); do
+  opt=$1 val='' inline=0
+  if [[ $opt == --*=* ]]; then val=${opt#*=}; opt=${opt%%=*}; inline=1; fi
+  case $opt in
+    -h|--help|--spot|--queued|--existing|--resume|--delete|--dry-run|--setup-only|\
+    --skip-setup|--recipe|--copy-local)
+      ((inline)) && die "option $opt takes no value"
+      case $opt in
+        -h|--help) usage; exit 0 ;;
+        --spot) SPOT=1 ;;
+        --queued) QUEUED=1 ;;
+        --existing) EXISTING=1 ;;
+        --resume) RESUME=1 ;;
+        --delete) DELETE=1 ;;
+        --dry-run) DRY_RUN=1 ;;
+        --setup-only) SETUP_ONLY=1 ;;
+        --skip-setup) SKIP_SETUP=1 ;;
+        --recipe) RECIPE=1 ;;
+        --copy-local) COPY_LOCAL=1 ;;
+      esac
+      ;;
+    --name|--zone|--project|--accelerator-type|--version|--runtime-version|--queue-timeout|\
+    --create-arg|--repo|--ref|--pip-arg|--python|--data|--kaggle-json|--prepare-size|\
+    --recipe-config|--env|--output|--sync-every|--fetch|--remote-dir|--remote-data-dir|\
+    --remote-out-dir)
+      if ((!inline)); then  # a value starting with -- needs the --option=VALUE form
+        (($# >= 2)) || die "option $opt needs a value"
+        [[ $2 != --* ]] || die "option $opt needs a value (for one starting with --, write $opt=$2)"
+        val=$2
+        shift
+      fi
+      case $opt in
+        --name) NAME=$val ;;
+        --zone) ZONE=$val ;;
+        --project) PROJECT=$val ;;
+        --accelerator-type) ACCEL=$val ;;
+        --version|--runtime-version) VERSION=$val ;;
+        --queue-timeout) QUEUE_TIMEOUT=$val ;;
+        --create-arg) CREATE_ARGS+=("$val") ;;
+        --repo) REPO=$val ;;
+        --ref) REF=$val ;;
+        --pip-arg) PIP_ARGS+=("$val") ;;
+        --python) PY=$val ;;
+        --data) DATA=$val ;;
+        --kaggle-json) KAGGLE_JSON=$val ;;
+        --prepare-size) PREPARE_SIZE=$val ;;
+        --recipe-config) RECIPE_CONFIG=$val ;;
+        --env) ENVS+=("$val") ;;
+        --output) OUTPUT=${val%/} ;;
+        --sync-every) SYNC_EVERY=$val ;;
+        --fetch) FETCH=$val ;;
+        --remote-dir) REMOTE_DIR=$val ;;
+        --remote-data-dir) REMOTE_DATA=$val ;;
+        --remote-out-dir) REMOTE_OUT=$val ;;
+      esac
+      ;;
+    --) shift; TRAIN_ARGS=("$@"); break ;;
+    -*) die "unknown option $opt (see --help)" ;;
+    *) die "unexpected argument '$opt' (training arguments go after --; see --help)" ;;
+  esac
+  shift
+done
+
+# ---------------------------------------------------------------------------------------------
+# validation (everything that can be checked before touching gcloud)
+[[ -n $REPO && $COPY_LOCAL == 1 ]] && die "--repo and --copy-local exclude each other"
+[[ -n $REF && -z $REPO ]] && die "--ref needs --repo"
+[[ -z $REPO ]] && COPY_LOCAL=1
+((SKIP_SETUP)) && COPY_LOCAL=0
+[[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
+  || die "bad --name '$NAME': lowercase letters, digits and hyphens, starting with a letter"
+if [[ -n $DATA && $DATA != gs://?* && $DATA != kaggle:?* ]]; then
+  die "bad --data '$DATA': expected gs://BUCKET/PATH or kaggle:COMPETITION"
+fi
+[[ -n $KAGGLE_JSON && ! -f $KAGGLE_JSON ]] && die "--kaggle-json: no such file: $KAGGLE_JSON"
+[[ -z $PREPARE_SIZE || $PREPARE_SIZE =~ ^[1-9][0-9]*$ ]] \
+  || die "bad --prepare-size '$PREPARE_SIZE': expected a positive integer"
+[[ $SYNC_EVERY =~ ^[0-9]+$ ]] || die "bad --sync-every '$SYNC_EVERY': expected seconds"
+[[ -z $OUTPUT || $OUTPUT == gs://?* ]] || die "bad --output '$OUTPUT': expected gs://BUCKET/PATH"
+for kv in ${ENVS[@]+"${ENVS[@]}"}; do
+  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "bad --env '$kv': expected KEY=VALUE"
+done
+
+GEN='' CORES=0 POD=0
+if [[ -z $ACCEL ]]; then
+  ((EXISTING)) || die "--accelerator-type is required to create a TPU (e.g. v3-8, v4-32); \
+pass --existing to use one that exists"
+else
+  if [[ ! $ACCEL =~ ^(v2|v3|v4|v5litepod|v5p|v6e)-([0-9]{1,5})$ ]]; then
+    hint=''
+    [[ $ACCEL == v5e-* ]] && hint=' (TPU v5e is spelled v5litepod-N)'
+    die "bad --accelerator-type '$ACCEL': expected v2-N, v3-N, v4-N, v5p-N, v5litepod-N or v6e-N$hint"
+  fi
+  GEN=${BASH_REMATCH[1]}
+  CORES=$((10#${BASH_REMATCH[2]}))
+  pow2=$((CORES > 0 && (CORES & (CORES - 1)) == 0))
+  case $GEN in
+    v2|v3) ok=$((pow2 && CORES >= 8)); want='a power of two >= 8' ;;
+    v4|v5p) ok=$((CORES >= 8 && CORES % 8 == 0)); want='a multiple of 8 (TensorCores)' ;;
+    *) ok=$pow2; want='a power of two (chips)' ;;
+  esac
+  ((ok)) || die "bad --accelerator-type '$ACCEL': N must be $want"
+  POD=$((CORES > 8))
+  if [[ -z $VERSION ]]; then
+    case $GEN in
+      v5litepod) VERSION=v2-alpha-tpuv5-lite ;;
+      v5p) VERSION=v2-alpha-tpuv5 ;;
+      v6e) VERSION=v2-alpha-tpuv6e ;;
+      *) VERSION=tpu-ubuntu2204-base ;;
+    esac
+  fi
+fi
+
+if ((COPY_LOCAL)); then
+  git -C "$ROOT" rev-parse --verify -q HEAD >/dev/null 2>&1 \
+    || die "--copy-local: $ROOT is not a git checkout with a commit (git archive needs one); commit, or use --repo URL"
+fi
+
+command -v gcloud >/dev/null 2>&1 \
+  || die "gcloud not found on PATH; install the Google Cloud SDK (https://cloud.google.com/sdk)"
+
+config_value() {  # gcloud config get-value KEY, '' when unset
+  local v
+  v=$(gcloud config get-value "$1" 2>/dev/null) || v=''
+  [[ $v == '(unset)' ]] && v=''
+  printf '%s' "$v"
+}
+[[ -n $PROJECT ]] || PROJECT=$(config_value project)
+[[ -n $PROJECT ]] || die "no project: pass --project or run 'gcloud config set project PROJECT'"
+[[ -n $ZONE ]] || ZONE=$(config_value compute/zone)
+[[ -n $ZONE ]] || die "no zone: pass --zone (e.g. us-central1-f for v3/v2, us-central2-b for v4) \
+or run 'gcloud config set compute/zone ZONE'"
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+LOC=(--zone="$ZONE" --project="$PROJECT")
+VM=(compute tpus tpu-vm)
+QR=(compute tpus queued-resources)
+POLL=${LAUNCH_TPU_POLL_SECONDS:-30}
+TARBALL=''
+TOUCHED=0   # a TPU was created or used: remind about it if we fail
+DELETED=0
+
+# q WORD: WORD quoted for a POSIX shell, readably: as is when safe, else in single quotes
+# (printf %q when it holds control characters such as a newline, to stay on one line).
+q() {
+  local s=$1 sq="'"
+  if [[ -n $s && $s != *[!A-Za-z0-9_./:=@%+,-]* ]]; then
+    printf '%s' "$s"
+  elif [[ $s == *[[:cntrl:]]* ]]; then
+    printf '%q' "$s"
+  else
+    printf "'%s'" "${s//$sq/$sq\\$sq$sq}"
+  fi
+}
+quoted() {  # quoted WORD...: the words quoted with q, separated by spaces
+  local w sep=''
+  for w in "$@"; do printf '%s' "$sep"; q "$w"; sep=' '; done
+}
+
+# run CMD...: --dry-run prints it (copy-pastable); otherwise echo it to stderr and run it.
+run() {
+  if ((DRY_RUN)); then
+    printf '%s\n' "$(quoted "$@")"
+  else
+    printf '+ %s\n' "$(quoted "$@")" >&2
+    "$@"
+  fi
+}
+comment() { if ((DRY_RUN)); then printf '# %s\n' "$*"; fi; }
+
+# A path on the VM as a word for the remote shell: relative and ~/ paths are under $HOME.
+rpath() {
+  local p=$1
+  case $p in
+    /*) q "$p" ;;
+    \~) printf \~ ;;
+    \~/*) printf \~/; q "${p#\~/}" ;;
+    *) printf \~/; q "$p" ;;
+  esac
+}
+# The same path as the remote side of `gcloud ... scp` (relative to the remote home).
+scp_path() {
+  local p=$1
+  case $p in
+    \~/*) printf '%s' "${p#\~/}" ;;
+    *) printf '%s' "$p" ;;
+  esac
+}
+
+# remote BODY: the --command for every worker; lines are prefixed with "[worker N] ".
+# shellcheck disable=SC2016  # expanded by the remote shell
+WORKER_ID='w=$(curl -sf -m 10 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number) || w=0'
+remote() {
+  # shellcheck disable=SC2016  # $HOME and $w are for the remote shell
+  printf 'set -euo pipefail; export PATH="$HOME/.local/bin:$PATH"; %s; { %s; } 2>&1 | sed -u "s/^/[worker $w] /"' \
+    "$WORKER_ID" "$1"
+}
+ssh_all() { run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(remote "$1")"; }
+scp_all() { run gcloud "${VM[@]}" scp "$1" "$NAME:$2" "${LOC[@]}" --worker=all; }
+
+vm_state() {
+  gcloud "${VM[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || true
+}
+qr_state() {
+  gcloud "${QR[@]}" describe "$NAME" "${LOC[@]}" --format='value(state.state)' 2>/dev/null || true
+}
+
+create_vm() {
+  local spot=()
+  ((SPOT)) && spot=(--spot)
+  TOUCHED=1
+  if ((QUEUED)); then
+    local until=()
+    [[ -n $QUEUE_TIMEOUT ]] && until=(--valid-until-duration="$QUEUE_TIMEOUT")
+    run gcloud "${QR[@]}" create "$NAME" "${LOC[@]}" --node-id="$NAME" \
+      --accelerator-type="$ACCEL" --runtime-version="$VERSION" \
+      ${spot[@]+"${spot[@]}"} ${until[@]+"${until[@]}"} ${CREATE_ARGS[@]+"${CREATE_ARGS[@]}"}
+    wait_queued
+  else
+    run gcloud "${VM[@]}" create "$NAME" "${LOC[@]}" \
+      --accelerator-type="$ACCEL" --version="$VERSION" \
+      ${spot[@]+"${spot[@]}"} ${CREATE_ARGS[@]+"${CREATE_ARGS[@]}"}
+  fi
+}
+
+wait_queued() {
+  local state last=''
+  if ((DRY_RUN)); then
+    comment "repeat until it prints ACTIVE:"
+    run gcloud "${QR[@]}" describe "$NAME" "${LOC[@]}" --format='value(state.state)'
+    return
+  fi
+  while :; do
+    state=$(qr_state)
+    case $state in
+      ACTIVE) note "queued resource $NAME is ACTIVE"; return ;;
+      '') fail "queued resource $NAME disappeared while waiting for it" ;;
+      FAILED|SUSPENDED|SUSPENDING|DELETING)
+        fail "queued resource $NAME is $state; see: gcloud ${QR[*]} describe $NAME ${LOC[*]}" ;;
+    esac
+    [[ $state != "$last" ]] && note "queued resource $NAME is $state; waiting (Ctrl-C to stop)"
+    last=$state
+    sleep "$POLL"
+  done
+}
+
+delete_tpu() {
+  if ((QUEUED)); then
+    run gcloud "${QR[@]}" delete "$NAME" "${LOC[@]}" --force --quiet
+  else
+    run gcloud "${VM[@]}" delete "$NAME" "${LOC[@]}" --quiet
+  fi
+}
+
+# Make sure a READY TPU named $NAME exists (create / reuse / re-create after preemption).
+ensure_tpu() {
+  if ((DRY_RUN)); then
+    run gcloud "${VM[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)'
+    ((EXISTING)) && return
+    if ((RESUME)); then
+      comment "--resume: only if the TPU above is not READY (e.g. PREEMPTED), delete it:"
+      delete_tpu
+      comment "--resume: only if it is missing or was just deleted, create it:"
+    fi
+    create_vm
+    return
+  fi
+  local state qstate
+  state=$(vm_state)
+  if [[ $state == READY ]]; then
+    ((EXISTING || RESUME)) \
+      || die "TPU $NAME already exists in $ZONE (READY); pass --existing to use it or --resume to continue a run on it"
+    note "using TPU $NAME (READY)"
+    TOUCHED=1
+    return
+  fi
+  if ((EXISTING)); then
+    [[ -z $state ]] && die "TPU $NAME not found in zone $ZONE of project $PROJECT (--existing)"
+    if ((RESUME)); then
+      die "TPU $NAME is $state, not READY; drop --existing to let --resume re-create it"
+    fi
+    die "TPU $NAME is $state, not READY (--existing); pass --resume instead to re-create it"
+  fi
+  case $state in
+    CREATING|STARTING|RESTARTING|REPAIRING|REIMAGING|STOPPING|DELETING)
+      fail "TPU $NAME is $state; rerun when it is READY or gone" ;;
+  esac
+  if ((QUEUED)); then
+    qstate=$(qr_state)
+    case $qstate in
+      '') ;;
+      ACCEPTED|WAITING_FOR_RESOURCES|PROVISIONING|CREATING)
+        ((RESUME)) || die "queued resource $NAME already exists ($qstate); pass --resume to wait for it"
+        TOUCHED=1
+        wait_queued
+        return ;;
+      *)
+        ((RESUME)) || die "queued resource $NAME already exists ($qstate); pass --resume to re-create it"
+        note "queued resource $NAME is $qstate: deleting and re-creating it"
+        run gcloud "${QR[@]}" delete "$NAME" "${LOC[@]}" --force --quiet
+        state='' ;;
+    esac
+  fi
+  if [[ -n $state ]]; then
+    ((RESUME)) || die "TPU $NAME already exists ($state); pass --resume to re-create it and continue"
+    note "TPU $NAME is $state: deleting and re-creating it"
+    run gcloud "${VM[@]}" delete "$NAME" "${LOC[@]}" --quiet
+  fi
+  create_vm
+}
+
+# shellcheck disable=SC2329  # invoked by the EXIT trap
+cleanup() {
+  local rc=$?
+  [[ -n $TARBALL && $DRY_RUN == 0 ]] && rm -f "$TARBALL"
+  if ((rc != 0 && TOUCHED && !DELETED && !DRY_RUN)); then
+    note "TPU $NAME may still be running (and billing); delete it with: gcloud ${VM[*]} delete $NAME ${LOC[*]}"
+  fi
+  return "$rc"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------------------------------------
+# the remote steps
+D=$(rpath "$REMOTE_DIR")
+DATA_DIR=$(rpath "$REMOTE_DATA")
+OUT_DIR=$(rpath "$REMOTE_OUT")
+
+code_step() {
+  if ((COPY_LOCAL)); then
+    local tree
+    tree=$(git -C "$ROOT" stash create 2>/dev/null) || tree=''
+    [[ -n $tree ]] || tree=HEAD
+    [[ $tree != HEAD ]] && note "copying HEAD plus the uncommitted changes to tracked files"
+    [[ -n $(git -C "$ROOT" ls-files --others --exclude-standard | head -n 1) ]] \
+      && note "untracked files are not copied (git add them, or use --repo)"
+    if ((DRY_RUN)); then
+      TARBALL=${TMPDIR:-/tmp}/leaf_xla-src.tar.gz
+    else
+      TARBALL=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-src.XXXXXX")
+    fi
+    run git -C "$ROOT" archive --format=tar.gz -o "$TARBALL" "$tree"
+    scp_all "$TARBALL" leaf_xla_src.tar.gz
+    ssh_all "mkdir -p $D && tar -xzf ~/leaf_xla_src.tar.gz -C $D && rm -f ~/leaf_xla_src.tar.gz"
+  else
+    local url ref
+    url=$(q "$REPO")
+    ref=$(q "${REF:-HEAD}")
+    ssh_all "if [ ! -d $D/.git ]; then git clone -q $url $D; fi; git -C $D fetch -q origin $ref; \
+git -C $D checkout -q --detach FETCH_HEAD; echo \"code: \$(git -C $D log -1 --oneline)\""
+  fi
+}
+
+install_step() {
+  local pip
+  pip=$(quoted "$PY" -m pip install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} -e '.[tpu]')
+  ssh_all "cd $D && $pip"
+}
+
+data_step() {
+  if [[ -n $KAGGLE_JSON ]]; then
+    scp_all "$KAGGLE_JSON" kaggle.json
+    ssh_all "mkdir -p ~/.kaggle && mv ~/kaggle.json ~/.kaggle/kaggle.json && chmod 600 ~/.kaggle/kaggle.json"
+  fi
+  case $DATA in
+    '')
+      note "no --data: expecting the data in $REMOTE_DATA on the workers" ;;
+    gs://*)
+      ssh_all "mkdir -p $DATA_DIR && gcloud storage rsync -r $(q "$DATA") $DATA_DIR" ;;
+    kaggle:*)
+      local comp py
+      comp=$(q "${DATA#kaggle:}")
+      py=$(q "$PY")
+      ssh_all "if [ ! -f ~/.kaggle/kaggle.json ]; then echo \"error: no Kaggle credentials \
+(~/.kaggle/kaggle.json) on \$(hostname); pass --kaggle-json FILE or use --data gs://...\" >&2; exit 2; fi; \
+if [ -f $DATA_DIR/train.csv ]; then echo \"data already in $DATA_DIR\"; else \
+command -v kaggle >/dev/null || $py -m pip install -q --user kaggle; mkdir -p $DATA_DIR; \
+kaggle competitions download -c $comp -p $DATA_DIR; \
+$py -m zipfile -e $DATA_DIR/$comp.zip $DATA_DIR; rm -f $DATA_DIR/$comp.zip; fi" ;;
+  esac
+}
+
+prepare_step() {
+  [[ -n $PREPARE_SIZE ]] || return 0
+  ssh_all "cd $D && $(quoted "$PY" -m leaf_xla.prepare) --data-dir $DATA_DIR --size $PREPARE_SIZE"
+}
+
+pull_outputs_step() {  # --resume with --output: bring the bucket's outputs back to every worker
+  local out
+  out=$(q "$OUTPUT")
+  ssh_all "mkdir -p $OUT_DIR; if gcloud storage ls $out >/dev/null 2>&1; then \
+gcloud storage rsync -r -u $out $OUT_DIR; else echo \"nothing in $out yet\"; fi"
+}
+
+train_command() {  # the remote command of the training step
+  local module env='' cmd extra=() out
+  for kv in ${ENVS[@]+"${ENVS[@]}"}; do env+=" $(q "$kv")"; done
+  if ((RECIPE)); then
+    module=(leaf_xla.recipe --config "$RECIPE_CONFIG")
+  else
+    module=(leaf_xla.train)
+  fi
+  ((RESUME)) && extra=(--resume)
+  cmd="$(quoted "$PY" -m "${module[@]}") --data-dir $DATA_DIR --out-dir $OUT_DIR"
+  if ((${#TRAIN_ARGS[@]} + ${#extra[@]})); then
+    cmd+=" $(quoted ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} ${extra[@]+"${extra[@]}"})"
+  fi
+  local body="cd $D; export PJRT_DEVICE=TPU PYTHONUNBUFFERED=1$env; mkdir -p $OUT_DIR; "
+  if [[ -n $OUTPUT ]]; then
+    out=$(q "$OUTPUT")
+    if ((SYNC_EVERY > 0)); then
+      body+="if [ \"\$w\" = 0 ]; then (while sleep $SYNC_EVERY; do gcloud storage rsync -r \
+$OUT_DIR $out || true; done) >/dev/null 2>&1 & syncer=\$!; fi; "
+    fi
+  fi
+  body+="rc=0; $cmd || rc=\$?; "
+  if [[ -n $OUTPUT ]]; then
+    ((SYNC_EVERY > 0)) && body+="if [ \"\$w\" = 0 ]; then kill \"\$syncer\" 2>/dev/null || true; fi; "
+    body+="if [ \"\$w\" = 0 ]; then gcloud storage rsync -r $OUT_DIR $out; fi; "
+  fi
+  body+="exit \$rc"
+  remote "$body"
+}
+
+# ---------------------------------------------------------------------------------------------
+# main
+if [[ -n $ACCEL ]]; then
+  if ((POD)); then
+    note "$ACCEL is a pod slice (several hosts): every step runs on all workers (--worker=all); \
+keep your gcloud SSH key in ssh-agent (ssh-add ~/.ssh/google_compute_engine)"
+  else
+    note "$ACCEL is a single host"
+  fi
+fi
+((DRY_RUN)) && note "dry run: printing the commands, running none"
+
+ensure_tpu
+if ((!SKIP_SETUP)); then code_step; fi
+data_step
+if ((!SKIP_SETUP)); then install_step; fi
+prepare_step
+((SETUP_ONLY)) && { note "setup done (--setup-only)"; exit 0; }
+((RESUME)) && [[ -n $OUTPUT ]] && pull_outputs_step
+
+rc=0
+run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(train_command)" || rc=$?
+if ((rc)); then note "training failed (exit status $rc)"; fi
+
+fetch_failed=0
+if [[ -n $FETCH ]]; then
+  run mkdir -p "$FETCH"
+  run gcloud "${VM[@]}" scp --recurse "$NAME:$(scp_path "$REMOTE_OUT")" "$FETCH" "${LOC[@]}" \
+    --worker=0 || fetch_failed=1
+  if ((fetch_failed)); then note "fetching the outputs to $FETCH failed"; fi
+fi
+[[ -n $OUTPUT ]] && note "outputs: $OUTPUT"
+
+if ((DELETE)); then
+  if ((fetch_failed)) && [[ -z $OUTPUT ]]; then
+    note "not deleting TPU $NAME: fetching the outputs failed and there is no --output copy"
+  else
+    delete_tpu
+    DELETED=1
+  fi
+fi
+((rc == 0 && fetch_failed)) && rc=1
+exit "$rc"

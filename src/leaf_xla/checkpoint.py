@@ -1,0 +1,82 @@
+"""Checkpoints: atomic, master-written, loadable without unpickling code, enough to resume exactly.
+
+A checkpoint holds the model and optimizer state, the position in the schedule (epoch and step
+within it), every RNG state, the best score so far, the history, the resolved config and what
+prediction needs (classes, image size, mean, std).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leaf_xla.cli import UserError
+from leaf_xla.files import atomic_path
+from leaf_xla.runtime import Runtime
+
+
+def _to_cpu(state: Any, rt: Runtime) -> Any:
+    if rt.is_xla:
+        import torch_xla.core.xla_model as xm
+
+        return xm._maybe_convert_to_cpu(state)  # one batched device-to-host transfer
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v, rt) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v, rt) for v in state)
+    return state
+
+
+def plain_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as tensors and plain values, so that torch.load(weights_only=True) takes them."""
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    return {
+        **state,
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    return {
+        **state,
+        "python": (version, tuple(internal.tolist()), gauss),
+        "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached),
+    }
+
+
+def save(rt: Runtime, path: Path, state: dict[str, Any]) -> None:
+    """Every process calls this; the master writes (temp file + rename), then all meet.
+
+    The rendezvous sits outside the rank test on purpose: a rank-dependent call would leave
+    the other replicas waiting forever.
+    """
+    cpu_state = _to_cpu(state, rt) if rt.is_master else None
+    if rt.is_master:
+        with atomic_path(path) as tmp:
+            torch.save(cpu_state, tmp)
+    rt.rendezvous(f"leaf_xla.save.{path.name}")
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint; a truncated or foreign file is a one-line error naming it."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and EOF errors share no base class
+        raise UserError(
+            f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:120]}); it may be "
+            "truncated: use the other of last.pt/best.pt or start again without --resume"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path} is not a leaf_xla checkpoint (no model/config inside)")
+    return state

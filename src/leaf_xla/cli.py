@@ -1,0 +1,55 @@
+"""The `leaf-xla` console script and the error handling every entry point shares.
+
+`leaf-xla train ...` and `python -m leaf_xla train ...` run `python -m leaf_xla.train ...`:
+each subcommand is a module with a `main(argv)` function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+COMMANDS = {
+    "synth": "write a synthetic data set in a Kaggle leaf-competition layout",
+    "check": "validate a data directory and print a report",
+    "prepare": "write the pre-resized image cache",
+    "train": "train one model (one fold)",
+    "predict": "predict the test (or a train fold) split from checkpoints",
+    "ensemble": "average prediction CSVs into a submission",
+    "recipe": "train every model of an ensemble config, predict and ensemble",
+    "schedule": "print or plot the learning-rate schedule of a config",
+    "convert_keras": "convert Keras ResNet152V2 ImageNet weights to safetensors",
+    "demo": "the whole job on generated data, on CPU, in minutes",
+}
+
+
+class UserError(Exception):
+    """An expected mistake in the user's input: reported as one line, no traceback."""
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run an entry point; turn `UserError` into `error: ...` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+        print("usage: leaf-xla COMMAND [options]   (COMMAND --help for its options)\n")
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            sys.exit(2)
+        return
+    module = importlib.import_module(f"leaf_xla.{argv[0]}")
+    run(module.main, argv[1:])

@@ -1,0 +1,131 @@
+"""YAML configs whose values become the defaults of an argparse CLI (the timm pattern).
+
+`parse_args(parser, argv)` reads `--config FILE` first, checks every key of the file against the
+parser's options (unknown keys and wrong value types are `UserError`s naming the file and key),
+sets them as defaults, then parses the command line, which wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leaf_xla.cli import UserError
+from leaf_xla.files import atomic_write_text
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file path, or the name of one shipped in `configs/` (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"config file {name_or_path} not found (give a path or a name in {CONFIG_DIR})")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def _check_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    """Check one YAML value against the argparse option it sets; return it converted."""
+    where = f"{path}: key {key!r}"
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction) or action.const in (True, False):
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*") and not isinstance(value, list):
+        value = [value]
+    values = value if isinstance(value, list) else [value]
+    if action.nargs not in ("+", "*") and isinstance(value, list) and action.type is not yaml_value:
+        raise UserError(f"{where} takes one value, got a list")
+    converted = []
+    for item in values:
+        kind = action.type
+        if kind in (int, float) and (isinstance(item, bool) or not isinstance(item, (int, float))):
+            raise UserError(f"{where} must be a number, got {item!r}")
+        if kind is int and isinstance(item, float) and not item.is_integer():
+            raise UserError(f"{where} must be a whole number, got {item!r}")
+        if kind in (int, float):
+            item = kind(item)
+        elif kind is yaml_value:
+            pass
+        elif not isinstance(item, (str, int, float)):
+            raise UserError(f"{where} must be a string, got {item!r}")
+        else:
+            item = str(item)
+        if action.choices is not None and item not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise UserError(f"{where} must be one of {choices}, got {item!r}")
+        converted.append(item)
+    return converted if isinstance(value, list) else converted[0]
+
+
+def yaml_value(text: str) -> Any:
+    """argparse type for structured options (lists, mappings) given on the command line as YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({err})") from None
+
+
+def apply_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """Validate a YAML config against `parser` and set its values as the parser's defaults."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in load_yaml(path).items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{path}: unknown key {key!r}{hint}; see --help for the options")
+        values[dest] = _check_value(path, str(key), value, actions[dest])
+    parser.set_defaults(**values)
+    return values
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse `argv` with the values of `--config FILE` (if given) as defaults."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config")
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        apply_config(parser, find_config(known.config))
+    return parser.parse_args(argv)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="YAML file (or the name of one in configs/) whose keys set option defaults",
+    )
+
+
+def save_config(args: argparse.Namespace, path: Path) -> None:
+    """The resolved config: every option's final value, loadable again with `--config`."""
+    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    values.pop("config", None)
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))

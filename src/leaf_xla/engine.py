@@ -1,0 +1,277 @@
+"""The training engine: one compiled train step, one compiled eval step, and the epoch loops.
+
+`Trainer` runs on one device (XLA, CUDA or CPU). Each data-parallel variant overrides what its
+strategy changes, so its diff is its lesson:
+- `SpawnTrainer`: one process per TPU core (torch_xla.launch); gradients all-reduced by
+  `xm.optimizer_step`, evaluation outputs all-gathered.
+- `SpmdTrainer`: one process per host, the global batch sharded over a 1-D device mesh as it is
+  uploaded; XLA's partitioner inserts the gradient all-reduce itself.
+
+XLA discipline: batches have fixed shapes (loader.py); the step keeps no Python state that
+changes per step, so it traces to the same graph every time; loss totals and the non-finite
+check live in device tensors that the host reads only at log points (asynchronously) and at
+epoch end (an intended sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from leaf_xla.cli import UserError
+from leaf_xla.runtime import Runtime
+
+TTA_FLIPS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class Trainer:
+    """Train and evaluate one model on one device."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rt: Runtime,
+        multilabel: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        optimizer: torch.optim.Optimizer | None = None,
+        label_smoothing: float = 0.0,
+        tta: Sequence[str] = ("none",),
+    ):
+        self.rt = rt
+        self.model = model
+        self.optimizer = optimizer
+        self.multilabel = multilabel
+        self.label_smoothing = label_smoothing
+        self.tta = [TTA_FLIPS[name] for name in tta]
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        # uint8 -> normalised float in one multiply-add on the device: x * scale + shift.
+        self.scale = (1.0 / (255.0 * std_t)).to(rt.device)
+        self.shift = (-mean_t / std_t).to(rt.device)
+        self._train_step = rt.compile(self.train_step, name="train_step")
+        self._eval_step = rt.compile(self.eval_step, name="eval_step")
+        self.reset_totals()
+
+    # --- what the variants override ----------------------------------------------------------
+
+    def device_loader(self, loader: Iterable[dict]) -> Iterable[dict]:
+        """Batches on the device; on XLA uploaded by background threads (MpDeviceLoader)."""
+        if self.rt.is_xla:
+            import torch_xla.distributed.parallel_loader as pl
+
+            return pl.MpDeviceLoader(loader, self.rt.device)
+        return ({k: v.to(self.rt.device, non_blocking=True) for k, v in b.items()} for b in loader)
+
+    def run_optimizer(self) -> None:
+        self.optimizer.step()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This replica's evaluation outputs -> every replica's (one device: as they are)."""
+        return tensor
+
+    # --- the compiled steps -----------------------------------------------------------------
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale + self.shift
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss in fp32: softmax cross-entropy, or sigmoid BCE for multi-label data."""
+        logits = logits.float()
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+        return F.cross_entropy(
+            logits, targets, label_smoothing=self.label_smoothing, reduction="none"
+        )
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.rt.autocast():
+            logits = self.model(self.normalize(batch["image"]))
+        loss = self.loss(logits, batch["target"]).mean()
+        loss.backward()
+        self.run_optimizer()
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        first = (~finite) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(first, self.step_counter, self.first_bad_step)
+        self.loss_total = self.loss_total + torch.where(finite, loss, torch.zeros_like(loss))
+        self.step_counter = self.step_counter + 1
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.normalize(batch["image"])
+        probs, loss = None, None
+        for dims in self.tta:
+            with self.rt.autocast():
+                logits = self.model(torch.flip(images, dims) if dims else images).float()
+            if loss is None:
+                loss = (self.loss(logits, batch["target"]) * batch["mask"]).sum()
+            p = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+            probs = p if probs is None else probs + p
+        return probs / len(self.tta), loss
+
+    # --- the loops ---------------------------------------------------------------------------
+
+    def reset_totals(self) -> None:
+        # A graph of its own, cut on both sides: the same tiny graph every epoch, compiled once.
+        device = self.rt.device
+        self.rt.sync()
+        self.loss_total = torch.zeros((), device=device)
+        self.step_counter = torch.zeros((), dtype=torch.int32, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int32, device=device)
+        self.rt.sync()
+
+    def check_finite(self, epoch: int, start_step: int) -> None:
+        """Raise if any step so far had a non-finite loss (a host sync: call between steps)."""
+        bad = int(self.first_bad_step.item())
+        if bad >= 0:
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {epoch} step {start_step + bad}: training stopped, "
+                "last.pt and best.pt hold the last good state; lower --lr or use fp32"
+            )
+
+    def train_one_epoch(
+        self,
+        loader: Iterable[dict],
+        epoch: int,
+        steps: int,
+        start_step: int,
+        lr_at: Callable[[float], float],
+        batch_images: int,
+        on_step: Callable[[int], None] | None = None,
+        log: Callable[[int, float, float], None] | None = None,
+        log_every: int = 20,
+    ) -> float:
+        """Train over `loader` (this epoch's batches from `start_step` on); mean train loss.
+
+        `on_step(step)` runs after each step (mid-epoch checkpoints); `log(step, loss, lr)`
+        gets the running mean loss every `log_every` steps, off the training thread.
+        """
+        self.model.train()
+        self.reset_totals()
+        bar = tqdm(
+            total=steps,
+            initial=start_step,
+            desc=f"epoch {epoch}",
+            unit="step",
+            disable=not self.rt.is_master,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        step = start_step
+        for step, batch in enumerate(self.device_loader(loader), start=start_step):
+            lr = lr_at(epoch + step / steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
+            self._train_step(batch)
+            bar.update(1)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                self._log_later(step, start_step, lr, bar, log)
+            if on_step is not None:
+                on_step(step + 1)
+        bar.close()
+        self.check_finite(epoch, start_step)
+        done = step + 1 - start_step
+        return float(self.loss_total.item()) / max(1, done)  # epoch end: an intended sync
+
+    def _log_later(
+        self,
+        step: int,
+        start_step: int,
+        lr: float,
+        bar: tqdm,
+        log: Callable[[int, float, float], None] | None,
+    ) -> None:
+        def report(loss_total: torch.Tensor, counter: torch.Tensor) -> None:
+            mean = float(loss_total.item()) / max(1, int(counter.item()))
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if log is not None:
+                log(step, mean, lr)
+
+        if self.rt.is_xla:
+            import torch_xla.core.xla_model as xm
+
+            # Runs once this step's graph has executed, on another thread: no stall here.
+            xm.add_step_closure(report, args=(self.loss_total, self.step_counter), run_async=True)
+        else:
+            report(self.loss_total, self.step_counter)
+
+    def evaluate(self, loader: Iterable[dict], n: int) -> tuple[np.ndarray, float]:
+        """Probabilities for samples 0..n-1 (each exactly once) and the mean loss."""
+        self.model.eval()
+        probs, indices, losses = [], [], []
+        for batch in self.device_loader(loader):
+            p, loss = self._eval_step(batch)
+            probs.append(p)
+            indices.append(batch["index"])
+            losses.append(loss)
+        # One transfer at the end (an intended sync), not one per batch.
+        all_probs = self.gather(torch.cat(probs)).cpu().numpy()
+        all_index = self.gather(torch.cat(indices)).cpu().numpy()
+        total_loss = float(self.gather(torch.stack(losses).sum().view(1)).sum().cpu())
+        out = np.full((n, all_probs.shape[1]), np.nan, dtype=np.float32)
+        real = all_index >= 0
+        out[all_index[real]] = all_probs[real]
+        if np.isnan(out).any() or real.sum() != n:
+            raise RuntimeError(f"evaluation covered {int(real.sum())} of {n} samples")
+        return out, total_loss / n
+
+
+class SpawnTrainer(Trainer):
+    """One process per TPU core: all-reduce gradients, all-gather evaluation outputs."""
+
+    def run_optimizer(self) -> None:
+        import torch_xla.core.xla_model as xm
+
+        xm.optimizer_step(self.optimizer)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch_xla.core.xla_model as xm
+
+        return xm.all_gather(tensor, dim=0)
+
+
+class SpmdTrainer(Trainer):
+    """One process per host: the batch is sharded over the device mesh as it is uploaded."""
+
+    def device_loader(self, loader: Iterable[dict]) -> Iterator[dict]:
+        import torch_xla.distributed.parallel_loader as pl
+        import torch_xla.distributed.spmd as xs
+
+        mesh = self.rt.mesh
+        sharding = {
+            "image": xs.ShardingSpec(mesh, ("data", None, None, None)),
+            "target": xs.ShardingSpec(mesh, ("data", None)),
+            "index": xs.ShardingSpec(mesh, ("data",)),
+            "mask": xs.ShardingSpec(mesh, ("data",)),
+        }
+        return pl.MpDeviceLoader(loader, self.rt.device, input_sharding=sharding)
+
+
+def trainer_class(rt: Runtime) -> type[Trainer]:
+    return {"spawn": SpawnTrainer, "spmd": SpmdTrainer}.get(rt.parallel, Trainer)
+
+
+def create_optimizer(
+    model: torch.nn.Module, name: str, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Adam as in the seed; AdamW and SGD (Nesterov momentum) as options."""
+    params = model.parameters()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-5, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=1e-5, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+    raise UserError(f"--optimizer must be adam, adamw or sgd, got {name!r}")

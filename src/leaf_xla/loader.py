@@ -1,0 +1,246 @@
+"""The host input pipeline: decode (or read the resize cache), augment, batch as uint8.
+
+On a TPU VM the host, not the TPU, usually limits training on big JPEGs, so:
+- JPEGs are decoded with DCT scaling to about the target size (data.decode), or read from a
+  pre-resized cache (`python -m leaf_xla.prepare`) kept fresh by file size and mtime;
+- decoding runs in threads (PIL and numpy release the GIL), no worker processes to fork;
+- batches leave as uint8 NCHW: a quarter of the bytes of float32 to copy to the device, where
+  the compiled step converts and normalises them;
+- every batch has the same shape: training drops the ragged tail, evaluation pads the last
+  batch and carries a mask, so nothing recompiles and no sample is lost.
+Augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the thread
+timing, and a resumed run sees exactly the batches the killed one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leaf_xla.cli import UserError
+from leaf_xla.data import Problems, decode, sniff
+from leaf_xla.files import atomic_path, atomic_write_text
+
+MANIFEST = "manifest.json"
+
+
+# --- the resize cache -----------------------------------------------------------------------
+
+
+def default_cache_root(data_dir: Path) -> Path:
+    """`<data_dir>/.leaf_xla_cache`, or under ~/.cache when the data folder is read-only."""
+    root = data_dir / ".leaf_xla_cache"
+    if os.access(data_dir, os.W_OK) or root.is_dir():
+        return root
+    return (
+        Path.home() / ".cache" / "leaf_xla" / str(data_dir.resolve()).strip("/").replace("/", "_")
+    )
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class ResizeCache:
+    """Pre-resized uint8 arrays (`.npy`), one per source image, valid while size+mtime match."""
+
+    def __init__(self, root: Path, size: int):
+        self.dir = root / f"{size}px"
+        self.size = size
+        manifest = self.dir / MANIFEST
+        self.entries: dict[str, list[int]] = (
+            json.loads(manifest.read_text()) if manifest.is_file() else {}
+        )
+
+    @property
+    def exists(self) -> bool:
+        return (self.dir / MANIFEST).is_file()
+
+    def entry(self, path: Path) -> Path:
+        return self.dir / f"{path.name}.npy"
+
+    def is_fresh(self, path: Path) -> bool:
+        return self.entries.get(path.name) == _stamp(path) and self.entry(path).is_file()
+
+    def stale(self, paths: Sequence[Path]) -> list[Path]:
+        return [p for p in paths if not self.is_fresh(p)]
+
+    def build(
+        self,
+        paths: Sequence[Path],
+        workers: int,
+        problems: Problems,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """(Re)build the entries of `paths` that are missing or stale; returns how many.
+
+        Every rebuilt file is decoded in full, so this is also the expensive validation:
+        undecodable files land in `problems.errors`, odd modes in its warnings.
+        """
+        todo = self.stale(paths)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+        def one(path: Path) -> tuple[Path, str | None, list[str]]:
+            try:
+                notes = [n for n in [sniff(path)] if n]
+                array, mode = decode(path, self.size)
+            except (UserError, OSError) as err:
+                return path, str(err), []
+            if mode != "RGB":
+                notes.append(f"{path}: mode {mode}, converted to RGB")
+            with atomic_path(self.entry(path)) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, array)
+            return path, None, notes
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for path, error, notes in pool.map(one, todo):
+                if error:
+                    problems.errors.append(error)
+                    self.entries.pop(path.name, None)
+                else:
+                    self.entries[path.name] = _stamp(path)
+                    problems.warnings.extend(notes)
+                if progress:
+                    progress(1)
+        atomic_write_text(self.dir / MANIFEST, json.dumps(self.entries))
+        return len(todo)
+
+
+# --- samples and batches --------------------------------------------------------------------
+
+
+class LeafImages:
+    """Sample `(position, aug_seed)` -> dict(image uint8 CHW, target, index, mask).
+
+    Positions past the end are padding: a zero image with mask 0, so an evaluation batch keeps
+    its shape. `aug_seed` None means no augmentation (evaluation, prediction).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        targets: np.ndarray | None,
+        size: int,
+        transform_factory: Callable | None = None,
+        cache: ResizeCache | None = None,
+        num_classes: int = 0,
+    ):
+        self.paths = list(paths)
+        self.targets = targets
+        self.size = size
+        self.num_classes = num_classes if targets is None else targets.shape[1]
+        self.transform_factory = transform_factory
+        self.cache = cache if cache is not None and cache.size == size else None
+        self.fresh = (
+            set()
+            if self.cache is None
+            else {i for i, p in enumerate(self.paths) if self.cache.is_fresh(p)}
+        )
+        self._local = threading.local()  # one albumentations Compose per thread: it has RNG state
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, position: int) -> np.ndarray:
+        if position in self.fresh:
+            return np.load(self.cache.entry(self.paths[position]))
+        return decode(self.paths[position], self.size)[0]
+
+    def __getitem__(self, key: tuple[int, int | None]) -> dict[str, torch.Tensor]:
+        position, aug_seed = key
+        real = position < len(self.paths)
+        if real:
+            image = self.load(position)
+            if aug_seed is not None and self.transform_factory is not None:
+                transform = getattr(self._local, "transform", None)
+                if transform is None:
+                    transform = self._local.transform = self.transform_factory()
+                transform.set_random_seed(aug_seed)
+                image = transform(image=image)["image"]
+            image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        else:
+            image = torch.zeros((3, self.size, self.size), dtype=torch.uint8)
+        target = (
+            torch.from_numpy(self.targets[position])
+            if real and self.targets is not None
+            else torch.zeros(self.num_classes)
+        )
+        return {
+            "image": image,
+            "target": target,
+            "index": torch.tensor(position if real else -1, dtype=torch.int32),
+            "mask": torch.tensor(float(real)),
+        }
+
+
+def train_batches(
+    n: int, batch_size: int, loaders: int, rank: int, seed: int, epoch: int, start_batch: int = 0
+) -> list[list[tuple[int, int]]]:
+    """This loader's batches of one epoch: a seeded shuffle, ragged tail dropped, split by rank.
+
+    Every loader gets the same number of full batches. `start_batch` skips what a resumed run
+    has already trained on.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_step = batch_size * loaders
+    steps = n // per_step
+    if steps == 0:
+        raise UserError(
+            f"{n} training images are fewer than one global batch of {per_step} "
+            f"({batch_size} per replica x {loaders}); lower --batch-size"
+        )
+    mine = order[: steps * per_step][rank::loaders]
+    aug_seeds = np.random.default_rng([seed, epoch, 1]).integers(0, 2**31, size=n)
+    samples = [(int(i), int(aug_seeds[i])) for i in mine]
+    return [samples[s * batch_size : (s + 1) * batch_size] for s in range(start_batch, steps)]
+
+
+def eval_batches(n: int, batch_size: int, loaders: int, rank: int) -> list[list[tuple[int, None]]]:
+    """Every sample exactly once across loaders, padded so that all batches are full."""
+    per_step = batch_size * loaders
+    padded = -(-n // per_step) * per_step
+    mine = list(range(padded))[rank::loaders]
+    return [[(i, None) for i in mine[s : s + batch_size]] for s in range(0, len(mine), batch_size)]
+
+
+class BatchLoader:
+    """Iterate collated batches, decoding `prefetch` batches ahead on a thread pool."""
+
+    def __init__(
+        self,
+        dataset: LeafImages,
+        batches: list[list[tuple[int, int | None]]],
+        workers: int = 4,
+        prefetch: int = 4,
+    ):
+        self.dataset = dataset
+        self.batches = batches
+        self.workers = max(1, workers)
+        self.prefetch = max(1, prefetch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="leaf-loader") as pool:
+            pending: deque = deque()
+            upcoming = iter(self.batches)
+            for keys in upcoming:
+                pending.append([pool.submit(self.dataset.__getitem__, k) for k in keys])
+                if len(pending) >= self.prefetch:
+                    break
+            while pending:
+                samples = [future.result() for future in pending.popleft()]
+                keys = next(upcoming, None)
+                if keys is not None:
+                    pending.append([pool.submit(self.dataset.__getitem__, k) for k in keys])
+                yield {name: torch.stack([s[name] for s in samples]) for name in samples[0]}

