@@ -11,6 +11,11 @@ XLA discipline: batches have fixed shapes (loader.py); the step keeps no Python 
 changes per step, so it traces to the same graph every time; loss totals and the non-finite
 check live in device tensors that the host reads only at log points (asynchronously) and at
 epoch end (an intended sync).
+
+Determinism: the device generator (dropout, drop path) is seeded from (seed, epoch, step,
+replica) before every step. XLA advances its seed at every graph cut, so a generator state
+saved mid-epoch would replay differently after a resume, whose graph cuts differ (loading,
+the first reset); a per-step seed makes a resumed run draw exactly what the killed one would.
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         label_smoothing: float = 0.0,
         tta: Sequence[str] = ("none",),
+        seed: int = 0,
     ):
         self.rt = rt
+        self.seed = seed
         self.model = model
         self.optimizer = optimizer
         self.multilabel = multilabel
@@ -59,6 +66,7 @@ class Trainer:
         self.shift = (-mean_t / std_t).to(rt.device)
         self._train_step = rt.compile(self.train_step, name="train_step")
         self._eval_step = rt.compile(self.eval_step, name="eval_step")
+        self.epoch_start = 0
         self.reset_totals()
 
     # --- what the variants override ----------------------------------------------------------
@@ -77,6 +85,10 @@ class Trainer:
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """This replica's evaluation outputs -> every replica's (one device: as they are)."""
         return tensor
+
+    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Summed finite losses, first non-finite step) of this epoch so far, all replicas."""
+        return self.loss_total, self.first_bad_step
 
     # --- the compiled steps -----------------------------------------------------------------
 
@@ -130,14 +142,21 @@ class Trainer:
         self.first_bad_step = torch.full((), -1, dtype=torch.int32, device=device)
         self.rt.sync()
 
-    def check_finite(self, epoch: int, start_step: int) -> None:
-        """Raise if any step so far had a non-finite loss (a host sync: call between steps)."""
-        bad = int(self.first_bad_step.item())
+    def check_finite(self, epoch: int) -> None:
+        """Raise if any step so far had a non-finite loss (a host sync: call between steps).
+
+        Every replica must call it: under spawn it is a collective, so that all stop together.
+        """
+        bad = int(self.epoch_totals()[1].item())
         if bad >= 0:
             raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch} step {start_step + bad}: training stopped, "
-                "last.pt and best.pt hold the last good state; lower --lr or use fp32"
+                f"non-finite loss at epoch {epoch} step {self.epoch_start + bad}: training "
+                "stopped, last.pt and best.pt hold the last good state; lower --lr or use fp32"
             )
+
+    def step_seed(self, epoch: int, step: int) -> int:
+        words = [self.seed, epoch, step, self.rt.loader_rank]
+        return int(np.random.SeedSequence(words).generate_state(1)[0])
 
     def train_one_epoch(
         self,
@@ -158,6 +177,7 @@ class Trainer:
         """
         self.model.train()
         self.reset_totals()
+        self.epoch_start = start_step
         bar = tqdm(
             total=steps,
             initial=start_step,
@@ -168,20 +188,21 @@ class Trainer:
             leave=False,
         )
         step = start_step
-        for step, batch in enumerate(self.device_loader(loader), start=start_step):
-            lr = lr_at(epoch + step / steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
-            self._train_step(batch)
-            bar.update(1)
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                self._log_later(step, start_step, lr, bar, log)
-            if on_step is not None:
-                on_step(step + 1)
-        bar.close()
-        self.check_finite(epoch, start_step)
+        with bar:  # cleared on errors too, so that an error message starts its own line
+            for step, batch in enumerate(self.device_loader(loader), start=start_step):
+                lr = lr_at(epoch + step / steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
+                self.rt.seed_device(self.step_seed(epoch, step))  # uploaded as data too
+                self._train_step(batch)
+                bar.update(1)
+                if (step + 1) % log_every == 0 or step + 1 == steps:
+                    self._log_later(step, start_step, lr, bar, log)
+                if on_step is not None:
+                    on_step(step + 1)
+        self.check_finite(epoch)
         done = step + 1 - start_step
-        return float(self.loss_total.item()) / max(1, done)  # epoch end: an intended sync
+        return float(self.epoch_totals()[0].item()) / max(1, done)  # epoch end: intended sync
 
     def _log_later(
         self,
@@ -214,10 +235,13 @@ class Trainer:
             probs.append(p)
             indices.append(batch["index"])
             losses.append(loss)
-        # One transfer at the end (an intended sync), not one per batch.
-        all_probs = self.gather(torch.cat(probs)).cpu().numpy()
-        all_index = self.gather(torch.cat(indices)).cpu().numpy()
-        total_loss = float(self.gather(torch.stack(losses).sum().view(1)).sum().cpu())
+        # One graph and one transfer at the end (an intended sync), not one per batch.
+        probs_t = self.gather(torch.cat(probs))
+        index_t = self.gather(torch.cat(indices))
+        loss_t = self.gather(torch.stack(losses).sum().view(1))
+        self.rt.sync()
+        all_probs, all_index = probs_t.cpu().numpy(), index_t.cpu().numpy()
+        total_loss = float(loss_t.cpu().sum())
         out = np.full((n, all_probs.shape[1]), np.nan, dtype=np.float32)
         real = all_index >= 0
         out[all_index[real]] = all_probs[real]
@@ -239,6 +263,16 @@ class SpawnTrainer(Trainer):
 
         return xm.all_gather(tensor, dim=0)
 
+    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch_xla.core.xla_model as xm
+
+        # Mean loss over replicas; the earliest bad step of any replica (-1 maps to "never").
+        never = torch.full_like(self.first_bad_step, torch.iinfo(torch.int32).max)
+        bad = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
+        bad = xm.all_reduce(xm.REDUCE_MIN, bad)
+        loss = xm.all_reduce(xm.REDUCE_SUM, self.loss_total, scale=1.0 / self.rt.replicas)
+        return loss, torch.where(bad == never, torch.full_like(bad, -1), bad)
+
 
 class SpmdTrainer(Trainer):
     """One process per host: the batch is sharded over the device mesh as it is uploaded."""
@@ -255,6 +289,14 @@ class SpmdTrainer(Trainer):
             "mask": xs.ShardingSpec(mesh, ("data",)),
         }
         return pl.MpDeviceLoader(loader, self.rt.device, input_sharding=sharding)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch_xla.distributed.spmd as xs
+
+        # Replicate inside the evaluation graph: the host reading a sharded tensor would
+        # have it replicated by a graph compiled afresh at every read (every epoch).
+        xs.mark_sharding(tensor, self.rt.mesh, (None,) * tensor.dim())
+        return tensor
 
 
 def trainer_class(rt: Runtime) -> type[Trainer]:

@@ -7,6 +7,7 @@ instead marks one stratified fraction as fold 0 and the rest as -1 (never valida
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,15 @@ def strata(targets: np.ndarray, n_splits: int) -> np.ndarray:
     """One stratum per sample: its class, or for multi-label data its label combination."""
     if (targets.sum(1) == 1).all():
         return targets.argmax(1)
-    keys = np.array(["".join(map(str, row)) for row in targets.astype(int)])
+    keys = np.array(["".join(map(str, row)) for row in targets.astype(int)], dtype=object)
     names, counts = np.unique(keys, return_counts=True)
-    rare = set(names[counts < n_splits])
-    return np.array(["rare" if k in rare else k for k in keys])
+    rare = np.isin(keys, names[counts < n_splits])
+    if rare.sum() >= n_splits:
+        keys[rare] = "rare"
+    elif rare.any():
+        # Too few even pooled: they join the commonest combination.
+        keys[rare] = names[counts.argmax()]
+    return keys
 
 
 def make_folds(
@@ -36,8 +42,10 @@ def make_folds(
         if not 0 < holdout < 1:
             raise UserError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
         splitter = StratifiedShuffleSplit(n_splits=1, test_size=holdout, random_state=seed)
-        labels = strata(targets, 2)
-        _, val = next(splitter.split(np.zeros(n), labels))
+        try:
+            _, val = next(splitter.split(np.zeros(n), strata(targets, 2)))
+        except ValueError as err:  # a fraction too small to hold every class
+            raise UserError(f"--holdout {holdout}: {str(err).splitlines()[0]}") from None
         folds = np.full(n, -1)
         folds[val] = 0
         return folds
@@ -65,22 +73,38 @@ def load_or_create(
     holdout: float | None = None,
 ) -> np.ndarray:
     """Folds from `path` if it exists (checked against the data), else made and written there."""
-    expected = 1 if holdout is not None else n_folds
     if path.is_file():
-        frame = pd.read_csv(path, dtype={"image_id": str})
-        if list(frame.columns[:2]) != ["image_id", "fold"]:
-            raise UserError(f"{path}: expected columns image_id,fold; delete it to re-make folds")
-        if sorted(frame["image_id"]) != sorted(ids):
-            raise UserError(
-                f"{path}: its image ids differ from train.csv's; delete it to re-make folds"
-            )
-        stored = int(frame["fold"].max()) + 1
-        if stored != expected:
-            raise UserError(
-                f"{path} holds {stored} fold(s) but {expected} were asked for; delete it or "
-                "pass another --folds-file"
-            )
-        return frame.set_index("image_id").loc[ids, "fold"].to_numpy()
+        return _load(path, ids, n_folds, holdout)
     folds = make_folds(targets, n_folds, seed, holdout)
     atomic_to_csv(pd.DataFrame({"image_id": ids, "fold": folds}), path)
     return folds
+
+
+def _load(path: Path, ids: list[str], n_folds: int, holdout: float | None) -> np.ndarray:
+    remake = "delete it to re-make folds, or pass another --folds-file"
+    frame = pd.read_csv(path, dtype={"image_id": str})
+    if list(frame.columns[:2]) != ["image_id", "fold"]:
+        raise UserError(f"{path}: expected columns image_id,fold; {remake}")
+    folds = pd.to_numeric(frame["fold"], errors="coerce")
+    if folds.isna().any() or (folds < -1).any() or (folds != folds.round()).any():
+        raise UserError(f"{path}: fold values must be whole numbers from -1 up; {remake}")
+    stored_ids = frame["image_id"].fillna("").tolist()
+    if sorted(stored_ids) != sorted(ids):
+        unknown = sorted(set(ids) - set(stored_ids))[:3]
+        detail = f" (not in it: {', '.join(unknown)})" if unknown else ""
+        raise UserError(f"{path}: its image ids differ from train.csv's{detail}; {remake}")
+    fold_of = pd.Series(folds.astype(int).to_numpy(), index=stored_ids).loc[ids].to_numpy()
+    stored_holdout = (fold_of == -1).any()
+    stored = int(fold_of.max()) + 1
+    if holdout is None and (stored_holdout or stored != n_folds):
+        kind = "a holdout split" if stored_holdout else f"{stored} folds"
+        raise UserError(f"{path} holds {kind} but --n-folds {n_folds} was asked for; {remake}")
+    if holdout is not None:
+        expected = math.ceil(holdout * len(ids))  # StratifiedShuffleSplit's rounding
+        held = int((fold_of == 0).sum())
+        if not stored_holdout or stored != 1 or abs(held - expected) > 1:
+            kind = f"{held} of {len(ids)} held out" if stored_holdout else f"{stored} folds"
+            raise UserError(
+                f"{path} holds {kind}, not --holdout {holdout} ({expected} images); {remake}"
+            )
+    return fold_of

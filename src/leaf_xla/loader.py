@@ -20,16 +20,18 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from leaf_xla.cli import UserError
-from leaf_xla.data import Problems, decode, sniff
+from leaf_xla.data import DecodeError, Problems, decode, mode_warning
 from leaf_xla.files import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
+SAVE_EVERY = 1000  # images between manifest writes while building
 
 
 # --- the resize cache -----------------------------------------------------------------------
@@ -65,11 +67,19 @@ class ResizeCache:
     def exists(self) -> bool:
         return (self.dir / MANIFEST).is_file()
 
+    @staticmethod
+    def key(path: Path) -> str:
+        # With its folder: train_images/ and test_images/ may hold files of the same name.
+        return f"{path.parent.name}/{path.name}"
+
     def entry(self, path: Path) -> Path:
-        return self.dir / f"{path.name}.npy"
+        return self.dir / f"{self.key(path)}.npy"
 
     def is_fresh(self, path: Path) -> bool:
-        return self.entries.get(path.name) == _stamp(path) and self.entry(path).is_file()
+        try:
+            return self.entries.get(self.key(path)) == _stamp(path) and self.entry(path).is_file()
+        except FileNotFoundError:
+            return False
 
     def stale(self, paths: Sequence[Path]) -> list[Path]:
         return [p for p in paths if not self.is_fresh(p)]
@@ -83,45 +93,53 @@ class ResizeCache:
     ) -> int:
         """(Re)build the entries of `paths` that are missing or stale; returns how many.
 
-        Every rebuilt file is decoded in full, so this is also the expensive validation:
-        undecodable files land in `problems.errors`, odd modes in its warnings.
+        Every rebuilt file is decoded, so this is also the expensive validation:
+        undecodable files land in `problems.errors`, odd colour modes in its warnings.
         """
         todo = self.stale(paths)
-        self.dir.mkdir(parents=True, exist_ok=True)
 
-        def one(path: Path) -> tuple[Path, str | None, list[str]]:
+        def one(path: Path) -> tuple[list[int] | None, str | None, str | None]:
             try:
-                notes = [n for n in [sniff(path)] if n]
+                stamp = _stamp(path)  # before decoding: a file changed meanwhile stays stale
                 array, mode = decode(path, self.size)
-            except (UserError, OSError) as err:
-                return path, str(err), []
-            if mode != "RGB":
-                notes.append(f"{path}: mode {mode}, converted to RGB")
+            except DecodeError as err:
+                return None, str(err), None
+            except FileNotFoundError:
+                return None, f"{path}: missing image file", None
             with atomic_path(self.entry(path)) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, array)
-            return path, None, notes
+            return stamp, None, mode_warning(path, mode)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for path, error, notes in pool.map(one, todo):
-                if error:
+            for done, (path, (stamp, error, warning)) in enumerate(
+                zip(todo, pool.map(one, todo)), start=1
+            ):
+                if stamp is None:
                     problems.errors.append(error)
-                    self.entries.pop(path.name, None)
+                    problems.bad_files.add(path)
+                    self.entries.pop(self.key(path), None)
                 else:
-                    self.entries[path.name] = _stamp(path)
-                    problems.warnings.extend(notes)
+                    self.entries[self.key(path)] = stamp
+                if warning:
+                    problems.warnings.append(warning)
                 if progress:
                     progress(1)
-        atomic_write_text(self.dir / MANIFEST, json.dumps(self.entries))
+                if done % SAVE_EVERY == 0:
+                    self.save()  # a build killed half way keeps what it made
+        self.save()
         return len(todo)
+
+    def save(self) -> None:
+        atomic_write_text(self.dir / MANIFEST, json.dumps(self.entries))
 
 
 # --- samples and batches --------------------------------------------------------------------
 
 
 class LeafImages:
-    """Sample `(position, aug_seed)` -> dict(image uint8 CHW, target, index, mask).
+    """Images by `(position, aug_seed)`, as uint8 CHW, written straight into a batch array.
 
-    Positions past the end are padding: a zero image with mask 0, so an evaluation batch keeps
+    Positions past the end are padding: a zero image, masked out, so an evaluation batch keeps
     its shape. `aug_seed` None means no augmentation (evaluation, prediction).
     """
 
@@ -151,34 +169,41 @@ class LeafImages:
         return len(self.paths)
 
     def load(self, position: int) -> np.ndarray:
+        """The resized HWC image, from the cache when its entry is fresh."""
         if position in self.fresh:
             return np.load(self.cache.entry(self.paths[position]))
         return decode(self.paths[position], self.size)[0]
 
-    def __getitem__(self, key: tuple[int, int | None]) -> dict[str, torch.Tensor]:
+    def image(self, position: int, aug_seed: int | None) -> np.ndarray:
+        """The HWC image at `position`, augmented with the transform seeded by `aug_seed`."""
+        image = self.load(position)
+        if aug_seed is not None and self.transform_factory is not None:
+            transform = getattr(self._local, "transform", None)
+            if transform is None:
+                transform = self._local.transform = self.transform_factory()
+            transform.set_random_seed(aug_seed)
+            image = transform(image=image)["image"]
+        return image
+
+    def fill(self, key: tuple[int, int | None], out: np.ndarray) -> None:
+        """Write sample `key` into `out` (3, size, size): one copy, HWC to CHW."""
         position, aug_seed = key
-        real = position < len(self.paths)
-        if real:
-            image = self.load(position)
-            if aug_seed is not None and self.transform_factory is not None:
-                transform = getattr(self._local, "transform", None)
-                if transform is None:
-                    transform = self._local.transform = self.transform_factory()
-                transform.set_random_seed(aug_seed)
-                image = transform(image=image)["image"]
-            image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if position < len(self.paths):
+            out[...] = self.image(position, aug_seed).transpose(2, 0, 1)
         else:
-            image = torch.zeros((3, self.size, self.size), dtype=torch.uint8)
-        target = (
-            torch.from_numpy(self.targets[position])
-            if real and self.targets is not None
-            else torch.zeros(self.num_classes)
-        )
+            out[...] = 0
+
+    def labels(self, keys: Sequence[tuple[int, int | None]]) -> dict[str, torch.Tensor]:
+        """A batch's target, index (-1: padding) and mask (0: padding)."""
+        positions = np.array([k[0] for k in keys])
+        real = positions < len(self.paths)
+        target = np.zeros((len(keys), self.num_classes), np.float32)
+        if self.targets is not None:
+            target[real] = self.targets[positions[real]]
         return {
-            "image": image,
-            "target": target,
-            "index": torch.tensor(position if real else -1, dtype=torch.int32),
-            "mask": torch.tensor(float(real)),
+            "target": torch.from_numpy(target),
+            "index": torch.from_numpy(np.where(real, positions, -1).astype(np.int32)),
+            "mask": torch.from_numpy(real.astype(np.float32)),
         }
 
 
@@ -213,7 +238,11 @@ def eval_batches(n: int, batch_size: int, loaders: int, rank: int) -> list[list[
 
 
 class BatchLoader:
-    """Iterate collated batches, decoding `prefetch` batches ahead on a thread pool."""
+    """Iterate batches (image uint8 NCHW, target, index, mask), `prefetch` batches ahead.
+
+    Threads write each image into its slot of a fresh batch array: no per-sample tensors to
+    stack. A batch array is never reused: the consumer (an XLA upload thread) may still hold it.
+    """
 
     def __init__(
         self,
@@ -230,17 +259,21 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def _submit(self, pool: ThreadPoolExecutor, keys: list) -> tuple[list, np.ndarray, list]:
+        size = self.dataset.size
+        images = np.empty((len(keys), 3, size, size), np.uint8)
+        futures = [pool.submit(self.dataset.fill, k, images[j]) for j, k in enumerate(keys)]
+        return keys, images, futures
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="leaf-loader") as pool:
-            pending: deque = deque()
             upcoming = iter(self.batches)
-            for keys in upcoming:
-                pending.append([pool.submit(self.dataset.__getitem__, k) for k in keys])
-                if len(pending) >= self.prefetch:
-                    break
+            pending = deque(self._submit(pool, keys) for keys in islice(upcoming, self.prefetch))
             while pending:
-                samples = [future.result() for future in pending.popleft()]
-                keys = next(upcoming, None)
-                if keys is not None:
-                    pending.append([pool.submit(self.dataset.__getitem__, k) for k in keys])
-                yield {name: torch.stack([s[name] for s in samples]) for name in samples[0]}
+                keys, images, futures = pending.popleft()
+                for future in futures:
+                    future.result()  # re-raises a decode error here, in the training loop
+                following = next(upcoming, None)
+                if following is not None:
+                    pending.append(self._submit(pool, following))
+                yield {"image": torch.from_numpy(images), **self.dataset.labels(keys)}

@@ -78,7 +78,12 @@ def _validation_ids(state: dict, data: DataSet, path: Path) -> list[str]:
     config = state["config"]
     folds_file = Path(config.get("folds_file") or Path(config["out_dir"]) / "folds.csv")
     if not folds_file.is_file():
-        raise UserError(f"{path}: its folds file {folds_file} is gone; --split train needs it")
+        # A relative path from another working directory, or a moved run folder: the default
+        # folds file sits beside the run folder.
+        beside = path.resolve().parent.parent / "folds.csv"
+        if config.get("folds_file") or not beside.is_file():
+            raise UserError(f"{path}: its folds file {folds_file} is gone; --split train needs it")
+        folds_file = beside
     fold_of = folds.load_or_create(
         folds_file,
         data.train.ids,
@@ -143,12 +148,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} exists: pass --overwrite to replace it")
+    for name in ("batch_size", "workers"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     states = [checkpoint.load(p) for p in args.checkpoint]
-    classes = states[0]["classes"]
+    first, classes = args.checkpoint[0], states[0]["classes"]
     for path, state in zip(args.checkpoint, states):
         if state["classes"] != classes:
+            raise UserError(f"{path}: classes {state['classes']} differ from {first}'s {classes}")
+        if state["label_format"] != states[0]["label_format"]:
             raise UserError(
-                f"{path}: classes {state['classes']} differ from {args.checkpoint[0]}'s {classes}"
+                f"{path}: label format {state['label_format']} differs from {first}'s "
+                f"{states[0]['label_format']}; average only models of one data set"
             )
     data = read_dataset(
         args.data_dir, states[0]["label_format"], classes, need_train=args.split == "train"

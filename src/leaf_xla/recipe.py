@@ -5,9 +5,12 @@ set, ensemble, and print a summary. Each step is a subprocess running the same C
         --out-dir runs [--fit-weights] [--resume] [-- --epochs 10 ...extra train options]
 
 Ensemble config keys: `folds` (list), `tta` (list), `fit_weights` (bool), `models`: a list of
-{name, config (a training config), weight, args (training option overrides)}.
+{name, config (a training config), weight, args (training option overrides)}. Options after
+`--` go to every train run. `--resume` skips finished runs and continues interrupted ones;
+prediction and the ensemble always run again.
 Outputs: <out-dir>/<name>-fold<k>/ runs, <out-dir>/predictions/<name>.csv,
-<out-dir>/submission.csv, submission.json (weights, AUCs), summary.json.
+<out-dir>/submission.csv, submission.json (weights, out-of-fold AUCs), submission_roc.png,
+summary.json.
 """
 
 from __future__ import annotations
@@ -17,20 +20,31 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
+from leaf_xla import checkpoint, runtime
 from leaf_xla.cli import UserError
-from leaf_xla.config import find_config, load_yaml
+from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import read_dataset
+from leaf_xla.engine import TTA_FLIPS
 from leaf_xla.files import atomic_write_text
-from leaf_xla.metrics import mean_auc
 
 MODEL_KEYS = {"name", "config", "weight", "args"}
 RECIPE_KEYS = {"folds", "tta", "fit_weights", "models"}
+
+
+@dataclass
+class Run:
+    """One training run of the recipe: a model on a fold, and the options train will see."""
+
+    model: str
+    fold: int
+    dir: Path
+    command: list[str]
+    options: argparse.Namespace
 
 
 def _as_options(overrides: dict) -> list[str]:
@@ -47,6 +61,7 @@ def _as_options(overrides: dict) -> list[str]:
 
 
 def load_recipe(path: Path) -> dict:
+    """The ensemble config, checked before anything trains."""
     recipe = load_yaml(path)
     unknown = set(recipe) - RECIPE_KEYS
     if unknown:
@@ -54,6 +69,16 @@ def load_recipe(path: Path) -> dict:
             f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
             f"expected {', '.join(sorted(RECIPE_KEYS))}"
         )
+    folds = recipe.get("folds", [0])
+    if not isinstance(folds, list) or not folds or not all(_whole(f) and f >= 0 for f in folds):
+        raise UserError(f"{path}: 'folds' must be a list of fold numbers, got {folds!r}")
+    if len(set(folds)) != len(folds):
+        raise UserError(f"{path}: 'folds' lists a fold twice: {folds}")
+    tta = recipe.get("tta", ["none"])
+    if not isinstance(tta, list) or not tta or not set(map(str, tta)) <= set(TTA_FLIPS):
+        raise UserError(f"{path}: 'tta' must be a list of {', '.join(TTA_FLIPS)}, got {tta!r}")
+    if not isinstance(recipe.get("fit_weights", False), bool):
+        raise UserError(f"{path}: 'fit_weights' must be true or false")
     models = recipe.get("models")
     if not isinstance(models, list) or not models:
         raise UserError(f"{path}: 'models' must be a non-empty list")
@@ -63,7 +88,19 @@ def load_recipe(path: Path) -> dict:
                 f"{path}: models[{k}] needs a name and may have "
                 f"{', '.join(sorted(MODEL_KEYS - {'name'}))}"
             )
+        weight = model.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise UserError(f"{path}: models[{k}] weight must be a number >= 0, got {weight!r}")
+        if not isinstance(model.get("args", {}), dict):
+            raise UserError(f"{path}: models[{k}] args must be a mapping of option: value")
+    names = [str(m["name"]) for m in models]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: model names must differ (they name the run folders): {names}")
     return recipe
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _run(command: list[str]) -> None:
@@ -75,12 +112,50 @@ def _run(command: list[str]) -> None:
         raise UserError(f"step failed: {' '.join(command[2:])} (its error is above)")
 
 
-def _finished(run_dir: Path, epochs_wanted: int | None) -> bool:
-    last = run_dir / "last.pt"
-    if not (run_dir / "best.pt").is_file() or not last.is_file():
+def _finished(run: Run) -> bool:
+    """Trained to its last epoch (or stopped early), with a best.pt to predict from."""
+    last = run.dir / "last.pt"
+    if not (run.dir / "best.pt").is_file() or not last.is_file():
         return False
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    return state["step"] == 0 and state["epoch"] >= (epochs_wanted or state["config"]["epochs"])
+    state = checkpoint.load(last)
+    if state["step"] != 0:  # saved mid-epoch
+        return False
+    patience = run.options.patience
+    return state["epoch"] >= run.options.epochs or (
+        patience > 0 and state["flat_epochs"] >= patience
+    )
+
+
+def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[Run]:
+    """Every model x fold train command, parsed as train will parse it (bad options fail here,
+    not after the first model has trained)."""
+    from leaf_xla.train import build_parser
+
+    runs = []
+    for model in recipe["models"]:
+        name = str(model["name"])
+        overrides = model.get("args", {})
+        train_config = {}
+        config_args = []
+        if "config" in model:
+            path = find_config(str(model["config"]))
+            train_config = load_yaml(path)
+            config_args = ["--config", str(path)]
+        arch = overrides.get("model") or train_config.get("model") or name
+        for fold in recipe.get("folds", [0]):
+            run_name = f"{name}-fold{fold}"
+            train_args = [
+                *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
+                *("--run-name", run_name, "--fold", str(fold), "--device", args.device),
+                *config_args,
+                *("--model", str(arch)),
+                *_as_options({k: v for k, v in overrides.items() if k != "model"}),
+                *extra,
+            ]
+            options = parse_args(build_parser(), train_args)
+            command = [sys.executable, "-m", "leaf_xla.train", *train_args]
+            runs.append(Run(name, fold, args.out_dir / run_name, command, options))
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -93,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", default="ensemble", help="ensemble YAML (or its name)")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--device", default="auto", help="passed to train and predict")
+    parser.add_argument(
+        "--device", choices=runtime.DEVICES, default="auto", help="passed to train and predict"
+    )
     parser.add_argument(
         "--fit-weights",
         action="store_true",
@@ -105,68 +182,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe_path = find_config(args.config)
     recipe = load_recipe(recipe_path)
-    folds = recipe.get("folds", [0])
-    tta = recipe.get("tta", ["none"])
+    tta = [str(t) for t in recipe.get("tta", ["none"])]
     fit = args.fit_weights or bool(recipe.get("fit_weights", False))
     read_dataset(args.data_dir)  # fail on bad data before the first compile
-    python = [sys.executable, "-m"]
+    runs = plan_runs(recipe, args, extra)
+    if not args.resume:
+        started = [r.dir for r in runs if not r.options.overwrite and any(r.dir.glob("*.pt"))]
+        if started:
+            raise UserError(
+                f"{started[0]} already holds checkpoints: pass --resume to skip finished runs "
+                "and continue the others, or -- --overwrite to train them again"
+            )
 
-    predictions, oof_globs, weights = [], [], []
+    python = [sys.executable, "-m"]
+    predictions, oofs, weights = [], [], []
     for model in recipe["models"]:
         name = str(model["name"])
-        overrides = _as_options(model.get("args", {}))
-        epochs = model.get("args", {}).get("epochs")
-        for fold in folds:
-            run_name = f"{name}-fold{fold}"
-            run_dir = args.out_dir / run_name
-            command = [
-                *python,
-                "leaf_xla.train",
-                "--data-dir",
-                str(args.data_dir),
-                "--out-dir",
-                str(args.out_dir),
-                "--run-name",
-                run_name,
-                "--fold",
-                str(fold),
-                "--device",
-                args.device,
-            ]
-            train_config = {}
-            if "config" in model:
-                path = find_config(str(model["config"]))
-                train_config = load_yaml(path)
-                command += ["--config", str(path)]
-            arch = model.get("args", {}).get("model") or train_config.get("model") or name
-            command += ["--model", str(arch), *overrides, *extra]
-            if args.resume and _finished(run_dir, epochs):
-                print(f"{run_name}: finished, skipped")
+        mine = [r for r in runs if r.model == name]
+        for run in mine:
+            if args.resume and _finished(run):
+                print(f"{run.dir.name}: finished, skipped")
                 continue
-            if args.resume and (run_dir / "last.pt").is_file():
-                command.append("--resume")
-            _run(command)
+            resume = args.resume and (run.dir / "last.pt").is_file()
+            _run(run.command + (["--resume"] if resume else []))
         out = args.out_dir / "predictions" / f"{name}.csv"
-        checkpoints = [str(args.out_dir / f"{name}-fold{f}" / "best.pt") for f in folds]
         _run(
             [
                 *python,
                 "leaf_xla.predict",
                 "--checkpoint",
-                *checkpoints,
-                "--data-dir",
-                str(args.data_dir),
-                "--out",
-                str(out),
-                "--tta",
-                *tta,
-                "--device",
-                args.device,
-                "--overwrite",
+                *[str(r.dir / "best.pt") for r in mine],
+                *("--data-dir", str(args.data_dir), "--out", str(out), "--tta", *tta),
+                *("--device", args.device, "--overwrite"),
             ]
         )
         predictions.append(str(out))
-        oof_globs.append(str(args.out_dir / f"{name}-fold*" / "oof.csv"))
+        oofs.append(",".join(str(r.dir / "oof.csv") for r in mine))
         weights.append(str(float(model.get("weight", 1.0))))
 
     submission = args.out_dir / "submission.csv"
@@ -174,51 +225,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         *python,
         "leaf_xla.ensemble",
         *predictions,
-        "--data-dir",
-        str(args.data_dir),
-        "--out",
-        str(submission),
-        "--overwrite",
+        *("--data-dir", str(args.data_dir), "--out", str(submission), "--overwrite"),
     ]
-    command += ["--fit-weights", *oof_globs] if fit else ["--weights", *weights]
+    command += ["--fit-weights", *oofs] if fit else ["--weights", *weights, "--oof", *oofs]
     _run(command)
-    summarize(
-        args.out_dir, args.data_dir, [str(m["name"]) for m in recipe["models"]], folds, submission
-    )
+    summarize(args.out_dir, runs, submission)
 
 
-def summarize(
-    out_dir: Path, data_dir: Path, names: list[str], folds: list[int], submission: Path
-) -> dict:
-    """Validation AUC of each model and of the ensemble (its weights) on the shared folds."""
-    data = read_dataset(data_dir)
-    label_of = dict(zip(data.train.ids, data.train.targets))
-    chosen = json.loads(submission.with_suffix(".json").read_text())["weights"]
-    oofs = []
-    for name in names:
-        frames = [
-            pd.read_csv(out_dir / f"{name}-fold{f}" / "oof.csv", dtype={"image_id": str})
-            for f in folds
-        ]
-        oofs.append(pd.concat(frames).set_index("image_id")[data.classes])
-    ids = oofs[0].index
-    targets = np.stack([label_of[i] for i in ids])
-    stack = np.stack([o.loc[ids].to_numpy() for o in oofs])
-    weights = np.array([chosen[n] for n in names])
+def summarize(out_dir: Path, runs: list[Run], submission: Path) -> dict:
+    """summary.json: each run's best validation AUC, and the out-of-fold AUC of each model and
+    of the ensemble (its weights) from the ensemble's report."""
+    report = json.loads(submission.with_suffix(".json").read_text())
+    oof = report["oof"]
+    best = {}
+    for run in runs:
+        history = pd.read_csv(run.dir / "history.csv")
+        best[run.dir.name] = {
+            "best_val_auc": float(history["val_auc"].max()),
+            "epochs": len(history),
+        }
     summary = {
-        "models": {n: mean_auc(targets, s) for n, s in zip(names, stack)},
-        "ensemble": mean_auc(targets, np.tensordot(weights, stack, axes=1)),
-        "weights": dict(zip(names, weights.tolist())),
-        "validation_images": len(ids),
+        "runs": best,
+        "models": {n: s["auc"] for n, s in oof["per_model"].items()},
+        "ensemble": oof["ensemble"]["auc"],
+        "per_class": {
+            **{n: s["per_class"] for n, s in oof["per_model"].items()},
+            "ensemble": oof["ensemble"]["per_class"],
+        },
+        "weights": report["weights"],
+        "weights_from": report["weights_from"],
+        "validation_images": oof["rows"],
         "submission": str(submission),
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    width = max(map(len, names + ["ensemble"]))
-    print("\nvalidation mean column-wise ROC AUC")
+    width = max(map(len, [*summary["models"], "ensemble"]))
+    print("\nout-of-fold mean column-wise ROC AUC")
     for name, auc in summary["models"].items():
-        print(f"  {name:<{width}}  {auc:.4f}")
+        print(f"  {name:<{width}}  {auc:.4f}  weight {summary['weights'][name]:.3f}")
     print(f"  {'ensemble':<{width}}  {summary['ensemble']:.4f}")
-    print(f"submission: {submission}")
+    print(f"submission: {submission}; summary: {out_dir / 'summary.json'}")
     return summary
 
 

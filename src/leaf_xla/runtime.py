@@ -141,6 +141,15 @@ class Runtime:
         elif self.kind == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
+    def seed_device(self, seed: int) -> None:
+        """Seed the generator the model's random ops (dropout, drop path) draw from."""
+        if self.is_xla:
+            import torch_xla.core.xla_model as xm
+
+            xm.set_rng_state(seed, self.device)
+        else:
+            torch.manual_seed(seed)
+
     def seed(self, seed: int) -> None:
         """Seed every generator; replicas differ only through the data they are given."""
         random.seed(seed)
@@ -168,13 +177,18 @@ def setup(
     import torch_xla
     import torch_xla.runtime as xr
 
+    if parallel == "spmd":
+        # Before anything touches the device: a device opened before use_spmd() is replaced
+        # by the SPMD one, and the persistent cache then crashes the process.
+        xr.use_spmd()
     if compile_cache is not None:
-        # One writer per host; the other processes read what it wrote.
-        xr.initialize_cache(str(compile_cache), readonly=xr.local_ordinal() != 0)
+        # One writer per host; the other processes read what it wrote. (Only spawn has more
+        # than one process per host; local_ordinal() opens the device, so ask only there.)
+        readonly = parallel == "spawn" and xr.local_ordinal() != 0
+        xr.initialize_cache(str(compile_cache), readonly=readonly)
     if parallel == "spmd":
         import torch_xla.distributed.spmd as xs
 
-        xr.use_spmd()
         devices = xr.global_runtime_device_count()
         mesh = xs.Mesh(np.arange(devices), (devices,), ("data",))
         return Runtime(

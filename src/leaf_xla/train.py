@@ -234,7 +234,7 @@ def train_worker(plan: Plan) -> None:
     model = model.to(rt.device)
     optimizer = create_optimizer(model, args.optimizer, args.weight_decay)
     trainer = trainer_class(rt)(
-        model, rt, data.multilabel, mean, std, optimizer, args.label_smoothing
+        model, rt, data.multilabel, mean, std, optimizer, args.label_smoothing, seed=args.seed
     )
     schedule = from_args(args, rt.replicas)
 
@@ -271,12 +271,30 @@ def train_worker(plan: Plan) -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     start_epoch, start_step, best, history, flat = 0, 0, -math.inf, [], 0
     if args.resume:
-        state = checkpoint.load(plan.run_dir / "last.pt")
+        last = plan.run_dir / "last.pt"
+        state = checkpoint.load(last)
+        if state["model_name"] != args.model:
+            raise UserError(f"--resume: {last} holds a {state['model_name']}, not {args.model}")
+        start_epoch, start_step = state["epoch"], state["step"]
+        if start_step and state["steps_per_epoch"] != steps:
+            raise UserError(
+                f"--resume: {last} stopped at step {start_step} of {state['steps_per_epoch']} "
+                f"per epoch, this run has {steps} (batch size or replicas changed); "
+                "resume with the same settings"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rt.set_rng_state(checkpoint.restore_rng_state(state["rng"]))
-        start_epoch, start_step = state["epoch"], state["step"]
         best, history, flat = state["best_auc"], state["history"], state["flat_epochs"]
+        stopped = args.patience and flat >= args.patience
+        if start_epoch >= args.epochs or stopped:
+            if rt.is_master:
+                why = "stopped early" if stopped else f"trained {start_epoch} epochs"
+                print(
+                    f"nothing to resume: {plan.run_dir} is finished ({why}); raise --epochs "
+                    "or --patience to train on"
+                )
+            return
         if rt.is_master:
             print(f"resuming {plan.run_dir} at epoch {start_epoch} step {start_step}")
 
@@ -290,6 +308,7 @@ def train_worker(plan: Plan) -> None:
             "best_auc": best,
             "history": history,
             "flat_epochs": flat,
+            "steps_per_epoch": steps,
             "config": config,
             **meta,
         }
@@ -309,15 +328,7 @@ def train_worker(plan: Plan) -> None:
             f"{rt.kind} replica(s) ({rt.parallel}), {plan.image_size}px, {args.precision}"
         )
 
-    position = {"epoch": start_epoch}
-
-    def log(step: int, loss: float, lr: float) -> None:
-        if writer is not None:
-            writer.add_scalar("train/loss", loss, position["epoch"] * steps + step)
-            writer.add_scalar("train/lr", lr, position["epoch"] * steps + step)
-
     for epoch in range(start_epoch, args.epochs):
-        position["epoch"] = epoch
         started, compiles = time.time(), _compile_count()
         first = start_step if epoch == start_epoch else 0
         batches = train_batches(
@@ -326,8 +337,14 @@ def train_worker(plan: Plan) -> None:
 
         def on_step(step: int, epoch: int = epoch) -> None:
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps:
-                trainer.check_finite(epoch, 0)  # never save a state that went non-finite
+                trainer.check_finite(epoch)  # never save a state that went non-finite
                 checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(epoch, step))
+
+        # Called from a closure thread, possibly after the loop has moved on: epoch is bound.
+        def log(step: int, loss: float, lr: float, epoch: int = epoch) -> None:
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, epoch * steps + step)
+                writer.add_scalar("train/lr", lr, epoch * steps + step)
 
         train_loss = trainer.train_one_epoch(
             BatchLoader(train_set, batches, args.workers),

@@ -13,11 +13,16 @@ Normalisation is not here: it runs on the device inside the compiled step (see e
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-import albumentations as A
+# albumentations asks PyPI for a newer version on every import (every spawned TPU process):
+# a network call a training run has no use for.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from leaf_xla.cli import UserError
+import albumentations as A  # noqa: E402
+
+from leaf_xla.cli import UserError  # noqa: E402
 
 
 def _extra(spec: Any) -> A.BasicTransform:

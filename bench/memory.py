@@ -1,0 +1,70 @@
+"""Rough training memory per TPU core for the seed configs, estimated on the CPU.
+
+Activations kept for the backward pass are approximated by the outputs of every leaf module
+in one forward pass at batch 1 (an upper bound: XLA fuses and rematerialises some of them),
+scaled to the config's per-core batch; bf16 halves them. Weights, gradients and Adam's two
+moments are 16 bytes a parameter in fp32.
+
+    python bench/memory.py [--configs tf_efficientnet_b7 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from leaf_xla.config import parse_args
+from leaf_xla.models import ModelSpec, count_parameters, create_model
+from leaf_xla.train import build_parser
+
+SEED_CONFIGS = [
+    "tf_efficientnet_b7",
+    "tf_efficientnet_b6",
+    "keras_resnet152v2",
+    "inception_resnet_v2",
+]
+
+
+def activation_elements(model: torch.nn.Module, size: int) -> int:
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=SEED_CONFIGS)
+    args = parser.parse_args()
+    print(
+        "| config | params | px | batch/core | precision | activations | weights+grads+Adam "
+        "| total (rough) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.configs:
+        cfg = parse_args(build_parser(), ["--config", name])
+        model = create_model(ModelSpec(cfg.model, 4, pretrained=False)).eval()
+        params = count_parameters(model)
+        per_image = activation_elements(model, cfg.image_size)
+        bytes_per = 2 if cfg.precision == "bf16" else 4
+        activations = per_image * cfg.batch_size * bytes_per / 2**30
+        states = params * 16 / 2**30
+        print(
+            f"| {name} | {params / 1e6:.1f}M | {cfg.image_size} | {cfg.batch_size} | "
+            f"{cfg.precision} | {activations:.1f} GiB | {states:.1f} GiB | "
+            f"{activations + states:.1f} GiB |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Validate a data directory and print a report: layout, label format, classes, counts, and every
+problem found, each offending file or CSV row named.
+
+    python -m leaf_xla.check --data-dir data/plant-pathology-2021-fgvc8
+
+Exit code 0 when there is no error (warnings allowed), 1 when there are errors. Besides the
+checks every training run makes (CSV columns and labels, ids, files present and complete), this
+decodes every image once, which takes a while on a big set; --no-decode skips that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, scan, verify_images
+
+FORMAT_NOTES = {
+    "onehot": "one 0/1 column per class, one class per image, as Plant Pathology 2020",
+    "multilabel": "space-separated class names, any number per image, as Plant Pathology 2021",
+    "integer": "one class number per image, as Cassava Leaf Disease",
+}
+
+
+def describe(data: DataSet) -> list[str]:
+    """The report's summary lines: where things were found and how many of each class."""
+    train, test = data.train, data.test
+    note = FORMAT_NOTES.get(data.label_format)
+    lines = [f"label format: {data.label_format} ({note})" if note else "label format: unknown"]
+    if train.csv:
+        lines.append(
+            f"train: {train.csv} (id column {data.id_column}), images in {train.image_dir.name}/"
+        )
+    else:
+        lines.append("train: no train.csv (prediction only)")
+    lines.append(f"test: ids from {test.csv}, images in {test.image_dir.name}/")
+    lines.append(f"classes: {len(data.classes)}")
+    if train.csv:
+        counts = train.targets.sum(0).astype(int)
+        width = max(map(len, data.classes), default=0)
+        lines += [f"  {c:<{width}}  {n:6d}" for c, n in zip(data.classes, counts)]
+        lines.append(f"train images: {len(train.ids)}")
+        if data.multilabel:
+            several = int((train.targets.sum(1) > 1).sum())
+            lines.append(f"  with more than one label: {several}")
+    lines.append(f"test images: {len(test.ids)}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m leaf_xla.check", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
+    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
+    parser.add_argument("--classes", nargs="+", help="class names (default: from the data)")
+    parser.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads")
+    args = parser.parse_args(argv)
+
+    data, problems = scan(args.data_dir, args.label_format, args.classes, need_train=False)
+    print(f"data directory: {args.data_dir}")
+    if data is not None:
+        if not data.train.csv:
+            problems.warnings.append(f"{args.data_dir}: no train.csv, so no training on it")
+        print("\n".join(describe(data)))
+        if args.no_decode:
+            print("decode check: skipped (--no-decode)")
+        else:
+            paths = list(dict.fromkeys(data.train.paths + data.test.paths))
+            todo = [p for p in paths if p not in problems.bad_files]
+            with tqdm(total=len(todo), desc="decoding", unit="img", disable=len(todo) < 500) as bar:
+                verify_images(todo, problems, max(1, args.workers), bar.update)
+            print(f"decode check: {len(todo)} image(s) decoded")
+    report(problems)
+    if problems.errors:
+        sys.exit(1)
+
+
+def report(problems: Problems) -> None:
+    for kind, items in (("error", problems.errors), ("warning", problems.warnings)):
+        if items:
+            print(f"\n{len(items)} {kind}(s):")
+            print("\n".join(f"  {kind}: {item}" for item in items))
+    verdict = "NOT usable for training" if problems.errors else "OK"
+    print(f"\n{verdict}: {len(problems.errors)} error(s), {len(problems.warnings)} warning(s)")
+
+
+if __name__ == "__main__":
+    from leaf_xla.cli import run
+
+    run(main)

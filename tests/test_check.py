@@ -1,0 +1,272 @@
+"""Broken data, one real broken file or CSV row per kind: what `check` reports, and that
+`train` stops with one line naming the offenders before it builds a model.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_user_error, run_cli
+from PIL import Image
+
+from leaf_xla import synth
+from leaf_xla.cli import UserError
+from leaf_xla.data import Problems, decode, read_dataset, scan, verify_images
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def save_as(path: Path, mode: str, fmt: str = "JPEG") -> None:
+    with Image.open(path) as image:
+        converted = image.convert(mode)
+    converted.save(path, fmt)
+
+
+def corrupt_inside(path: Path) -> None:
+    """A JPEG start and end with noise between: only decoding tells it is not an image."""
+    noise = np.random.default_rng(0).integers(0, 255, 2000, dtype=np.uint8).tobytes()
+    path.write_bytes(b"\xff\xd8\xff\xe0" + noise.replace(b"\xff", b"\x00") + b"\xff\xd9")
+
+
+def set_cells(csv: str, row: int, **values) -> Callable[[Path], None]:
+    def edit(data_dir: Path) -> None:
+        frame = pd.read_csv(data_dir / csv, dtype=str)
+        for column, value in values.items():
+            frame.loc[row, column] = value
+        frame.to_csv(data_dir / csv, index=False)
+
+    return edit
+
+
+def on_image(name: str, change: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Apply `change` to one file of a Plant Pathology 2020 layout's images/ folder."""
+    return lambda data_dir: change(data_dir / "images" / name)
+
+
+# kind: (format, breakage, error or None, warning or None); the texts are regexes.
+CASES = {
+    "truncated jpeg": (
+        "pp2020",
+        on_image("Train_0.jpg", truncate),
+        r"images/Train_0\.jpg: truncated JPEG file, cannot decode it \(",
+        None,
+    ),
+    "zero bytes": (
+        "pp2020",
+        on_image("Train_1.jpg", lambda p: p.write_bytes(b"")),
+        r"images/Train_1\.jpg: empty file \(0 bytes\)",
+        None,
+    ),
+    "missing file": (
+        "pp2020",
+        on_image("Train_2.jpg", Path.unlink),
+        r"images/Train_2\.jpg: missing image file",
+        None,
+    ),
+    "missing test file": (
+        "pp2020",
+        on_image("Test_0.jpg", Path.unlink),
+        r"images/Test_0\.jpg: missing image file",
+        None,
+    ),
+    "duplicate id": (
+        "pp2020",
+        set_cells("train.csv", 4, image_id="Train_3"),
+        r"train\.csv row 6: duplicate id Train_3 \(also row 5\)",
+        None,
+    ),
+    "two labels": (
+        "pp2020",
+        set_cells("train.csv", 5, healthy="1", rust="1", scab="0", multiple_diseases="0"),
+        r"train\.csv row 7 \(Train_5\): 2 positive classes \(healthy, rust\), expected exactly 1",
+        None,
+    ),
+    "bad integer label": (
+        "cassava",
+        set_cells("train.csv", 2, label="7"),
+        r"train\.csv row 4 \(\S+\.jpg\): label '7' is not one of 0\.\.4",
+        None,
+    ),
+    "empty multilabel": (
+        "pp2021",
+        set_cells("train.csv", 3, labels=""),
+        r"train\.csv row 5 \(\S+\.jpg\): empty labels",
+        None,
+    ),
+    "png named jpg": (
+        "pp2020",
+        on_image("Train_6.jpg", lambda p: save_as(p, "RGB", "PNG")),
+        None,
+        r"images/Train_6\.jpg: PNG named \.jpg \(decoded anyway",
+    ),
+}
+# Found only by decoding every image: `check` without --no-decode.
+DECODE_CASES = {
+    "cmyk jpeg": (
+        on_image("Train_7.jpg", lambda p: save_as(p, "CMYK")),
+        None,
+        r"images/Train_7\.jpg: CMYK image \(mode CMYK\), converted to RGB",
+    ),
+    "grayscale jpeg": (
+        on_image("Train_8.jpg", lambda p: save_as(p, "L")),
+        None,
+        r"images/Train_8\.jpg: grayscale image \(mode L\), converted to RGB",
+    ),
+    "noise between jpeg markers": (
+        on_image("Train_9.jpg", corrupt_inside),
+        r"images/Train_9\.jpg: cannot decode image \(",
+        None,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> dict[str, Path]:
+    """A tiny clean data set per label format (copy before breaking)."""
+    root = tmp_path_factory.mktemp("clean")
+    return {
+        fmt: synth.write_dataset(root / fmt, 12, 2, seed=5, size=(40, 32), fmt=fmt)
+        for fmt in synth.FORMATS
+    }
+
+
+def broken_copy(source: Path, target: Path, *edits: Callable[[Path], None]) -> Path:
+    shutil.copytree(source, target)
+    for edit in edits:
+        edit(target)
+    return target
+
+
+def found(pattern: str, items: list[str]) -> bool:
+    return any(re.search(pattern, item) for item in items)
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_cheap_check_finds(kind, clean, tmp_path):
+    fmt, edit, error, warning = CASES[kind]
+    data_dir = broken_copy(clean[fmt], tmp_path / "data", edit)
+    data, problems = scan(data_dir)
+    assert data is not None
+    assert problems.errors == ([problems.errors[0]] if error else []), problems.errors
+    assert problems.warnings == ([problems.warnings[0]] if warning else []), problems.warnings
+    if error:
+        assert found(error, problems.errors), problems.errors
+        with pytest.raises(UserError, match=error):
+            read_dataset(data_dir)
+    else:
+        assert found(warning, problems.warnings), problems.warnings
+        assert read_dataset(data_dir).warnings == problems.warnings
+        assert all(decode(p, 16)[0].shape == (16, 16, 3) for p in data.train.paths)
+
+
+@pytest.mark.parametrize("kind", DECODE_CASES)
+def test_decode_check_finds(kind, clean, tmp_path):
+    edit, error, warning = DECODE_CASES[kind]
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", edit)
+    data, problems = scan(data_dir)
+    assert problems.errors == [] and problems.warnings == []  # the cheap check cannot tell
+    verify_images(data.train.paths + data.test.paths, problems, workers=2)
+    assert found(error, problems.errors) if error else problems.errors == []
+    assert found(warning, problems.warnings) if warning else problems.warnings == []
+
+
+def test_decode_check_skips_files_already_reported(tmp_path):
+    path = tmp_path / "gone.jpg"
+    problems = Problems(errors=[f"{path}: missing image file"], bad_files={path})
+    verify_images([path], problems)
+    assert problems.errors == [f"{path}: missing image file"]
+
+
+# --- the command lines: every offender at once --------------------------------------------
+
+TRAIN_ARGS = ("--model", "test_resnet", "--config", "demo", "--epochs", "1", "--device", "cpu")
+PP2020_ERRORS = ["truncated jpeg", "zero bytes", "missing file", "duplicate id", "two labels"]
+PP2020_WARNINGS = ["png named jpg"]
+
+
+@pytest.fixture(scope="module")
+def broken_pp2020(clean, tmp_path_factory) -> Path:
+    edits = [CASES[k][1] for k in PP2020_ERRORS + PP2020_WARNINGS]
+    edits += [case[0] for case in DECODE_CASES.values()]
+    return broken_copy(clean["pp2020"], tmp_path_factory.mktemp("broken") / "pp2020", *edits)
+
+
+@pytest.fixture(scope="module")
+def check_report(broken_pp2020):
+    return run_cli("leaf_xla.check", "--data-dir", str(broken_pp2020), "--workers", "2")
+
+
+@pytest.mark.parametrize("kind", PP2020_ERRORS + PP2020_WARNINGS + list(DECODE_CASES))
+def test_check_cli_reports(kind, check_report):
+    assert check_report.returncode == 1, check_report.stdout + check_report.stderr
+    error, warning = (CASES[kind] if kind in CASES else (None, None, *DECODE_CASES[kind]))[-2:]
+    lines = check_report.stdout.splitlines()
+    errors = [line.strip() for line in lines if line.strip().startswith("error: ")]
+    warnings = [line.strip() for line in lines if line.strip().startswith("warning: ")]
+    assert found(error, errors) if error else found(warning, warnings), check_report.stdout
+
+
+def test_check_cli_summary(check_report):
+    out = check_report.stdout
+    assert "label format: onehot" in out
+    assert "train: train.csv (id column image_id), images in images/" in out
+    assert "test images: 2" in out and "train images: 12" in out
+    assert "NOT usable for training: 6 error(s), 3 warning(s)" in out, out
+
+
+def test_no_decode_skips_the_decode_check(broken_pp2020):
+    result = run_cli("leaf_xla.check", "--data-dir", str(broken_pp2020), "--no-decode")
+    assert result.returncode == 1
+    assert "decode check: skipped" in result.stdout
+    assert "5 error(s), 1 warning(s)" in result.stdout, result.stdout
+
+
+def test_check_cli_clean_data_passes_with_warnings(clean, tmp_path):
+    def gray(data_dir: Path) -> None:
+        save_as(sorted((data_dir / "train_images").iterdir())[0], "L")
+
+    data_dir = broken_copy(clean["cassava"], tmp_path / "data", gray)
+    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "label format: integer" in result.stdout
+    assert "Cassava Mosaic Disease (CMD)" in result.stdout
+    assert "OK: 0 error(s), 1 warning(s)" in result.stdout
+
+
+def test_check_cli_missing_data_dir_is_a_user_error(tmp_path):
+    result = run_cli("leaf_xla.check", "--data-dir", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert_user_error(result, "nowhere", "not found")
+
+
+def test_train_stops_naming_every_offender(broken_pp2020, tmp_path):
+    out = tmp_path / "runs"
+    result = run_cli(
+        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(broken_pp2020), "--out-dir", str(out)
+    )
+    fragments = ["5 problems", "Train_0.jpg: truncated JPEG", "Train_1.jpg: empty file"]
+    fragments += ["Train_2.jpg: missing image file", "duplicate id Train_3", "row 7 (Train_5)"]
+    assert_user_error(result, *fragments)
+    assert not out.exists()  # stopped before folds, run folder or model
+
+
+@pytest.mark.parametrize("kind", ["bad integer label", "empty multilabel"])
+def test_train_stops_on_bad_labels(kind, clean, tmp_path):
+    fmt, edit, error, _ = CASES[kind]
+    data_dir = broken_copy(clean[fmt], tmp_path / "data", edit)
+    out = tmp_path / "runs"
+    result = run_cli(
+        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(out)
+    )
+    assert_user_error(result, "train.csv row")
+    assert found(error, [result.stderr])
+    assert not out.exists()

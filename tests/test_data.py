@@ -1,0 +1,160 @@
+"""Label formats end to end, decoding (EXIF, colour modes, DCT-scaled JPEG decode accuracy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from leaf_xla import synth
+from leaf_xla.cli import UserError
+from leaf_xla.data import decode, read_dataset
+from leaf_xla.loader import ResizeCache, default_cache_root
+
+
+def _synth(out, fmt: str, n_train: int = 16, n_test: int = 3) -> None:
+    synth.main(
+        ["--out", str(out), "--format", fmt, "--n-train", str(n_train), "--n-test", str(n_test)]
+        + ["--size", "48x32", "--seed", "3"]
+    )
+
+
+def test_pp2020_onehot(pp2020):
+    data = read_dataset(pp2020)
+    assert data.label_format == "onehot" and not data.multilabel
+    assert data.classes == list(synth.PP2020_CLASSES)
+    assert data.id_column == "image_id"
+    assert data.train.targets.shape == (64, 4)
+    assert (data.train.targets.sum(1) == 1).all()
+    assert len(data.test.ids) == 21 and data.test.csv == "test.csv"
+    assert data.train.image_dir == data.test.image_dir == pp2020 / "images"
+
+
+def test_pp2021_multilabel(tmp_path):
+    _synth(tmp_path, "pp2021")
+    data = read_dataset(tmp_path)
+    assert data.label_format == "multilabel" and data.multilabel
+    assert data.classes == sorted(synth.PP2021_CLASSES)
+    assert data.id_column == "image"
+    assert data.train.targets.shape == (16, 6)
+    frame = pd.read_csv(tmp_path / "train.csv")
+    for labels, row in zip(frame["labels"], data.train.targets):
+        assert sorted(labels.split()) == [c for c, v in zip(data.classes, row) if v == 1]
+    assert data.train.image_dir == tmp_path / "train_images"
+    assert data.test.csv == "sample_submission.csv" and len(data.test.ids) == 3
+
+
+def test_cassava_integer(tmp_path):
+    _synth(tmp_path, "cassava")
+    data = read_dataset(tmp_path)
+    assert data.label_format == "integer" and not data.multilabel
+    assert data.classes == list(synth.CASSAVA_CLASSES)  # from label_num_to_disease_map.json
+    assert data.train.targets.shape == (16, 5)
+    labels = pd.read_csv(tmp_path / "train.csv")["label"].to_numpy()
+    assert np.array_equal(data.train.targets.argmax(1), labels)
+    assert (data.train.targets.sum(1) == 1).all()
+
+
+def test_integer_labels_with_a_gap_are_a_typo(tmp_path):
+    _synth(tmp_path, "cassava")
+    (tmp_path / "label_num_to_disease_map.json").unlink()
+    data = read_dataset(tmp_path)
+    assert data.classes == ["0", "1", "2", "3", "4"]  # the numbers found
+    frame = pd.read_csv(tmp_path / "train.csv")
+    row = int(np.flatnonzero(frame["label"].duplicated())[0])  # its class keeps an image
+    frame.loc[row, "label"] = 40
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(UserError, match=rf"no row has label 5, 6, 7.* one has 40 \(row {row + 2} "):
+        read_dataset(tmp_path)
+    # Named classes make 40 an out-of-range label on its row.
+    with pytest.raises(UserError, match=rf"row {row + 2} .*label '40' is not one of 0..4"):
+        read_dataset(tmp_path, classes=list("abcde"))
+
+
+def test_pp2021_trains_end_to_end_with_a_refreshed_cache(tmp_path):
+    """synth -> prepare -> an image changes -> train: the cache entry is rebuilt, BCE runs."""
+    data_dir, out = tmp_path / "data", tmp_path / "runs"
+    _synth(data_dir, "pp2021", n_train=24, n_test=2)
+    prepared = run_cli("leaf_xla.prepare", "--data-dir", str(data_dir), "--size", "32")
+    assert prepared.returncode == 0, prepared.stderr
+    assert "26 image(s) resized, 0 already fresh" in prepared.stdout
+
+    data = read_dataset(data_dir)
+    changed = data.train.paths[0]
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(changed, quality=95)  # new size and mtime
+    cache = ResizeCache(default_cache_root(data_dir), 32)
+    assert not cache.is_fresh(changed) and cache.is_fresh(data.train.paths[1])
+
+    result = run_cli(
+        "leaf_xla.train",
+        *("--model", "test_resnet", "--config", "demo", "--data-dir", str(data_dir)),
+        *("--out-dir", str(out), "--epochs", "1", "--device", "cpu", "--image-size", "32"),
+        *("--batch-size", "8", "--n-folds", "2", "--workers", "1"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cache: 1 image(s) resized" in result.stdout
+    rebuilt = ResizeCache(default_cache_root(data_dir), 32)
+    assert rebuilt.is_fresh(changed)
+    assert np.array_equal(np.load(rebuilt.entry(changed)), decode(changed, 32)[0])
+
+    oof = pd.read_csv(out / "test_resnet-fold0" / "oof.csv")
+    assert list(oof.columns) == ["image_id", *sorted(synth.PP2021_CLASSES)]
+    assert len(oof) == 12
+    # Independent sigmoids (BCE), not a softmax: the rows do not sum to 1.
+    assert not np.allclose(oof.iloc[:, 1:].sum(axis=1), 1, atol=0.05)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 64 wide, 48 high, a red block top-left; orientation 6: turn 90 degrees clockwise.
+    array = np.full((48, 64, 3), 128, np.uint8)
+    array[:12, :12] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(array).save(path, quality=95, exif=exif.tobytes())
+
+    image, mode = decode(path)
+    assert mode == "RGB"
+    assert image.shape == (64, 48, 3)  # now 48 wide, 64 high
+    red = np.array([255, 0, 0])
+    assert np.abs(image[2:10, -10:-2].astype(int) - red).max() < 40  # top-right
+    assert np.abs(image[2:10, 2:10].astype(int) - 128).max() < 40  # top-left is grey now
+    small, _ = decode(path, 32)
+    assert small.shape == (32, 32, 3)
+    assert np.abs(small[1:5, -5:-1].astype(int) - red).max() < 60
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_decode_to_rgb(tmp_path, mode):
+    path = tmp_path / "odd.jpg"
+    Image.new("RGB", (40, 30), (30, 160, 60)).convert(mode).save(path, quality=95)
+    image, original = decode(path, 16)
+    assert original == mode
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    if mode == "CMYK":
+        assert np.abs(image.astype(int) - (30, 160, 60)).max() < 30
+
+
+@pytest.fixture(scope="module")
+def big_leaf(tmp_path_factory):
+    """A 2048x1365 leaf at quality 95 with fine noise: what the competition's photos are like."""
+    rng = np.random.default_rng(7)
+    leaf = np.asarray(synth.draw_leaf(rng, (2048, 1365), ["rust", "scab"], {"rust": 0, "scab": 1}))
+    noisy = np.clip(leaf + rng.normal(0, 4, leaf.shape), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("big") / "leaf.jpg"
+    Image.fromarray(noisy).save(path, quality=95)
+    return path
+
+
+# Measured (Pillow 13, libjpeg-turbo): mean absolute difference 0.61 at 512 px, 0.65 at 256 px,
+# on 0..255; decoding one DCT scale too small gives 1.27 and 0.85.
+@pytest.mark.parametrize("size,bound", [(512, 1.0), (256, 1.0)])
+def test_dct_scaled_decode_is_close_to_a_full_decode(big_leaf, size, bound):
+    fast, _ = decode(big_leaf, size)
+    with Image.open(big_leaf) as image:
+        full = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    difference = np.abs(fast.astype(float) - np.asarray(full, dtype=float)).mean()
+    assert fast.shape == (size, size, 3)
+    assert difference < bound, difference

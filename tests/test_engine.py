@@ -1,0 +1,137 @@
+"""The engine in this process on XLA:CPU, with a tiny linear model: graphs compile in seconds.
+
+Compile counts are read from torch_xla.debug.metrics here, in the process that compiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leaf_xla import runtime
+from leaf_xla.engine import NonFiniteLoss, Trainer
+from leaf_xla.loader import eval_batches
+
+CLASSES, SIZE, BATCH = 4, 4, 6
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def compiles() -> int:
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, CLASSES))
+
+
+def batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        labels = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+        out.append(
+            {
+                "image": torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), generator=gen).byte(),
+                "target": F.one_hot(labels, CLASSES).float(),
+                "index": torch.arange(BATCH, dtype=torch.int32),
+                "mask": torch.ones(BATCH),
+            }
+        )
+    return out
+
+
+def xla_trainer(model, optimizer, precision="fp32") -> Trainer:
+    rt = runtime.setup("xla", "none", precision)
+    model = model.to(rt.device)
+    # The optimizer is built on the moved parameters, as train.py does.
+    return Trainer(model, rt, False, MEAN, STD, optimizer(model.parameters()))
+
+
+def lr_at(epoch: float) -> float:
+    return 0.05 + 0.1 * epoch  # a different value at every update
+
+
+def test_lr_per_update_and_no_recompilation():
+    """SGD on XLA matches plain PyTorch on the CPU fed the schedule's lr at every step, and
+    later epochs (new lr values every step) compile nothing."""
+    steps = 4
+    data = batches(steps, seed=1)
+    reference = tiny_model()
+    trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
+
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    losses = {}
+    for epoch in range(3):
+        before = compiles()
+        losses[epoch] = trainer.train_one_epoch(data, epoch, steps, 0, lr_at, BATCH)
+        if epoch > 0:
+            assert compiles() == before, f"epoch {epoch} compiled new graphs"
+        total = 0.0
+        for step, batch in enumerate(data):
+            sgd.param_groups[0]["lr"] = lr_at(epoch + step / steps)
+            sgd.zero_grad()
+            x = (batch["image"].float() / 255.0 - mean) / std
+            loss = F.cross_entropy(reference(x), batch["target"])
+            loss.backward()
+            sgd.step()
+            total += loss.item()
+        assert losses[epoch] == pytest.approx(total / steps, rel=1e-5)
+        assert trainer.optimizer.param_groups[0]["lr"] == lr_at(epoch + (steps - 1) / steps)
+    for mine, theirs in zip(trainer.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.cpu(), theirs.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_keeps_fp32_master_weights():
+    trainer = xla_trainer(tiny_model(), lambda p: torch.optim.Adam(p, lr=1e-3), "bf16")
+    with trainer.rt.autocast():
+        out = trainer.model(torch.zeros(2, 3, SIZE, SIZE, device=trainer.rt.device))
+    assert out.dtype == torch.bfloat16  # autocast is on for the forward pass
+    loss = trainer.train_one_epoch(batches(3, seed=2), 0, 3, 0, lambda e: 1e-3, BATCH)
+    assert np.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    for state in trainer.optimizer.state.values():
+        assert state["exp_avg"].dtype == torch.float32
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    """A huge lr overflows the weights after the first update; the step counts from the
+    epoch's start step (a resumed epoch starts mid-way)."""
+    trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch 2 step 4:"):
+        trainer.train_one_epoch(batches(3, seed=3), 2, 6, 3, lambda e: 1e38, BATCH)
+
+
+def test_evaluate_returns_every_sample_once_in_order():
+    n, batch = 7, 4  # not a multiple: the last batch is padded and masked
+    model = tiny_model()
+    trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
+    images = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(4))
+    targets = F.one_hot(torch.arange(n) % CLASSES, CLASSES).float()
+    loader = []
+    for keys in eval_batches(n, batch, 1, 0):
+        index = torch.tensor([i for i, _ in keys])
+        real = index < n
+        safe = torch.where(real, index, 0)
+        loader.append(
+            {
+                "image": torch.where(real.view(-1, 1, 1, 1), images[safe], 0).byte(),
+                "target": targets[safe] * real.view(-1, 1),
+                "index": torch.where(real, index, -1).int(),
+                "mask": real.float(),
+            }
+        )
+    probs, loss = trainer.evaluate(loader, n)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model((images.float() / 255.0 - mean) / std)
+    np.testing.assert_allclose(probs, torch.softmax(logits, 1).numpy(), rtol=1e-5, atol=1e-6)
+    assert loss == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)

@@ -1,0 +1,189 @@
+"""Batches (exact evaluation cover, equal training shards, resumable), seeded augmentation from
+any thread, and the resize cache with `prepare`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leaf_xla import prepare
+from leaf_xla.cli import UserError
+from leaf_xla.data import DecodeError, Problems, decode, read_dataset
+from leaf_xla.loader import (
+    BatchLoader,
+    LeafImages,
+    ResizeCache,
+    default_cache_root,
+    eval_batches,
+    train_batches,
+)
+from leaf_xla.transforms import create_transform
+
+SIZE = 16
+
+
+def jitter() -> object:
+    """Flips plus a continuous random change, so that equal outputs mean equal random draws."""
+    return create_transform(0.5, 0.5, [{"RandomBrightnessContrast": {"p": 1.0}}])
+
+
+@pytest.mark.parametrize("loaders", [1, 2, 3])
+@pytest.mark.parametrize("n", [29, 24])
+def test_eval_batches_cover_every_sample_once(n, loaders):
+    batch = 4
+    shards = [eval_batches(n, batch, loaders, rank) for rank in range(loaders)]
+    assert len({len(s) for s in shards}) == 1  # every loader runs the same number of steps
+    keys = [k for shard in shards for b in shard for k in b]
+    assert all(len(b) == batch for shard in shards for b in shard)
+    assert all(seed is None for _, seed in keys)
+    positions = [p for p, _ in keys]
+    assert sorted(p for p in positions if p < n) == list(range(n))
+    padding = len(positions) - n
+    assert 0 <= padding < batch * loaders
+
+
+@pytest.mark.parametrize("loaders", [1, 2, 3])
+def test_train_batches_equal_disjoint_shards(loaders):
+    n, batch = 29, 4
+    shards = [train_batches(n, batch, loaders, rank, seed=3, epoch=1) for rank in range(loaders)]
+    steps = n // (batch * loaders)
+    assert [len(s) for s in shards] == [steps] * loaders
+    positions = [p for shard in shards for b in shard for p, _ in b]
+    assert all(len(b) == batch for shard in shards for b in shard)
+    assert len(positions) == len(set(positions)) == steps * batch * loaders
+    assert all(0 <= p < n for p in positions)
+    # Deterministic per (seed, epoch); another epoch or seed shuffles differently.
+    again = [train_batches(n, batch, loaders, rank, seed=3, epoch=1) for rank in range(loaders)]
+    assert again == shards
+    assert train_batches(n, batch, loaders, 0, seed=3, epoch=2) != shards[0]
+    assert train_batches(n, batch, loaders, 0, seed=4, epoch=1) != shards[0]
+    # A resumed epoch is the tail of the full one.
+    for start in range(steps + 1):
+        assert train_batches(n, batch, loaders, 0, 3, 1, start_batch=start) == shards[0][start:]
+
+
+def test_train_batches_need_one_global_batch():
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        train_batches(7, 4, 2, 0, seed=0, epoch=0)
+
+
+@pytest.fixture(scope="module")
+def images(pp2020) -> LeafImages:
+    data = read_dataset(pp2020)
+    return LeafImages(data.train.paths[:10], data.train.targets[:10], SIZE, jitter)
+
+
+def test_padded_batches_are_masked(images):
+    keys = [k for b in eval_batches(10, 4, 1, 0) for k in b]
+    batches = list(BatchLoader(images, eval_batches(10, 4, 1, 0), workers=2))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.uint8
+        assert batch["target"].shape == (4, 4) and batch["mask"].shape == (4,)
+    image = np.concatenate([b["image"].numpy() for b in batches])
+    target = np.concatenate([b["target"].numpy() for b in batches])
+    index = np.concatenate([b["index"].numpy() for b in batches])
+    mask = np.concatenate([b["mask"].numpy() for b in batches])
+    assert index.tolist() == [*range(10), -1, -1] and mask.tolist() == [1] * 10 + [0, 0]
+    assert not image[10:].any() and not target[10:].any()
+    assert np.array_equal(target[:10], images.targets)
+    for (position, _), got in zip(keys[:10], image):
+        assert np.array_equal(got, decode(images.paths[position], SIZE)[0].transpose(2, 0, 1))
+
+
+def test_augmentation_is_the_same_from_any_thread(images):
+    keys = [(k % 10, 1000 + k) for k in range(24)]
+    alone = [images.image(*key) for key in keys]
+    with ThreadPoolExecutor(4) as pool:  # other threads, other order, their own transforms
+        threaded = list(pool.map(lambda key: images.image(*key), keys[::-1]))[::-1]
+    assert all(np.array_equal(a, b) for a, b in zip(alone, threaded))
+    # Really random: the seeds of one image give different results.
+    assert len({alone[k].tobytes() for k in range(0, 24, 10)}) == 3
+    batches = train_batches(10, 2, 1, 0, seed=0, epoch=0)
+    one = [b["image"] for b in BatchLoader(images, batches, workers=1)]
+    three = [b["image"] for b in BatchLoader(images, batches, workers=3, prefetch=1)]
+    assert all(np.array_equal(a, b) for a, b in zip(one, three))
+
+
+def test_decode_error_reaches_the_training_loop(tmp_path):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg \xff\xd9")
+    loader = BatchLoader(LeafImages([path], np.eye(2, dtype=np.float32)[:1], SIZE), [[(0, None)]])
+    with pytest.raises(DecodeError, match="bad.jpg: cannot decode image"):
+        list(loader)
+
+
+# --- the resize cache ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_dir(pp2020, tmp_path):
+    return shutil.copytree(pp2020, tmp_path / "data")
+
+
+def test_cache_is_used_while_fresh_and_rebuilt_when_stale(data_dir):
+    paths = read_dataset(data_dir).train.paths[:6]
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    assert cache.dir == data_dir / ".leaf_xla_cache" / f"{SIZE}px" and not cache.exists
+    assert cache.build(paths, 2, Problems()) == 6
+    assert cache.exists and cache.stale(paths) == []
+    for path in paths:
+        assert np.array_equal(np.load(cache.entry(path)), decode(path, SIZE)[0])
+
+    # The loader reads the entry, not the JPEG: a marked entry comes back.
+    marked = np.full((SIZE, SIZE, 3), 7, np.uint8)
+    np.save(cache.entry(paths[0]), marked)
+    reopened = ResizeCache(default_cache_root(data_dir), SIZE)
+    assert np.array_equal(LeafImages(paths, None, SIZE, cache=reopened).image(0, None), marked)
+
+    # A newer image file is not trusted to its entry: decoded until the entry is rebuilt.
+    stat = paths[0].stat()
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert reopened.stale(paths) == [paths[0]]
+    fresh = decode(paths[0], SIZE)[0]
+    assert np.array_equal(LeafImages(paths, None, SIZE, cache=reopened).image(0, None), fresh)
+    assert reopened.build(paths, 2, Problems()) == 1
+    assert np.array_equal(np.load(reopened.entry(paths[0])), fresh)
+    # Another size is another cache.
+    assert LeafImages(paths, None, SIZE * 2, cache=reopened).cache is None
+
+
+def test_cache_keeps_same_named_files_of_two_folders_apart(tmp_path):
+    paths = []
+    for folder, colour in (("train_images", (250, 0, 0)), ("test_images", (0, 0, 250))):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "1000.jpg")
+        Image.new("RGB", (32, 24), colour).save(paths[-1])
+    cache = ResizeCache(tmp_path / "cache", SIZE)
+    assert cache.build(paths, 1, Problems()) == 2
+    red, blue = (np.load(cache.entry(p))[0, 0] for p in paths)
+    assert red[0] > 200 and blue[2] > 200
+
+
+def test_prepare_builds_then_only_refreshes(data_dir, capsys):
+    prepare.main(["--data-dir", str(data_dir), "--size", str(SIZE), "--workers", "2"])
+    assert "85 image(s) resized, 0 already fresh (64 train + 21 test)" in capsys.readouterr().out
+    prepare.main(["--data-dir", str(data_dir), "--size", str(SIZE)])
+    assert "0 image(s) resized, 85 already fresh" in capsys.readouterr().out
+    Image.new("L", (96, 64)).save(data_dir / "images" / "Test_3.jpg")
+    prepare.main(["--data-dir", str(data_dir), "--size", str(SIZE)])
+    out, err = capsys.readouterr()
+    assert "1 image(s) resized, 84 already fresh" in out
+    assert "warning: " in err and "Test_3.jpg: grayscale image (mode L), converted to RGB" in err
+
+
+def test_prepare_names_images_it_cannot_decode(data_dir, capsys):
+    # JPEG start and end markers with no image between: only a decoder tells.
+    for k in range(7):
+        (data_dir / "images" / f"Train_{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 noise \xff\xd9")
+    with pytest.raises(UserError, match=r"7 problems: \S+Train_0.jpg: cannot decode.*and 2 more"):
+        prepare.main(["--data-dir", str(data_dir), "--size", str(SIZE)])
+    # What did decode was kept: a rerun after a fix redoes the broken ones only.
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    assert len(cache.stale(read_dataset(data_dir).train.paths)) == 7

@@ -1,0 +1,118 @@
+"""The seed's four networks via timm, checked against the Keras originals, and weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import assert_user_error, run_cli
+from safetensors.torch import save_file
+
+from leaf_xla.cli import UserError
+from leaf_xla.models import (
+    KERAS_ALIASES,
+    ModelSpec,
+    count_parameters,
+    create_model,
+    data_config,
+    default_image_size,
+    resolve_name,
+)
+
+# keras.applications with include_top=True (1000 classes): total parameters, BatchNorm moving
+# statistics included. Keras' EfficientNets also count their input Normalization layer (7).
+KERAS = {
+    "EfficientNetB7": (66_658_687, 600),
+    "EfficientNetB6": (43_265_143, 528),
+    "ResNet152V2": (60_380_648, 224),
+    "InceptionResNetV2": (55_873_736, 299),
+}
+
+
+@pytest.mark.parametrize("alias", list(KERAS))
+def test_seed_model_matches_keras(alias: str) -> None:
+    keras_params, native = KERAS[alias]
+    model = create_model(ModelSpec(alias, num_classes=1000, pretrained=False))
+    ours = count_parameters(model, with_bn_stats=True)
+    assert abs(ours - keras_params) / keras_params < 0.02, (alias, ours, keras_params)
+    assert default_image_size(alias) == native
+    model.reset_classifier(4)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, native, native))
+    assert out.shape == (1, 4)
+
+
+def test_aliases_shadow_no_timm_name() -> None:
+    names = set(timm.list_models())
+    assert not set(KERAS_ALIASES) & names
+    assert {resolve_name(a) for a in KERAS_ALIASES} == {
+        "tf_efficientnet_b7",
+        "tf_efficientnet_b6",
+        "keras_resnet152v2",
+        "inception_resnet_v2",
+    }
+    assert resolve_name("test_resnet") == "test_resnet"
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(UserError, match="close: .*tf_efficientnet_b7"):
+        resolve_name("tf_efficientnet_b77")
+
+
+def test_weights_file_replaces_head(tmp_path) -> None:
+    source = create_model(ModelSpec("test_resnet", 1000, pretrained=False))
+    path = tmp_path / "imagenet.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = create_model(ModelSpec("test_resnet", 4, weights=str(path)))
+    own = model.state_dict()
+    assert torch.equal(own["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    assert own["fc.weight"].shape == (4, source.fc.in_features)  # a fresh 4-class head
+    pth = tmp_path / "imagenet.pth"
+    torch.save({"state_dict": source.state_dict()}, pth)
+    again = create_model(ModelSpec("test_resnet", 4, weights=str(pth)))
+    assert torch.equal(again.state_dict()["conv1.0.weight"], own["conv1.0.weight"])
+
+
+def test_weights_file_of_another_network_is_refused(tmp_path) -> None:
+    other = create_model(ModelSpec("test_efficientnet", 4, pretrained=False))
+    path = tmp_path / "other.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(UserError, match="does not fit"):
+        create_model(ModelSpec("test_resnet", 4, weights=str(path)))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable weights file"):
+        create_model(ModelSpec("test_resnet", 4, weights=str(tmp_path / "junk.pth")))
+
+
+def test_offline_pretrained_names_the_ways_out(pp2020, tmp_path) -> None:
+    hf_home = tmp_path / "hf"
+    result = run_cli(
+        "leaf_xla.train",
+        "--model",
+        "EfficientNetB7",
+        "--data-dir",
+        str(pp2020),
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)},
+    )
+    assert_user_error(
+        result, "tf_efficientnet_b7.ns_jft_in1k", str(hf_home), "--weights", "--no-pretrained"
+    )
+
+
+def test_data_config_from_pretrained_config() -> None:
+    model = create_model(ModelSpec("InceptionResNetV2", 4, pretrained=False))
+    config = data_config(model)
+    assert config["image_size"] == 299
+    assert config["mean"] == pytest.approx([0.5, 0.5, 0.5])
+    assert data_config(model, 128)["image_size"] == 128

@@ -1,0 +1,99 @@
+"""`--resume` after a SIGKILL mid-epoch ends with the weights of an uninterrupted run, bit for
+bit; unreadable, mismatched or finished runs give one-line answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import assert_user_error, run_cli
+from test_train import reference_run, train_args
+
+pytestmark = pytest.mark.slow
+
+RUN = "test_resnet-fold0"
+
+
+def kill_mid_epoch(args: list[str], run_dir: Path) -> dict:
+    """Start training, SIGKILL it as soon as last.pt holds a mid-epoch state after epoch 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    last, seen, deadline = run_dir / "last.pt", None, time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            stamp = last.stat().st_mtime_ns if last.is_file() else None
+            if stamp is not None and stamp != seen:
+                seen = stamp  # last.pt is renamed into place whole: safe to read
+                state = torch.load(last, weights_only=True)
+                if state["epoch"] >= 1 and state["step"] > 0:
+                    proc.kill()
+                    break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    assert proc.returncode == -9, stderr.decode()[-3000:]
+    # Later saves are two steps apart at least, so the kill lands mid-epoch.
+    state = torch.load(last, weights_only=True)
+    assert state["step"] > 0, "killed after the epoch ended"
+    return state
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path_factory, tmp_path, pp2020):
+    reference = reference_run(tmp_path_factory, pp2020)
+    out = tmp_path / "out"
+    run_dir = out / RUN
+    killed = kill_mid_epoch(train_args(pp2020, out), run_dir)
+
+    # Another batch size changes what a step is: refused, not silently misplaced.
+    mismatch = run_cli(*train_args(pp2020, out, "--resume", "--batch-size", "4"))
+    assert_user_error(mismatch, f"stopped at step {killed['step']} of 6 per epoch", "has 12")
+
+    result = run_cli(*train_args(pp2020, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {run_dir} at epoch {killed['epoch']} step {killed['step']}" in result.stdout
+
+    # Bit for bit: the same batches, augmentations and dropout masks (seeded per step, not
+    # carried across graph cuts) through the same compiled graphs on the same CPU.
+    mine = torch.load(run_dir / "last.pt", weights_only=True)
+    theirs = torch.load(reference / "last.pt", weights_only=True)
+    assert (mine["epoch"], mine["step"]) == (theirs["epoch"], theirs["step"]) == (3, 0)
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(mine["model"][name], tensor), name
+    for index, state in theirs["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(mine["optimizer"]["state"][index][key], tensor), (index, key)
+    history, expected = pd.read_csv(run_dir / "history.csv"), pd.read_csv(reference / "history.csv")
+    pd.testing.assert_series_equal(history["val_auc"], expected["val_auc"])
+    pd.testing.assert_series_equal(history["val_loss"], expected["val_loss"])
+    assert (run_dir / "oof.csv").read_bytes() == (reference / "oof.csv").read_bytes()
+
+    # Resuming a finished run does nothing, and says so.
+    before = (run_dir / "last.pt").read_bytes()
+    again = run_cli(*train_args(pp2020, out, "--resume"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to resume" in again.stdout and "trained 3 epochs" in again.stdout
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_unreadable_last_checkpoint_is_a_one_line_error(tmp_path_factory, tmp_path, pp2020):
+    reference = reference_run(tmp_path_factory, pp2020)
+    out = tmp_path / "out"
+    shutil.copytree(reference.parent, out)
+    last, best = out / RUN / "last.pt", out / RUN / "best.pt"
+    best_bytes = best.read_bytes()
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated by a crash
+    result = run_cli(*train_args(pp2020, out, "--resume"))
+    assert_user_error(result, f"checkpoint {last} is unreadable", "truncated")
+    assert best.read_bytes() == best_bytes

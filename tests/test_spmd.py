@@ -1,0 +1,62 @@
+"""SPMD data parallelism over 4 virtual XLA:CPU devices trains like one device given the same
+global batch: the same per-step losses, validation scores and final weights, up to float
+summation order (the partitioner splits each batch reduction into per-device partial sums).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli
+from test_train import tensorboard_scalars, train_args
+
+pytestmark = pytest.mark.slow
+
+# SGD, fp32, no dropout, no flips: nothing random but the (seeded) batch order. Adam would
+# amplify rounding differences: its first updates are about ±lr whatever the gradient's size.
+SAME = [
+    *("--optimizer", "sgd", "--lr-start", "0.02", "--lr", "0.05", "--drop-rate", "0"),
+    *("--hflip", "0", "--vflip", "0", "--epochs", "2", "--checkpoint-every", "0"),
+]
+
+
+def test_spmd_matches_one_device_with_the_same_global_batch(tmp_path, pp2020):
+    runs = {}
+    for name, per_replica, eval_batch, env in [
+        ("spmd", "4", "3", {"CPU_NUM_DEVICES": "4"}),
+        ("none", "16", "12", {}),
+    ]:
+        args = train_args(pp2020, tmp_path, *SAME, "--run-name", name, "--parallel", name)
+        result = run_cli(
+            *args, "--batch-size", per_replica, "--eval-batch-size", eval_batch, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        replicas = 4 if name == "spmd" else 1
+        assert f"3 steps of 16 per epoch on {replicas} xla replica(s) ({name})" in result.stdout
+        runs[name] = tmp_path / name
+
+    spmd, one = (pd.read_csv(runs[n] / "history.csv") for n in ("spmd", "none"))
+    # Validation: 16 images in global batches of 12, padded to 24 and sharded 6 per device;
+    # a sample lost or counted twice would move the mean loss far beyond this tolerance.
+    np.testing.assert_allclose(spmd["val_loss"], one["val_loss"], rtol=1e-4)
+    np.testing.assert_allclose(spmd["val_auc"], one["val_auc"], atol=1e-3)
+    # Reading sharded evaluation outputs used to compile a fresh graph every epoch.
+    assert list(spmd["compiles"][1:]) == [0]
+
+    losses = {n: tensorboard_scalars(runs[n])["train/loss"] for n in runs}
+    assert [s for s, _ in losses["spmd"]] == [s for s, _ in losses["none"]] == list(range(6))
+    np.testing.assert_allclose(
+        [v for _, v in losses["spmd"]], [v for _, v in losses["none"]], rtol=1e-5
+    )
+
+    mine = torch.load(runs["spmd"] / "last.pt", weights_only=True)["model"]
+    theirs = torch.load(runs["none"] / "last.pt", weights_only=True)["model"]
+    for name, tensor in theirs.items():
+        if tensor.is_floating_point():
+            scale = float(tensor.abs().max())
+            error = float((mine[name] - tensor).abs().max())
+            assert error <= 1e-4 * scale + 1e-7, (name, error, scale)
+        else:
+            assert torch.equal(mine[name], tensor), name
