@@ -71,7 +71,7 @@ def test_lr_per_update_and_no_recompilation():
     losses = {}
     for epoch in range(3):
         before = compiles()
-        losses[epoch] = trainer.train_one_epoch(data, epoch, steps, 0, lr_at, BATCH)
+        losses[epoch] = trainer.train_one_epoch(data, epoch, steps, 0, lr_at)
         if epoch > 0:
             assert compiles() == before, f"epoch {epoch} compiled new graphs"
         total = 0.0
@@ -94,7 +94,7 @@ def test_bf16_keeps_fp32_master_weights():
     with trainer.rt.autocast():
         out = trainer.model(torch.zeros(2, 3, SIZE, SIZE, device=trainer.rt.device))
     assert out.dtype == torch.bfloat16  # autocast is on for the forward pass
-    loss = trainer.train_one_epoch(batches(3, seed=2), 0, 3, 0, lambda e: 1e-3, BATCH)
+    loss = trainer.train_one_epoch(batches(3, seed=2), 0, 3, 0, lambda e: 1e-3)
     assert np.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     for state in trainer.optimizer.state.values():
@@ -106,7 +106,7 @@ def test_non_finite_loss_names_epoch_and_step():
     epoch's start step (a resumed epoch starts mid-way)."""
     trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch 2 step 4:"):
-        trainer.train_one_epoch(batches(3, seed=3), 2, 6, 3, lambda e: 1e38, BATCH)
+        trainer.train_one_epoch(batches(3, seed=3), 2, 6, 3, lambda e: 1e38)
 
 
 def test_evaluate_returns_every_sample_once_in_order():

@@ -60,8 +60,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path_factory, tmp
     mismatch = run_cli(*train_args(pp2020, out, "--resume", "--batch-size", "4"))
     assert_user_error(mismatch, f"stopped at step {killed['step']} of 6 per epoch", "has 12")
 
+    stale = run_dir / ".last.pt.k1ll3d.tmp"  # what a kill during torch.save leaves
+    stale.write_bytes(b"half a checkpoint")
     result = run_cli(*train_args(pp2020, out, "--resume"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not stale.exists()
     assert f"resuming {run_dir} at epoch {killed['epoch']} step {killed['step']}" in result.stdout
 
     # Bit for bit: the same batches, augmentations and dropout masks (seeded per step, not
@@ -74,9 +77,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path_factory, tmp
     for index, state in theirs["optimizer"]["state"].items():
         for key, tensor in state.items():
             assert torch.equal(mine["optimizer"]["state"][index][key], tensor), (index, key)
-    history, expected = pd.read_csv(run_dir / "history.csv"), pd.read_csv(reference / "history.csv")
-    pd.testing.assert_series_equal(history["val_auc"], expected["val_auc"])
-    pd.testing.assert_series_equal(history["val_loss"], expected["val_loss"])
+    # The history too, the interrupted epoch's train loss included (its sum so far is saved).
+    timing = ["images_per_sec", "seconds", "compiles"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run_dir / "history.csv").drop(columns=timing),
+        pd.read_csv(reference / "history.csv").drop(columns=timing),
+    )
     assert (run_dir / "oof.csv").read_bytes() == (reference / "oof.csv").read_bytes()
 
     # Resuming a finished run does nothing, and says so.

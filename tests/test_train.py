@@ -66,8 +66,7 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)]
-        for tag in events.Tags()["scalars"]
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
 
 
@@ -148,7 +147,9 @@ def test_spawn_bf16_and_early_stopping(tmp_path, pp2020):
     assert np.isfinite(history[["train_loss", "val_loss"]]).all().all()
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
-    assert last["epoch"] == 2 and (run_dir / "best.pt").is_file() and (run_dir / "oof.csv").is_file()
+    assert (
+        last["epoch"] == 2 and (run_dir / "best.pt").is_file() and (run_dir / "oof.csv").is_file()
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, reference, pp2020):

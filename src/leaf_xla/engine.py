@@ -13,9 +13,9 @@ check live in device tensors that the host reads only at log points (asynchronou
 epoch end (an intended sync).
 
 Determinism: the device generator (dropout, drop path) is seeded from (seed, epoch, step,
-replica) before every step. XLA advances its seed at every graph cut, so a generator state
-saved mid-epoch would replay differently after a resume, whose graph cuts differ (loading,
-the first reset); a per-step seed makes a resumed run draw exactly what the killed one would.
+replica) before every step. XLA advances its seed at every graph cut, and a resumed run cuts
+its graphs elsewhere than the killed one did (loading, its first batches), so a saved
+generator state would not replay; a per-step seed makes it draw what the killed run would.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ class Trainer:
         self.shift = (-mean_t / std_t).to(rt.device)
         self._train_step = rt.compile(self.train_step, name="train_step")
         self._eval_step = rt.compile(self.eval_step, name="eval_step")
-        self.epoch_start = 0
         self.reset_totals()
 
     # --- what the variants override ----------------------------------------------------------
@@ -133,14 +132,16 @@ class Trainer:
 
     # --- the loops ---------------------------------------------------------------------------
 
-    def reset_totals(self) -> None:
-        # A graph of its own, cut on both sides: the same tiny graph every epoch, compiled once.
-        device = self.rt.device
-        self.rt.sync()
-        self.loss_total = torch.zeros((), device=device)
-        self.step_counter = torch.zeros((), dtype=torch.int32, device=device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.int32, device=device)
-        self.rt.sync()
+    def reset_totals(self, start_step: int = 0, loss_sum: float = 0.0) -> None:
+        """Start the epoch's totals at `start_step` (a resumed epoch: with its loss so far)."""
+        # Uploaded as data, not computed: no graph to compile, whatever the values.
+        self.loss_total, self.step_counter, self.first_bad_step = self.rt.upload(
+            [
+                torch.tensor(loss_sum, dtype=torch.float32),
+                torch.tensor(start_step, dtype=torch.int32),
+                torch.tensor(-1, dtype=torch.int32),
+            ]
+        )
 
     def check_finite(self, epoch: int) -> None:
         """Raise if any step so far had a non-finite loss (a host sync: call between steps).
@@ -150,8 +151,8 @@ class Trainer:
         bad = int(self.epoch_totals()[1].item())
         if bad >= 0:
             raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch} step {self.epoch_start + bad}: training "
-                "stopped, last.pt and best.pt hold the last good state; lower --lr or use fp32"
+                f"non-finite loss at epoch {epoch} step {bad}: training stopped, "
+                "last.pt and best.pt hold the last good state; lower --lr or use fp32"
             )
 
     def step_seed(self, epoch: int, step: int) -> int:
@@ -165,19 +166,19 @@ class Trainer:
         steps: int,
         start_step: int,
         lr_at: Callable[[float], float],
-        batch_images: int,
         on_step: Callable[[int], None] | None = None,
         log: Callable[[int, float, float], None] | None = None,
         log_every: int = 20,
+        loss_sum: float = 0.0,
     ) -> float:
-        """Train over `loader` (this epoch's batches from `start_step` on); mean train loss.
+        """Train over `loader` (this epoch's batches from `start_step` on); the epoch's mean loss.
 
-        `on_step(step)` runs after each step (mid-epoch checkpoints); `log(step, loss, lr)`
-        gets the running mean loss every `log_every` steps, off the training thread.
+        `loss_sum`: the summed loss of steps before `start_step` (a resumed epoch). `on_step(step)`
+        runs after each step (mid-epoch checkpoints); `log(step, loss, lr)` gets the epoch's
+        running mean loss every `log_every` steps, off the training thread.
         """
         self.model.train()
-        self.reset_totals()
-        self.epoch_start = start_step
+        self.reset_totals(start_step, loss_sum)
         bar = tqdm(
             total=steps,
             initial=start_step,
@@ -197,17 +198,15 @@ class Trainer:
                 self._train_step(batch)
                 bar.update(1)
                 if (step + 1) % log_every == 0 or step + 1 == steps:
-                    self._log_later(step, start_step, lr, bar, log)
+                    self._log_later(step, lr, bar, log)
                 if on_step is not None:
                     on_step(step + 1)
         self.check_finite(epoch)
-        done = step + 1 - start_step
-        return float(self.epoch_totals()[0].item()) / max(1, done)  # epoch end: intended sync
+        return float(self.epoch_totals()[0].item()) / (step + 1)  # epoch end: intended sync
 
     def _log_later(
         self,
         step: int,
-        start_step: int,
         lr: float,
         bar: tqdm,
         log: Callable[[int, float, float], None] | None,

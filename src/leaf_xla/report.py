@@ -90,6 +90,8 @@ def training_plots(
     _save(fig, out / "auc.png")
 
     plot(schedule, epochs, out / "lr.png")
+    if not (run_dir / "oof.csv").is_file():
+        return  # no epoch scored an AUC (a validation set of one class): no best epoch to plot
     oof = pd.read_csv(run_dir / "oof.csv")
     probs = oof[list(classes)].to_numpy()
     roc_plot(val_targets, probs, classes, out / "roc.png")

@@ -103,6 +103,15 @@ class Runtime:
 
         return torch_xla.compile(fn, name=name)
 
+    def upload(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors to the device as data. (XLA folds a 0-d 0 or 1 moved by `.to()` into
+        the graph as a constant: a new graph to compile when the value changes.)"""
+        if not self.is_xla:
+            return [t.to(self.device) for t in tensors]
+        import torch_xla.core.xla_model as xm
+
+        return xm.send_cpu_data_to_device(tensors, self.device)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for --precision bf16; master weights, loss and metrics stay fp32."""
         if self.precision != "bf16":

@@ -27,7 +27,7 @@ import pandas as pd
 from leaf_xla import checkpoint, folds, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
-from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, read_dataset
+from leaf_xla.data import LABEL_FORMATS, SHOWN, DataSet, Problems, read_dataset
 from leaf_xla.engine import create_optimizer, trainer_class
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import (
@@ -178,10 +178,22 @@ def prepare(args: argparse.Namespace) -> Plan:
         if args.cache == "build" or cache.exists:
             problems = Problems()
             built = cache.build(data.train.paths, args.workers, problems)
-            problems.raise_if_any(f"{data.data_dir} (while building the {image_size}px cache)")
+            problems.raise_if_any(
+                f"{data.data_dir} (while building the {image_size}px cache)", data.data_dir
+            )
+            data.warnings.extend(problems.warnings)
             if built:
                 print(f"cache: {built} image(s) resized into {cache.dir}")
             cache_root = root
+
+    for warning in data.warnings[:SHOWN]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(data.warnings) > SHOWN:
+        print(
+            f"warning: and {len(data.warnings) - SHOWN} more (python -m leaf_xla.check "
+            f"--data-dir {data.data_dir} lists them)",
+            file=sys.stderr,
+        )
 
     run_dir = args.out_dir / (args.run_name or f"{args.model}-fold{args.fold}")
     if run_dir.exists() and any(run_dir.glob("*.pt")) and not args.resume:
@@ -193,6 +205,10 @@ def prepare(args: argparse.Namespace) -> Plan:
         shutil.rmtree(run_dir)
     if args.resume and not (run_dir / "last.pt").is_file():
         raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
+    if args.resume:
+        # Temp files of saves the kill cut short (their rename never came): checkpoint-sized.
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return Plan(
         args,
@@ -205,11 +221,12 @@ def prepare(args: argparse.Namespace) -> Plan:
     )
 
 
-def _compile_count() -> int:
-    try:
-        import torch_xla.debug.metrics as met
-    except ImportError:
+def _compile_count(rt: runtime.Runtime) -> int:
+    """XLA compilations so far in this process (0 off XLA: nothing compiles there)."""
+    if not rt.is_xla:
         return 0
+    import torch_xla.debug.metrics as met
+
     data = met.metric_data("CompileTime")
     return int(data[0]) if data else 0
 
@@ -269,13 +286,13 @@ def train_worker(plan: Plan) -> None:
         "std": list(std),
     }
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    start_epoch, start_step, best, history, flat = 0, 0, -math.inf, [], 0
+    start_epoch, start_step, start_loss, best, history, flat = 0, 0, 0.0, -math.inf, [], 0
     if args.resume:
         last = plan.run_dir / "last.pt"
         state = checkpoint.load(last)
         if state["model_name"] != args.model:
             raise UserError(f"--resume: {last} holds a {state['model_name']}, not {args.model}")
-        start_epoch, start_step = state["epoch"], state["step"]
+        start_epoch, start_step, start_loss = state["epoch"], state["step"], state["epoch_loss_sum"]
         if start_step and state["steps_per_epoch"] != steps:
             raise UserError(
                 f"--resume: {last} stopped at step {start_step} of {state['steps_per_epoch']} "
@@ -298,12 +315,13 @@ def train_worker(plan: Plan) -> None:
         if rt.is_master:
             print(f"resuming {plan.run_dir} at epoch {start_epoch} step {start_step}")
 
-    def snapshot(epoch: int, step: int) -> dict[str, Any]:
+    def snapshot(epoch: int, step: int, loss_sum: float = 0.0) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "step": step,
+            "epoch_loss_sum": loss_sum,  # the loss of the epoch's steps so far, for history
             "rng": checkpoint.plain_rng_state(rt.rng_state()),
             "best_auc": best,
             "history": history,
@@ -328,8 +346,10 @@ def train_worker(plan: Plan) -> None:
             f"{rt.kind} replica(s) ({rt.parallel}), {plan.image_size}px, {args.precision}"
         )
 
+    # Compilations since the previous row: the previous epoch's checkpoint saves count too.
+    counted = _compile_count(rt)
     for epoch in range(start_epoch, args.epochs):
-        started, compiles = time.time(), _compile_count()
+        started = time.time()
         first = start_step if epoch == start_epoch else 0
         batches = train_batches(
             len(train_set), loader_batch, rt.loaders, rt.loader_rank, args.seed, epoch, first
@@ -338,7 +358,8 @@ def train_worker(plan: Plan) -> None:
         def on_step(step: int, epoch: int = epoch) -> None:
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps:
                 trainer.check_finite(epoch)  # never save a state that went non-finite
-                checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(epoch, step))
+                loss_sum = float(trainer.epoch_totals()[0].item())
+                checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(epoch, step, loss_sum))
 
         # Called from a closure thread, possibly after the loop has moved on: epoch is bound.
         def log(step: int, loss: float, lr: float, epoch: int = epoch) -> None:
@@ -352,10 +373,10 @@ def train_worker(plan: Plan) -> None:
             steps,
             first,
             schedule,
-            loader_batch * rt.loaders,
             on_step,
             log,
             args.log_every,
+            start_loss if epoch == start_epoch else 0.0,
         )
         train_seconds = time.time() - started
         probs, val_loss = trainer.evaluate(
@@ -377,12 +398,16 @@ def train_worker(plan: Plan) -> None:
             **{f"auc_{c}": float(a) for c, a in zip(data.classes, aucs)},
             "images_per_sec": (steps - first) * loader_batch * rt.loaders / train_seconds,
             "seconds": time.time() - started,
-            "compiles": _compile_count() - compiles,
+            "compiles": _compile_count(rt) - counted,
         }
+        counted += row["compiles"]
         history.append(row)
-        improved = auc > best
+        # A NaN AUC (no class has both labels in the fold) scores -inf: until a finite score
+        # appears, the latest epoch is the best, so best.pt and oof.csv always exist.
+        score = auc if math.isfinite(auc) else -math.inf
+        improved = score > best or best == -math.inf
         if improved:
-            best, flat = auc, 0
+            best, flat = score, 0
         else:
             flat += 1
         if rt.is_master:
