@@ -106,3 +106,22 @@ def test_bad_recipe_configs(tmp_path: Path, text: str, fragment: str) -> None:
     path.write_text(text)
     with pytest.raises(UserError, match=re.escape(fragment)):
         load_recipe(path)
+
+
+def test_missing_weights_file_fails_before_any_training(pp2020: Path, tmp_path: Path) -> None:
+    """The shipped ensemble needs converted Keras weights for its ResNet: say so up front,
+    not after the EfficientNets have trained for hours."""
+    result = run_cli(
+        "leaf_xla.recipe",
+        "--config",
+        "ensemble",
+        "--data-dir",
+        str(pp2020),
+        "--out-dir",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
+    assert_user_error(
+        result, "keras_resnet152v2", "resnet152v2_imagenet.safetensors", "convert_keras"
+    )
+    assert not (tmp_path / "runs" / "tf_efficientnet_b7-fold0").exists()

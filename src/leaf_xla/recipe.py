@@ -153,6 +153,11 @@ def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[
                 *extra,
             ]
             options = parse_args(build_parser(), train_args)
+            if options.weights and not Path(options.weights).is_file():
+                raise UserError(
+                    f"{name}: weights file {options.weights} not found (e.g. convert Keras' "
+                    "ResNet152V2 file with python -m leaf_xla.convert_keras, see its config)"
+                )
             command = [sys.executable, "-m", "leaf_xla.train", *train_args]
             runs.append(Run(name, fold, args.out_dir / run_name, command, options))
     return runs
