@@ -86,6 +86,14 @@ class Problems:
     warnings: list[str] = field(default_factory=list)
     bad_files: set[Path] = field(default_factory=set)  # already an error: not decoded again
 
+    def add(self, path: Path, error: str | None, warning: str | None) -> None:
+        """Record one file's outcome; a file with an error is not decoded again."""
+        if error:
+            self.errors.append(error)
+            self.bad_files.add(path)
+        if warning:
+            self.warnings.append(warning)
+
     def raise_if_any(self, what: str, data_dir: Path | str = "DIR") -> None:
         if len(self.errors) == 1:
             raise UserError(self.errors[0])  # it names its file or row
@@ -334,11 +342,7 @@ def _files(
     # Threads: on a network disk (a bucket mount) each open waits on a round trip.
     with ThreadPoolExecutor(workers) as pool:
         for path, (error, warning) in zip(paths, pool.map(inspect_file, paths)):
-            if error:
-                problems.errors.append(error)
-                problems.bad_files.add(path)
-            if warning:
-                problems.warnings.append(warning)
+            problems.add(path, error, warning)
     return paths
 
 
@@ -477,11 +481,7 @@ def verify_images(
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for path, (error, warning) in zip(todo, pool.map(one, todo)):
-            if error:
-                problems.errors.append(error)
-                problems.bad_files.add(path)
-            if warning:
-                problems.warnings.append(warning)
+            problems.add(path, error, warning)
             if progress:
                 progress(1)
 

@@ -446,7 +446,8 @@ def train_worker(plan: Plan) -> None:
             args.epochs,
             targets[plan.val_index],
         )
-        print(f"best val AUC {best:.4f}; run directory: {plan.run_dir}")
+        shown = f"{best:.4f}" if math.isfinite(best) else "n/a (no class had both labels)"
+        print(f"best val AUC {shown}; run directory: {plan.run_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
