@@ -33,7 +33,7 @@ import torch
 
 from leaf_xla import runtime
 from leaf_xla.cli import UserError, run
-from leaf_xla.engine import create_optimizer, trainer_class
+from leaf_xla.engine import Trainer, create_optimizer
 from leaf_xla.models import ModelSpec, create_model, data_config
 
 CLASSES = 4
@@ -79,7 +79,9 @@ def bench(args: argparse.Namespace, rt: runtime.Runtime, model_name: str, batch:
     dcfg = data_config(model, args.image_size)
     model = model.to(rt.device)
     optimizer = create_optimizer(model, "adam", 0.0)
-    trainer = trainer_class(rt)(model, rt, False, dcfg["mean"], dcfg["std"], optimizer)
+    trainer = Trainer(
+        model, rt, multilabel=False, mean=dcfg["mean"], std=dcfg["std"], optimizer=optimizer
+    )
     host: list[float] = []
     trace: list[float] = []
     # Timed inside the compiled wrapper: tracing only. Outside: up to the launch.
@@ -96,7 +98,9 @@ def bench(args: argparse.Namespace, rt: runtime.Runtime, model_name: str, batch:
         compiles, (_, device_ns) = xla_metric("CompileTime")[0], xla_metric(execute)
         started = time.perf_counter()
         # Returns after reading the epoch's loss: every step has finished running.
-        trainer.train_one_epoch(data, epoch, args.steps, 0, lambda e: 1e-4)
+        trainer.train_one_epoch(
+            data, epoch=epoch, steps=args.steps, start_step=0, lr_at=lambda e: 1e-4
+        )
         wall = time.perf_counter() - started
         epochs.append(
             {

@@ -50,7 +50,9 @@ def xla_trainer(model, optimizer, precision="fp32") -> Trainer:
     rt = runtime.setup("xla", "none", precision)
     model = model.to(rt.device)
     # The optimizer is built on the moved parameters, as train.py does.
-    return Trainer(model, rt, False, MEAN, STD, optimizer(model.parameters()))
+    return Trainer(
+        model, rt, multilabel=False, mean=MEAN, std=STD, optimizer=optimizer(model.parameters())
+    )
 
 
 def lr_at(epoch: float) -> float:
@@ -71,7 +73,9 @@ def test_lr_per_update_and_no_recompilation():
     losses = {}
     for epoch in range(3):
         before = compiles()
-        losses[epoch] = trainer.train_one_epoch(data, epoch, steps, 0, lr_at)
+        losses[epoch] = trainer.train_one_epoch(
+            data, epoch=epoch, steps=steps, start_step=0, lr_at=lr_at
+        )
         if epoch > 0:
             assert compiles() == before, f"epoch {epoch} compiled new graphs"
         total = 0.0
@@ -94,7 +98,9 @@ def test_bf16_keeps_fp32_master_weights():
     with trainer.rt.autocast():
         out = trainer.model(torch.zeros(2, 3, SIZE, SIZE, device=trainer.rt.device))
     assert out.dtype == torch.bfloat16  # autocast is on for the forward pass
-    loss = trainer.train_one_epoch(batches(3, seed=2), 0, 3, 0, lambda e: 1e-3)
+    loss = trainer.train_one_epoch(
+        batches(3, seed=2), epoch=0, steps=3, start_step=0, lr_at=lambda e: 1e-3
+    )
     assert np.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     for state in trainer.optimizer.state.values():
@@ -106,7 +112,9 @@ def test_non_finite_loss_names_epoch_and_step():
     epoch's start step (a resumed epoch starts mid-way)."""
     trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch 2 step 4:"):
-        trainer.train_one_epoch(batches(3, seed=3), 2, 6, 3, lambda e: 1e38)
+        trainer.train_one_epoch(
+            batches(3, seed=3), epoch=2, steps=6, start_step=3, lr_at=lambda e: 1e38
+        )
 
 
 def test_evaluate_returns_every_sample_once_in_order():

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic, master-written, loadable without unpickling code, enough to resume exactly.
+"""Checkpoints: atomic, one copy per host, loadable without unpickling code, enough to resume.
 
 A checkpoint holds the model and optimizer state, the position in the schedule (epoch and step
 within it), every RNG state, the best score so far, the history, the resolved config and what
@@ -16,20 +16,6 @@ import torch
 from leaf_xla.cli import UserError
 from leaf_xla.files import atomic_path
 from leaf_xla.runtime import Runtime
-
-
-def _to_cpu(state: Any, rt: Runtime) -> Any:
-    if rt.is_xla:
-        import torch_xla.core.xla_model as xm
-
-        return xm._maybe_convert_to_cpu(state)  # one batched device-to-host transfer
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {k: _to_cpu(v, rt) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v, rt) for v in state)
-    return state
 
 
 def plain_rng_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -54,16 +40,17 @@ def restore_rng_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(rt: Runtime, path: Path, state: dict[str, Any]) -> None:
-    """Every process calls this; the master writes (temp file + rename), then all meet.
+    """Every process calls this; one process per host writes (temp file + rename), then all
+    meet, so that every host's disk holds the checkpoint (pods have no shared disk).
 
-    The rendezvous sits outside the rank test on purpose: a rank-dependent call would leave
-    the other replicas waiting forever.
+    The barrier sits outside the writer test on purpose: a rank-dependent collective would
+    leave the other replicas waiting forever.
     """
-    cpu_state = _to_cpu(state, rt) if rt.is_master else None
-    if rt.is_master:
+    cpu_state = rt.to_cpu(state) if rt.is_host_writer else None
+    if rt.is_host_writer:
         with atomic_path(path) as tmp:
             torch.save(cpu_state, tmp)
-    rt.rendezvous(f"leaf_xla.save.{path.name}")
+    rt.barrier(f"leaf_xla.save.{path.name}")
 
 
 def load(path: Path) -> dict[str, Any]:

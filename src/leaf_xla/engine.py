@@ -1,11 +1,8 @@
 """The training engine: one compiled train step, one compiled eval step, and the epoch loops.
 
-`Trainer` runs on one device (XLA, CUDA or CPU). Each data-parallel variant overrides what its
-strategy changes, so its diff is its lesson:
-- `SpawnTrainer`: one process per TPU core (torch_xla.launch); gradients all-reduced by
-  `xm.optimizer_step`, evaluation outputs all-gathered.
-- `SpmdTrainer`: one process per host, the global batch sharded over a 1-D device mesh as it is
-  uploaded; XLA's partitioner inserts the gradient all-reduce itself.
+`Trainer` is the same code on every backend; what a strategy changes (gradient all-reduce,
+gathering evaluation outputs, uploading batches, compiling) is a service of the `Runtime`
+it is given (runtime.py), so this module imports no backend.
 
 XLA discipline: batches have fixed shapes (loader.py); the step keeps no Python state that
 changes per step, so it traces to the same graph every time; loss totals and the non-finite
@@ -20,7 +17,7 @@ generator state would not replay; a per-step seed makes it draw what the killed 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +41,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         rt: Runtime,
+        *,
         multilabel: bool,
         mean: Sequence[float],
         std: Sequence[float],
@@ -68,26 +66,14 @@ class Trainer:
         self._eval_step = rt.compile(self.eval_step, name="eval_step")
         self.reset_totals()
 
-    # --- what the variants override ----------------------------------------------------------
-
-    def device_loader(self, loader: Iterable[dict]) -> Iterable[dict]:
-        """Batches on the device; on XLA uploaded by background threads (MpDeviceLoader)."""
-        if self.rt.is_xla:
-            import torch_xla.distributed.parallel_loader as pl
-
-            return pl.MpDeviceLoader(loader, self.rt.device)
-        return ({k: v.to(self.rt.device, non_blocking=True) for k, v in b.items()} for b in loader)
-
-    def run_optimizer(self) -> None:
-        self.optimizer.step()
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This replica's evaluation outputs -> every replica's (one device: as they are)."""
-        return tensor
-
     def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Summed finite losses, first non-finite step) of this epoch so far, all replicas."""
-        return self.loss_total, self.first_bad_step
+        """(Mean over replicas of the summed finite losses, first non-finite step of any
+        replica: -1 for none) of this epoch so far."""
+        never = torch.full_like(self.first_bad_step, torch.iinfo(torch.int32).max)
+        bad = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
+        bad = self.rt.all_reduce(bad, "min")
+        loss = self.rt.all_reduce(self.loss_total, "mean")
+        return loss, torch.where(bad == never, torch.full_like(bad, -1), bad)
 
     # --- the compiled steps -----------------------------------------------------------------
 
@@ -107,9 +93,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.rt.autocast():
             logits = self.model(self.normalize(batch["image"]))
-        loss = self.loss(logits, batch["target"]).mean()
+        # Masked mean: a sample skipped as unreadable (--skip-bad-images) weighs nothing.
+        mask = batch["mask"]
+        loss = (self.loss(logits, batch["target"]) * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
-        self.run_optimizer()
+        self.rt.optimizer_step(self.optimizer)
         loss = loss.detach()
         finite = torch.isfinite(loss)
         first = (~finite) & (self.first_bad_step < 0)
@@ -156,12 +144,13 @@ class Trainer:
             )
 
     def step_seed(self, epoch: int, step: int) -> int:
-        words = [self.seed, epoch, step, self.rt.loader_rank]
+        words = [self.seed, epoch, step, self.rt.seed_rank]
         return int(np.random.SeedSequence(words).generate_state(1)[0])
 
     def train_one_epoch(
         self,
         loader: Iterable[dict],
+        *,
         epoch: int,
         steps: int,
         start_step: int,
@@ -188,9 +177,9 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        step = start_step
+        step = start_step - 1
         with bar:  # cleared on errors too, so that an error message starts its own line
-            for step, batch in enumerate(self.device_loader(loader), start=start_step):
+            for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
                 lr = lr_at(epoch + step / steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
@@ -201,8 +190,10 @@ class Trainer:
                     self._log_later(step, lr, bar, log)
                 if on_step is not None:
                     on_step(step + 1)
+        if step + 1 != steps:  # never an epoch that ends early in silence
+            raise RuntimeError(f"epoch {epoch}: the loader stopped at step {step + 1} of {steps}")
         self.check_finite(epoch)
-        return float(self.epoch_totals()[0].item()) / (step + 1)  # epoch end: intended sync
+        return float(self.epoch_totals()[0].item()) / steps  # epoch end: intended sync
 
     def _log_later(
         self,
@@ -217,89 +208,35 @@ class Trainer:
             if log is not None:
                 log(step, mean, lr)
 
-        if self.rt.is_xla:
-            import torch_xla.core.xla_model as xm
-
-            # Runs once this step's graph has executed, on another thread: no stall here.
-            xm.add_step_closure(report, args=(self.loss_total, self.step_counter), run_async=True)
-        else:
-            report(self.loss_total, self.step_counter)
+        self.rt.after_step(report, (self.loss_total, self.step_counter))
 
     def evaluate(self, loader: Iterable[dict], n: int) -> tuple[np.ndarray, float]:
         """Probabilities for samples 0..n-1 (each exactly once) and the mean loss."""
         self.model.eval()
         probs, indices, losses = [], [], []
-        for batch in self.device_loader(loader):
+        for batch in self.rt.device_loader(loader):
             p, loss = self._eval_step(batch)
             probs.append(p)
             indices.append(batch["index"])
             losses.append(loss)
         # One graph and one transfer at the end (an intended sync), not one per batch.
-        probs_t = self.gather(torch.cat(probs))
-        index_t = self.gather(torch.cat(indices))
-        loss_t = self.gather(torch.stack(losses).sum().view(1))
+        probs_t = self.rt.all_gather(torch.cat(probs))
+        index_t = self.rt.all_gather(torch.cat(indices))
+        loss_t = self.rt.all_gather(torch.stack(losses).sum().view(1))
         self.rt.sync()
         all_probs, all_index = probs_t.cpu().numpy(), index_t.cpu().numpy()
         total_loss = float(loss_t.cpu().sum())
         out = np.full((n, all_probs.shape[1]), np.nan, dtype=np.float32)
         real = all_index >= 0
+        if not np.isfinite(all_probs[real]).all():
+            raise NonFiniteLoss(
+                "evaluation produced non-finite probabilities: the weights are not finite; "
+                "lower --lr or use fp32, and resume from a checkpoint saved before"
+            )
         out[all_index[real]] = all_probs[real]
         if np.isnan(out).any() or real.sum() != n:
             raise RuntimeError(f"evaluation covered {int(real.sum())} of {n} samples")
         return out, total_loss / n
-
-
-class SpawnTrainer(Trainer):
-    """One process per TPU core: all-reduce gradients, all-gather evaluation outputs."""
-
-    def run_optimizer(self) -> None:
-        import torch_xla.core.xla_model as xm
-
-        xm.optimizer_step(self.optimizer)
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch_xla.core.xla_model as xm
-
-        return xm.all_gather(tensor, dim=0)
-
-    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch_xla.core.xla_model as xm
-
-        # Mean loss over replicas; the earliest bad step of any replica (-1 maps to "never").
-        never = torch.full_like(self.first_bad_step, torch.iinfo(torch.int32).max)
-        bad = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
-        bad = xm.all_reduce(xm.REDUCE_MIN, bad)
-        loss = xm.all_reduce(xm.REDUCE_SUM, self.loss_total, scale=1.0 / self.rt.replicas)
-        return loss, torch.where(bad == never, torch.full_like(bad, -1), bad)
-
-
-class SpmdTrainer(Trainer):
-    """One process per host: the batch is sharded over the device mesh as it is uploaded."""
-
-    def device_loader(self, loader: Iterable[dict]) -> Iterator[dict]:
-        import torch_xla.distributed.parallel_loader as pl
-        import torch_xla.distributed.spmd as xs
-
-        mesh = self.rt.mesh
-        sharding = {
-            "image": xs.ShardingSpec(mesh, ("data", None, None, None)),
-            "target": xs.ShardingSpec(mesh, ("data", None)),
-            "index": xs.ShardingSpec(mesh, ("data",)),
-            "mask": xs.ShardingSpec(mesh, ("data",)),
-        }
-        return pl.MpDeviceLoader(loader, self.rt.device, input_sharding=sharding)
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch_xla.distributed.spmd as xs
-
-        # Replicate inside the evaluation graph: the host reading a sharded tensor would
-        # have it replicated by a graph compiled afresh at every read (every epoch).
-        xs.mark_sharding(tensor, self.rt.mesh, (None,) * tensor.dim())
-        return tensor
-
-
-def trainer_class(rt: Runtime) -> type[Trainer]:
-    return {"spawn": SpawnTrainer, "spmd": SpmdTrainer}.get(rt.parallel, Trainer)
 
 
 def create_optimizer(

@@ -21,7 +21,7 @@ import pandas as pd
 from leaf_xla import checkpoint, folds, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.data import DataSet, read_dataset
-from leaf_xla.engine import TTA_FLIPS, trainer_class
+from leaf_xla.engine import TTA_FLIPS, Trainer
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, default_cache_root, eval_batches
 from leaf_xla.models import ModelSpec, create_model
@@ -67,9 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="per replica")
     parser.add_argument("--workers", type=int, default=4, help="decoding threads")
     parser.add_argument("--cache-dir", type=Path, help="resize cache (default: the data's)")
-    parser.add_argument("--device", choices=runtime.DEVICES, default="auto")
-    parser.add_argument("--parallel", choices=runtime.PARALLEL, default="auto")
     parser.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
+    runtime.add_launch_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
@@ -97,7 +96,7 @@ def _validation_ids(state: dict, data: DataSet, path: Path) -> list[str]:
 
 def predict_worker(job: Job) -> None:
     args, data = job.args, job.data
-    rt = runtime.setup(args.device, args.parallel, args.precision)
+    rt = runtime.setup(args.device, args.parallel, args.precision, timeout=args.dist_timeout)
     split = data.test if args.split == "test" else data.train
     position = {image_id: k for k, image_id in enumerate(split.ids)}
     row_of = {image_id: k for k, image_id in enumerate(job.ids)}
@@ -110,12 +109,12 @@ def predict_worker(job: Job) -> None:
             ModelSpec(state["model_name"], len(state["classes"]), pretrained=False)
         )
         model.load_state_dict(state["model"])
-        trainer = trainer_class(rt)(
+        trainer = Trainer(
             model.to(rt.device),
             rt,
-            state["label_format"] == "multilabel",
-            state["mean"],
-            state["std"],
+            multilabel=state["label_format"] == "multilabel",
+            mean=state["mean"],
+            std=state["std"],
             tta=args.tta,
         )
         size = state["image_size"]
@@ -136,12 +135,14 @@ def predict_worker(job: Job) -> None:
         counts[rows] += 1
         if rt.is_master:
             print(f"{path}: {len(ids)} images, TTA {'+'.join(args.tta)}")
-    if rt.is_master:
+    if rt.is_host_writer:  # every host gets the predictions (pods have no shared disk)
         keep = counts > 0
         frame = pd.DataFrame(total[keep] / counts[keep, None], columns=data.classes)
         frame.insert(0, "image_id", np.asarray(job.ids)[keep])
         atomic_to_csv(frame, args.out)
-        print(f"wrote {args.out} ({keep.sum()} rows)")
+        if rt.is_master:
+            print(f"wrote {args.out} ({keep.sum()} rows)")
+    rt.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -178,9 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         ids = data.train.ids
     del states  # each replica loads the checkpoints it needs itself
-    runtime.launch(
-        predict_worker, (Job(args, data, list(args.checkpoint), ids),), args.device, args.parallel
-    )
+    job = Job(args, data, list(args.checkpoint), ids)
+    runtime.launch(predict_worker, (job,), runtime.launch_from_args(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ set, ensemble, and print a summary. Each step is a subprocess running the same C
 
 Ensemble config keys: `folds` (list), `tta` (list), `fit_weights` (bool), `models`: a list of
 {name, config (a training config), weight, args (training option overrides)}. Options after
-`--` go to every train run. `--resume` skips finished runs and continues interrupted ones;
+`--` go to every train run. `--resume` continues interrupted runs (train says which are finished);
 prediction and the ensemble always run again.
 Outputs: <out-dir>/<name>-fold<k>/ runs, <out-dir>/predictions/<name>.csv,
 <out-dir>/submission.csv, submission.json (weights, out-of-fold AUCs), submission_roc.png,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from leaf_xla import checkpoint, runtime
+from leaf_xla import runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import read_dataset
@@ -112,20 +112,6 @@ def _run(command: list[str]) -> None:
         raise UserError(f"step failed: {' '.join(command[2:])} (its error is above)")
 
 
-def _finished(run: Run) -> bool:
-    """Trained to its last epoch (or stopped early), with a best.pt to predict from."""
-    last = run.dir / "last.pt"
-    if not (run.dir / "best.pt").is_file() or not last.is_file():
-        return False
-    state = checkpoint.load(last)
-    if state["step"] != 0:  # saved mid-epoch
-        return False
-    patience = run.options.patience
-    return state["epoch"] >= run.options.epochs or (
-        patience > 0 and state["flat_epochs"] >= patience
-    )
-
-
 def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[Run]:
     """Every model x fold train command, parsed as train will parse it (bad options fail here,
     not after the first model has trained)."""
@@ -146,7 +132,8 @@ def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[
             run_name = f"{name}-fold{fold}"
             train_args = [
                 *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
-                *("--run-name", run_name, "--fold", str(fold), "--device", args.device),
+                *("--run-name", run_name, "--fold", str(fold)),
+                *runtime.launch_options(runtime.launch_from_args(args)),
                 *config_args,
                 *("--model", str(arch)),
                 *_as_options({k: v for k, v in overrides.items() if k != "model"}),
@@ -173,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", default="ensemble", help="ensemble YAML (or its name)")
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument(
-        "--device", choices=runtime.DEVICES, default="auto", help="passed to train and predict"
-    )
+    runtime.add_launch_options(parser)  # passed to train and predict
     parser.add_argument(
         "--fit-weights",
         action="store_true",
@@ -205,9 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = str(model["name"])
         mine = [r for r in runs if r.model == name]
         for run in mine:
-            if args.resume and _finished(run):
-                print(f"{run.dir.name}: finished, skipped")
-                continue
+            # Train decides whether a run is finished, together with every other host (a pod's
+            # hosts each read their own disk, and must not part ways here).
             resume = args.resume and (run.dir / "last.pt").is_file()
             _run(run.command + (["--resume"] if resume else []))
         out = args.out_dir / "predictions" / f"{name}.csv"
@@ -218,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "--checkpoint",
                 *[str(r.dir / "best.pt") for r in mine],
                 *("--data-dir", str(args.data_dir), "--out", str(out), "--tta", *tta),
-                *("--device", args.device, "--overwrite"),
+                *runtime.launch_options(runtime.launch_from_args(args)),
+                "--overwrite",
             ]
         )
         predictions.append(str(out))

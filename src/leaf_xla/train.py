@@ -17,18 +17,19 @@ import sys
 import time
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from leaf_xla import checkpoint, folds, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import LABEL_FORMATS, SHOWN, DataSet, Problems, read_dataset
-from leaf_xla.engine import create_optimizer, trainer_class
+from leaf_xla.engine import Trainer, create_optimizer
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import (
     BatchLoader,
@@ -40,7 +41,7 @@ from leaf_xla.loader import (
 )
 from leaf_xla.metrics import column_auc
 from leaf_xla.models import ModelSpec, create_model, data_config, default_image_size
-from leaf_xla.schedule import add_schedule_options, from_args
+from leaf_xla.schedule import Schedule, add_schedule_options, from_args
 from leaf_xla.transforms import create_transform
 
 
@@ -112,14 +113,16 @@ def build_parser(
     opt.add_argument("--label-smoothing", type=float, default=0.0)
     add_schedule_options(parser)
 
-    run = parser.add_argument_group("runtime")
-    run.add_argument("--device", choices=runtime.DEVICES, default="auto")
-    run.add_argument(
-        "--parallel",
-        choices=runtime.PARALLEL,
-        default="auto",
-        help="spawn: a process per TPU core; spmd: one process, sharded batch",
+    opt.add_argument(
+        "--lr-update",
+        choices=("step", "epoch"),
+        default="step",
+        help="step: the schedule at every optimizer update; epoch: once per epoch, as the "
+        "seed's Keras LearningRateScheduler does",
     )
+
+    runtime.add_launch_options(parser)
+    run = parser.add_argument_group("runtime")
     run.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--compile-cache", type=Path, help="persistent XLA compilation cache folder")
@@ -138,7 +141,7 @@ def build_parser(
 
 @dataclass
 class Plan:
-    """What the parent process settles before any replica starts (and what it passes them)."""
+    """What is settled once per host before any replica starts (and what it passes them)."""
 
     args: argparse.Namespace
     data: DataSet
@@ -147,6 +150,7 @@ class Plan:
     run_dir: Path
     image_size: int
     cache_root: Path | None
+    layout: runtime.Launch
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -162,6 +166,8 @@ def prepare(args: argparse.Namespace) -> Plan:
 
     resolve_name(args.model)
     from_args(args)  # schedule values checked now, not after compiling
+    create_transform(args.hflip, args.vflip, args.augment)  # a bad --augment fails here
+    layout = runtime.launch_from_args(args)
     data = read_dataset(args.data_dir, args.label_format, args.classes)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
     fold_of = folds.load_or_create(
@@ -211,72 +217,116 @@ def prepare(args: argparse.Namespace) -> Plan:
             stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return Plan(
-        args,
-        data,
-        np.flatnonzero(fold_of != args.fold),
-        np.flatnonzero(fold_of == args.fold),
-        run_dir,
-        image_size,
-        cache_root,
+        args=args,
+        data=data,
+        train_index=np.flatnonzero(fold_of != args.fold),
+        val_index=np.flatnonzero(fold_of == args.fold),
+        run_dir=run_dir,
+        image_size=image_size,
+        cache_root=cache_root,
+        layout=layout,
     )
 
 
-def _compile_count(rt: runtime.Runtime) -> int:
-    """XLA compilations so far in this process (0 off XLA: nothing compiles there)."""
-    if not rt.is_xla:
-        return 0
-    import torch_xla.debug.metrics as met
+@dataclass
+class RunState:
+    """Where the run stands: what every checkpoint saves and a resume restores (with the
+    weights, the optimizer and the RNG states)."""
 
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
+    epoch: int = 0  # the epoch in progress
+    step: int = 0  # steps of `epoch` done
+    epoch_loss_sum: float = 0.0  # their summed loss, for the epoch's history row
+    best_auc: float = -math.inf
+    flat_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def finished(self, epochs: int, patience: int) -> str | None:
+        """Why the run is over, or None."""
+        if patience and self.flat_epochs >= patience:
+            return "stopped early"
+        return f"trained {self.epoch} epochs" if self.epoch >= epochs else None
 
 
-def train_worker(plan: Plan) -> None:
-    """One replica's training run (every spawned process runs this)."""
+@dataclass
+class Run:
+    """The pieces one replica trains with, built once."""
+
+    plan: Plan
+    rt: runtime.Runtime
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    trainer: Trainer
+    schedule: Schedule
+    train_set: LeafImages
+    val_set: LeafImages
+    loader_batch: int  # per loader: one replica (spawn, ddp) or a host's devices (SPMD)
+    eval_batch: int
+    steps: int
+    meta: dict[str, Any]
+    writer: Any = None  # TensorBoard, on each host's writer
+    compiles_counted: int = 0  # compilations already in earlier history rows
+
+    @property
+    def global_batch(self) -> int:
+        return self.loader_batch * self.rt.loaders
+
+    def lr_at(self, epoch: float) -> float:
+        if self.plan.args.lr_update == "epoch":
+            return self.schedule(math.floor(epoch))
+        return self.schedule(epoch)
+
+
+def build(plan: Plan) -> Run:
+    """Model, optimizer, trainer and data of this replica; every replica starts from replica
+    0's weights."""
     args, data = plan.args, plan.data
-    rt = runtime.setup(args.device, args.parallel, args.precision, args.compile_cache)
+    rt = runtime.setup(
+        args.device, args.parallel, args.precision, args.compile_cache, args.dist_timeout
+    )
     rt.seed(args.seed)
     spec = ModelSpec(
-        args.model,
-        len(data.classes),
-        args.pretrained,
-        args.pretrained_tag,
-        args.weights,
-        args.drop_rate,
-        args.drop_path_rate,
+        name=args.model,
+        num_classes=len(data.classes),
+        pretrained=args.pretrained,
+        pretrained_tag=args.pretrained_tag,
+        weights=args.weights,
+        drop_rate=args.drop_rate,
+        drop_path_rate=args.drop_path_rate,
     )
     model = create_model(spec)
     dcfg = data_config(model, plan.image_size)
     mean, std = args.mean or dcfg["mean"], args.std or dcfg["std"]
     model = model.to(rt.device)
+    rt.broadcast_module(model)
     optimizer = create_optimizer(model, args.optimizer, args.weight_decay)
-    trainer = trainer_class(rt)(
-        model, rt, data.multilabel, mean, std, optimizer, args.label_smoothing, seed=args.seed
+    trainer = Trainer(
+        model,
+        rt,
+        multilabel=data.multilabel,
+        mean=mean,
+        std=std,
+        optimizer=optimizer,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
     )
-    schedule = from_args(args, rt.replicas)
-
     cache = ResizeCache(plan.cache_root, plan.image_size) if plan.cache_root else None
     targets = data.train.targets
-    paths = [data.train.paths[i] for i in plan.train_index]
     train_set = LeafImages(
-        paths,
+        [data.train.paths[i] for i in plan.train_index],
         targets[plan.train_index],
         plan.image_size,
         lambda: create_transform(args.hflip, args.vflip, args.augment),
         cache,
     )
-    val_ids = [data.train.ids[i] for i in plan.val_index]
     val_set = LeafImages(
         [data.train.paths[i] for i in plan.val_index],
         targets[plan.val_index],
         plan.image_size,
         cache=cache,
     )
-    # A loader feeds all devices of its process: one under spawn, all local ones under SPMD.
-    loader_batch = args.batch_size * (rt.replicas // rt.loaders)
-    eval_batch = (args.eval_batch_size or 2 * args.batch_size) * (rt.replicas // rt.loaders)
-    steps = len(train_set) // (loader_batch * rt.loaders)
-
+    # A loader feeds all devices of its process: one under spawn and ddp, a host's under SPMD.
+    per_loader = rt.replicas // rt.loaders
+    loader_batch = args.batch_size * per_loader
     meta = {
         "classes": data.classes,
         "label_format": data.label_format,
@@ -285,175 +335,257 @@ def train_worker(plan: Plan) -> None:
         "mean": list(mean),
         "std": list(std),
     }
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    start_epoch, start_step, start_loss, best, history, flat = 0, 0, 0.0, -math.inf, [], 0
-    if args.resume:
-        last = plan.run_dir / "last.pt"
-        state = checkpoint.load(last)
-        if state["model_name"] != args.model:
-            raise UserError(f"--resume: {last} holds a {state['model_name']}, not {args.model}")
-        start_epoch, start_step, start_loss = state["epoch"], state["step"], state["epoch_loss_sum"]
-        if start_step and state["steps_per_epoch"] != steps:
-            raise UserError(
-                f"--resume: {last} stopped at step {start_step} of {state['steps_per_epoch']} "
-                f"per epoch, this run has {steps} (batch size or replicas changed); "
-                "resume with the same settings"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rt.set_rng_state(checkpoint.restore_rng_state(state["rng"]))
-        best, history, flat = state["best_auc"], state["history"], state["flat_epochs"]
-        stopped = args.patience and flat >= args.patience
-        if start_epoch >= args.epochs or stopped:
-            if rt.is_master:
-                why = "stopped early" if stopped else f"trained {start_epoch} epochs"
-                print(
-                    f"nothing to resume: {plan.run_dir} is finished ({why}); raise --epochs "
-                    "or --patience to train on"
-                )
-            return
-        if rt.is_master:
-            print(f"resuming {plan.run_dir} at epoch {start_epoch} step {start_step}")
+    return Run(
+        plan=plan,
+        rt=rt,
+        model=model,
+        optimizer=optimizer,
+        trainer=trainer,
+        schedule=from_args(args, rt.replicas),
+        train_set=train_set,
+        val_set=val_set,
+        loader_batch=loader_batch,
+        eval_batch=(args.eval_batch_size or 2 * args.batch_size) * per_loader,
+        steps=len(train_set) // (loader_batch * rt.loaders),
+        meta=meta,
+    )
 
-    def snapshot(epoch: int, step: int, loss_sum: float = 0.0) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "epoch_loss_sum": loss_sum,  # the loss of the epoch's steps so far, for history
-            "rng": checkpoint.plain_rng_state(rt.rng_state()),
-            "best_auc": best,
-            "history": history,
-            "flat_epochs": flat,
-            "steps_per_epoch": steps,
-            "config": config,
-            **meta,
-        }
 
-    writer = None
-    if rt.is_master:
+def restore(run: Run) -> RunState:
+    """The state of `last.pt`, loaded into the model, the optimizer and the generators."""
+    args, last = run.plan.args, run.plan.run_dir / "last.pt"
+    state = checkpoint.load(last)
+    if state["model_name"] != args.model:
+        raise UserError(f"--resume: {last} holds a {state['model_name']}, not {args.model}")
+    if state["step"] and state["steps_per_epoch"] != run.steps:
+        raise UserError(
+            f"--resume: {last} stopped at step {state['step']} of {state['steps_per_epoch']} "
+            f"per epoch, this run has {run.steps} (batch size or replicas changed); "
+            "resume with the same settings"
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.rt.set_rng_state(checkpoint.restore_rng_state(state["rng"]))
+    return RunState(
+        epoch=state["epoch"],
+        step=state["step"],
+        epoch_loss_sum=state["epoch_loss_sum"],
+        best_auc=state["best_auc"],
+        flat_epochs=state["flat_epochs"],
+        history=state["history"],
+    )
+
+
+def check_replicas_agree(run: Run, state: RunState) -> None:
+    """Every replica (every host, on a pod) starts from the same epoch, step and weights.
+
+    On a pod each host resumes from its own disk's last.pt: a host that lost its copy, or
+    holds an older one, would otherwise train a different model in lockstep with the rest.
+    """
+    if run.rt.loaders == 1:
+        return
+    values = [state.epoch, state.step, *run.rt.module_digest(run.model)]
+    try:
+        run.rt.check_agree(values, "the run's state")
+    except UserError:
+        raise UserError(
+            f"the replicas start from different states of {run.plan.run_dir} (epoch, step or "
+            "weights differ between hosts): give every host the same run folder (copy host "
+            "0's), then --resume again"
+        ) from None
+
+
+def snapshot(run: Run, state: RunState) -> dict[str, Any]:
+    """A checkpoint of `state`, with the run's weights, optimizer and generators."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.plan.args).items()}
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "epoch_loss_sum": state.epoch_loss_sum,
+        "rng": checkpoint.plain_rng_state(run.rt.rng_state()),
+        "best_auc": state.best_auc,
+        "history": state.history,
+        "flat_epochs": state.flat_epochs,
+        "steps_per_epoch": run.steps,
+        "config": config,
+        **run.meta,
+    }
+
+
+def announce(run: Run) -> None:
+    """The run folder's config and TensorBoard writer; one line on what will train."""
+    args, rt = run.plan.args, run.rt
+    if rt.is_host_writer:
         # TensorBoard writes scalars without TensorFlow; its "notf" switch stops it importing TF
         # (slow and noisy) where TF happens to be installed.
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("notf"))
         from torch.utils.tensorboard import SummaryWriter
 
-        save_config(args, plan.run_dir / "config.yaml")
-        writer = SummaryWriter(str(plan.run_dir / "tb"))
-        print(
-            f"{args.model}: {len(train_set)} train / {len(val_set)} validation images, "
-            f"{steps} steps of {loader_batch * rt.loaders} per epoch on {rt.replicas} "
-            f"{rt.kind} replica(s) ({rt.parallel}), {plan.image_size}px, {args.precision}"
-        )
-
-    # Compilations since the previous row: the previous epoch's checkpoint saves count too.
-    counted = _compile_count(rt)
-    for epoch in range(start_epoch, args.epochs):
-        started = time.time()
-        first = start_step if epoch == start_epoch else 0
-        batches = train_batches(
-            len(train_set), loader_batch, rt.loaders, rt.loader_rank, args.seed, epoch, first
-        )
-
-        def on_step(step: int, epoch: int = epoch) -> None:
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps:
-                trainer.check_finite(epoch)  # never save a state that went non-finite
-                loss_sum = float(trainer.epoch_totals()[0].item())
-                checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(epoch, step, loss_sum))
-
-        # Called from a closure thread, possibly after the loop has moved on: epoch is bound.
-        def log(step: int, loss: float, lr: float, epoch: int = epoch) -> None:
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, epoch * steps + step)
-                writer.add_scalar("train/lr", lr, epoch * steps + step)
-
-        train_loss = trainer.train_one_epoch(
-            BatchLoader(train_set, batches, args.workers),
-            epoch,
-            steps,
-            first,
-            schedule,
-            on_step,
-            log,
-            args.log_every,
-            start_loss if epoch == start_epoch else 0.0,
-        )
-        train_seconds = time.time() - started
-        probs, val_loss = trainer.evaluate(
-            BatchLoader(
-                val_set,
-                eval_batches(len(val_set), eval_batch, rt.loaders, rt.loader_rank),
-                args.workers,
-            ),
-            len(val_set),
-        )
-        aucs = column_auc(targets[plan.val_index], probs)
-        auc = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
-        row = {
-            "epoch": epoch,
-            "lr": schedule(epoch),
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_auc": auc,
-            **{f"auc_{c}": float(a) for c, a in zip(data.classes, aucs)},
-            "images_per_sec": (steps - first) * loader_batch * rt.loaders / train_seconds,
-            "seconds": time.time() - started,
-            "compiles": _compile_count(rt) - counted,
-        }
-        counted += row["compiles"]
-        history.append(row)
-        # A NaN AUC (no class has both labels in the fold) scores -inf: until a finite score
-        # appears, the latest epoch is the best, so best.pt and oof.csv always exist.
-        score = auc if math.isfinite(auc) else -math.inf
-        improved = score > best or best == -math.inf
-        if improved:
-            best, flat = score, 0
-        else:
-            flat += 1
-        if rt.is_master:
-            atomic_to_csv(pd.DataFrame(history), plan.run_dir / "history.csv")
-            for key in ("train_loss", "val_loss", "val_auc", "images_per_sec"):
-                writer.add_scalar(f"epoch/{key}", row[key], epoch)
-            writer.flush()
-            print(
-                f"epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val AUC {auc:.4f}{'  (best)' if improved else ''}  "
-                f"{row['images_per_sec']:.1f} img/s  {row['compiles']} compile(s)"
-            )
-        if improved:
-            best_state = snapshot(epoch + 1, 0)
-            best_state.pop("optimizer")  # prediction needs the weights only
-            checkpoint.save(rt, plan.run_dir / "best.pt", best_state)
-            if rt.is_master:
-                oof = pd.DataFrame(probs, columns=data.classes)
-                oof.insert(0, "image_id", val_ids)
-                atomic_to_csv(oof, plan.run_dir / "oof.csv")
-        checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(epoch + 1, 0))
-        if args.patience and flat >= args.patience:
-            if rt.is_master:
-                print(f"early stop: no better validation AUC for {flat} epochs")
-            break
-
+        save_config(args, run.plan.run_dir / "config.yaml")
+        run.writer = SummaryWriter(str(run.plan.run_dir / "tb"))
     if rt.is_master:
-        writer.close()
+        scaled = f" ({args.lr_max:g} x {rt.replicas} replicas)" if args.scale_lr else ""
+        print(
+            f"{args.model}: {len(run.train_set)} train / {len(run.val_set)} validation images, "
+            f"{run.steps} steps of {run.global_batch} per epoch ({args.batch_size} per replica) "
+            f"on {rt.replicas} {rt.kind} replica(s) ({rt.parallel}); peak lr "
+            f"{run.schedule.lr_max:.3g}{scaled} per {args.lr_update}; {run.plan.image_size}px, "
+            f"{args.precision}"
+        )
+
+
+def train_epoch(run: Run, state: RunState) -> None:
+    """Train `state.epoch` from `state.step` on, evaluate, and checkpoint; advances `state`."""
+    args, rt, plan = run.plan.args, run.rt, run.plan
+    epoch, first, started = state.epoch, state.step, time.time()
+    batches = train_batches(
+        len(run.train_set), run.loader_batch, rt.loaders, rt.loader_rank, args.seed, epoch, first
+    )
+
+    def on_step(step: int) -> None:
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.steps:
+            run.trainer.check_finite(epoch)  # never save a state that went non-finite
+            loss_sum = float(run.trainer.epoch_totals()[0].item())
+            mid = replace(state, step=step, epoch_loss_sum=loss_sum)
+            rt.average_buffers(run.model)
+            checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, mid))
+
+    # Called from a closure thread, possibly after the loop has moved on: epoch is bound.
+    def log(step: int, loss: float, lr: float) -> None:
+        if run.writer is not None:
+            run.writer.add_scalar("train/loss", loss, epoch * run.steps + step)
+            run.writer.add_scalar("train/lr", lr, epoch * run.steps + step)
+
+    train_loss = run.trainer.train_one_epoch(
+        BatchLoader(run.train_set, batches, args.workers),
+        epoch=epoch,
+        steps=run.steps,
+        start_step=first,
+        lr_at=run.lr_at,
+        on_step=on_step,
+        log=log,
+        log_every=args.log_every,
+        loss_sum=state.epoch_loss_sum,
+    )
+    train_seconds = time.time() - started
+    rt.average_buffers(run.model)  # every replica evaluates (and saves) the same model
+    probs, val_loss = run.trainer.evaluate(
+        BatchLoader(
+            run.val_set,
+            eval_batches(len(run.val_set), run.eval_batch, rt.loaders, rt.loader_rank),
+            args.workers,
+        ),
+        len(run.val_set),
+    )
+    val_targets = plan.data.train.targets[plan.val_index]
+    aucs = column_auc(val_targets, probs)
+    auc = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+    row = {
+        "epoch": epoch,
+        "lr": run.lr_at(epoch),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_auc": auc,
+        **{f"auc_{c}": float(a) for c, a in zip(plan.data.classes, aucs)},
+        "images_per_sec": (run.steps - first) * run.global_batch / train_seconds,
+        "seconds": time.time() - started,
+        "compiles": rt.compile_count() - run.compiles_counted,
+    }
+    run.compiles_counted += row["compiles"]
+    state.history.append(row)
+    # A NaN AUC (no class has both labels in the fold) scores -inf: until a finite score
+    # appears, the latest epoch is the best, so best.pt and oof.csv always exist.
+    score = auc if math.isfinite(auc) else -math.inf
+    improved = score > state.best_auc or state.best_auc == -math.inf
+    state.best_auc = score if improved else state.best_auc
+    state.flat_epochs = 0 if improved else state.flat_epochs + 1
+    state.epoch, state.step, state.epoch_loss_sum = epoch + 1, 0, 0.0
+    write_epoch(run, state, improved)
+    if improved:
+        best = snapshot(run, state)
+        best.pop("optimizer")  # prediction needs the weights only
+        checkpoint.save(rt, plan.run_dir / "best.pt", best)
+        if rt.is_host_writer:
+            val_ids = [plan.data.train.ids[i] for i in plan.val_index]
+            oof = pd.DataFrame(probs, columns=plan.data.classes)
+            oof.insert(0, "image_id", val_ids)
+            atomic_to_csv(oof, plan.run_dir / "oof.csv")
+    checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, state))
+
+
+def write_epoch(run: Run, state: RunState, improved: bool) -> None:
+    """history.csv and TensorBoard on each host, the epoch's line on the master."""
+    row = state.history[-1]
+    if run.rt.is_host_writer:
+        atomic_to_csv(pd.DataFrame(state.history), run.plan.run_dir / "history.csv")
+        for key in ("train_loss", "val_loss", "val_auc", "images_per_sec"):
+            run.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
+        run.writer.flush()
+    if run.rt.is_master:
+        print(
+            f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.4f}"
+            f"{'  (best)' if improved else ''}  {row['images_per_sec']:.1f} img/s  "
+            f"{row['compiles']} compile(s)"
+        )
+
+
+def report(run: Run, state: RunState) -> None:
+    """The end of the run: plots on each host, the best score on the master."""
+    if run.rt.is_host_writer:
+        run.writer.close()
         from leaf_xla.report import training_plots
 
+        plan = run.plan
         training_plots(
             plan.run_dir,
-            data.classes,
-            data.multilabel,
-            schedule,
-            args.epochs,
-            targets[plan.val_index],
+            plan.data.classes,
+            plan.data.multilabel,
+            run.schedule,
+            plan.args.epochs,
+            plan.data.train.targets[plan.val_index],
         )
+    if run.rt.is_master:
+        best = state.best_auc
         shown = f"{best:.4f}" if math.isfinite(best) else "n/a (no class had both labels)"
-        print(f"best val AUC {shown}; run directory: {plan.run_dir}")
+        print(f"best val AUC {shown}; run directory: {run.plan.run_dir}")
+
+
+def train_worker(plan: Plan) -> None:
+    """One replica's training run (every started process runs this): build, restore, check
+    that all replicas agree, train epoch by epoch, report."""
+    args = plan.args
+    run = build(plan)
+    state = restore(run) if args.resume else RunState()
+    check_replicas_agree(run, state)
+    done = state.finished(args.epochs, args.patience)
+    if done:
+        if run.rt.is_master:
+            print(
+                f"nothing to resume: {plan.run_dir} is finished ({done}); raise --epochs "
+                "or --patience to train on"
+            )
+        run.rt.shutdown()
+        return
+    if args.resume and run.rt.is_master:
+        print(f"resuming {plan.run_dir} at epoch {state.epoch} step {state.step}")
+    announce(run)
+    run.compiles_counted = run.rt.compile_count()
+    while not state.finished(args.epochs, args.patience):
+        train_epoch(run, state)
+    if args.patience and state.flat_epochs >= args.patience and run.rt.is_master:
+        print(f"early stop: no better validation AUC for {state.flat_epochs} epochs")
+    report(run, state)
+    run.rt.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(build_parser(), argv)
-    plan = prepare(args)
-    runtime.launch(train_worker, (plan,), args.device, args.parallel)
+    layout = runtime.launch_from_args(args)
+    plan = runtime.on_host_writer(lambda: prepare(args), layout)
+    runtime.launch(train_worker, (plan,), layout)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,243 @@
+"""Several real processes: `--parallel ddp` on the CPU (torch.distributed, gloo).
+
+XLA:CPU cannot run multi-process collectives (pytorch/xla #9089), so this is where the
+multi-replica logic (sharding, gathering, the broadcast of the initial weights, BatchNorm
+averaging, one writer per host, failing together) runs for real. tests/hooks/sitecustomize.py
+records what each replica loads and holds, and injects faults into one replica.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+HOOKS = str(REPO / "tests" / "hooks")
+SEED = 3
+# 64 images, 4 folds: 48 train and 16 validation images of 32 px.
+COMMON = [
+    *("--model", "test_resnet", "--config", "demo", "--image-size", "32", "--epochs", "2"),
+    *("--workers", "1", "--cache", "off", "--device", "cpu", "--seed", str(SEED)),
+    *("--sustain-epochs", "0", "--log-every", "1"),
+]
+
+
+def hooked(record: Path | None = None, fault: str | None = None) -> dict[str, str]:
+    env = {"PYTHONPATH": os.pathsep.join([HOOKS, os.environ.get("PYTHONPATH", "")])}
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        env["LEAF_XLA_TEST_RECORD"] = str(record)
+    if fault is not None:
+        env["LEAF_XLA_TEST_FAULT"] = fault
+    return env
+
+
+def train(data: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 600):
+    args = ["leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COMMON, *extra]
+    return run_cli(*args, env=env, timeout=timeout)
+
+
+def ddp(nprocs: int, per_replica: int) -> list[str]:
+    return [*("--parallel", "ddp", "--nprocs", str(nprocs)), "--batch-size", str(per_replica)]
+
+
+def aug_epoch(pp2020: Path, train_names: list[str]) -> dict[tuple[str, int], int]:
+    """(image, augmentation seed) -> the epoch that draws it, as loader.train_batches does."""
+    of = {}
+    for epoch in range(2):
+        seeds = np.random.default_rng([SEED, epoch, 1]).integers(0, 2**31, size=len(train_names))
+        of.update({(name, int(s)): epoch for name, s in zip(train_names, seeds)})
+    return of
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_replicas_share_the_data_once_and_end_bitwise_equal(tmp_path, pp2020, nprocs):
+    """Every training image once per epoch and every validation image once per evaluation,
+    across replicas; weights and BatchNorm statistics bitwise equal on every replica, although
+    each replica seeds its own generators differently (replica 0's weights are broadcast)."""
+    record = tmp_path / "record"
+    result = train(
+        pp2020, tmp_path, *ddp(nprocs, 12 // nprocs), "--eval-batch-size", "3", env=hooked(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"4 steps of 12 per epoch ({12 // nprocs} per replica) on {nprocs} cpu" in result.stdout
+    run_dir = tmp_path / "test_resnet-fold0"
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    val_names = {f"{i}.jpg" for i in folds.loc[folds["fold"] == 0, "image_id"]}
+    train_names = [f"{i}.jpg" for i in folds.loc[folds["fold"] != 0, "image_id"]]
+    epoch_of = aug_epoch(pp2020, train_names)
+
+    seen: Counter = Counter()
+    for rank in range(nprocs):
+        lines = (record / f"seen-rank{rank}.txt").read_text().split("\n")[:-1]
+        seen.update(tuple(line.split(" ")) for line in lines)
+    train_seen = Counter()
+    for (name, aug), times in seen.items():
+        if aug == "None":
+            if name != "<pad>":
+                assert name in val_names and times == 2, (name, times)  # two evaluations
+        else:
+            train_seen[(name, epoch_of[(name, int(aug))])] += times
+    assert set(train_seen.values()) == {1}
+    assert sorted(train_seen) == sorted((n, e) for n in train_names for e in range(2))
+    assert {n for n, aug in seen if aug == "None" and n != "<pad>"} == val_names
+
+    states = [torch.load(record / f"last.pt-rank{r}.pt") for r in range(nprocs)]
+    assert any(k.endswith("running_var") for k in states[0])
+    for state in states[1:]:
+        for key, tensor in states[0].items():
+            assert torch.equal(state[key], tensor), key
+    saved = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in states[0].items())
+    # The job's one writer on this host wrote everything once.
+    assert (run_dir / "best.pt").is_file() and (run_dir / "oof.csv").is_file()
+    assert len(pd.read_csv(run_dir / "history.csv")) == 2
+
+
+def test_two_replicas_train_like_one_process_with_the_same_global_batch(tmp_path, pp2020):
+    """GroupNorm model, SGD, no dropout: replicas of 6 match one process of 12 up to float
+    summation order (weights within 1e-4 of their largest value, as in
+    test_spmd.py). (BatchNorm normalises by each replica's own batch, as Keras' TPUStrategy
+    does, so a BatchNorm model matches a single process only in expectation.)"""
+    same = [
+        *("--model", "test_efficientnet_gn", "--optimizer", "sgd", "--drop-rate", "0"),
+        *("--lr-start", "0.02", "--lr", "0.05", "--no-scale-lr", "--eval-batch-size", "5"),
+    ]
+    runs = {}
+    for name, layout in [("ddp", ddp(2, 6)), ("one", ["--parallel", "none", "--batch-size", "12"])]:
+        result = train(pp2020, tmp_path, *same, *layout, "--run-name", name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = tmp_path / name
+    mine, theirs = (torch.load(runs[n] / "last.pt", weights_only=True)["model"] for n in runs)
+    for key, tensor in theirs.items():
+        scale = float(tensor.abs().max()) if tensor.is_floating_point() else 0
+        assert float((mine[key] - tensor).abs().max()) <= 1e-4 * scale + 1e-7, key
+    oof = {n: pd.read_csv(runs[n] / "oof.csv") for n in runs}
+    assert list(oof["ddp"]["image_id"]) == list(oof["one"]["image_id"])
+    np.testing.assert_allclose(
+        oof["ddp"].iloc[:, 1:].to_numpy(), oof["one"].iloc[:, 1:].to_numpy(), atol=1e-5
+    )
+    history = {n: pd.read_csv(runs[n] / "history.csv") for n in runs}
+    np.testing.assert_allclose(history["ddp"]["val_auc"], history["one"]["val_auc"], atol=1e-6)
+    np.testing.assert_allclose(history["ddp"]["val_loss"], history["one"]["val_loss"], rtol=1e-5)
+
+
+def kill_job_mid_epoch(args: list[str], run_dir: Path) -> None:
+    """Start a ddp job, SIGKILL all its processes once last.pt holds a mid-epoch state."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # the replicas join the CLI's process group: killed together
+    )
+    last, seen, deadline = run_dir / "last.pt", None, time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            stamp = last.stat().st_mtime_ns if last.is_file() else None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                state = torch.load(last, weights_only=True)
+                if state["epoch"] >= 1 and state["step"] > 0:
+                    break
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    assert torch.load(last, weights_only=True)["step"] > 0, stderr.decode()[-3000:]
+
+
+def test_sigkill_of_the_whole_job_then_resume_is_bitwise(tmp_path, pp2020):
+    extra = [*ddp(2, 4), "--checkpoint-every", "2", "--drop-rate", "0.2", "--epochs", "3"]
+    reference = train(pp2020, tmp_path / "ref", *extra)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "killed"
+    args = ["leaf_xla.train", "--data-dir", str(pp2020), "--out-dir", str(out), *COMMON, *extra]
+    kill_job_mid_epoch(args, out / "test_resnet-fold0")
+    resumed = train(pp2020, out, *extra, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+
+    ref, mine = (
+        torch.load(o / "test_resnet-fold0" / "last.pt", weights_only=True)
+        for o in (tmp_path / "ref", out)
+    )
+    for key, tensor in ref["model"].items():
+        assert torch.equal(mine["model"][key], tensor), key
+    for key, value in ref["optimizer"]["state"].items():
+        assert all(torch.equal(mine["optimizer"]["state"][key][k], v) for k, v in value.items())
+    columns = ["epoch", "lr", "train_loss", "val_loss", "val_auc"]
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(mine["history"])[columns], pd.DataFrame(ref["history"])[columns]
+    )
+    assert (out / "test_resnet-fold0" / "oof.csv").read_bytes() == (
+        tmp_path / "ref" / "test_resnet-fold0" / "oof.csv"
+    ).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, pp2020) -> tuple[Path, Path]:
+    """A private copy of the data and a 2-replica run of one epoch, to resume with faults."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    data = root / "data"
+    shutil.copytree(pp2020, data)
+    result = train(data, root / "out", *ddp(2, 4), "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, root / "out"
+
+
+def resume_with(one_epoch, tmp_path, *extra: str, env: dict | None = None, data=None):
+    source_data, source_out = one_epoch
+    out = tmp_path / "out"
+    shutil.copytree(source_out, out)
+    last = out / "test_resnet-fold0" / "last.pt"
+    before = last.read_bytes()
+    started = time.time()
+    result = train(data or source_data, out, *ddp(2, 4), "--resume", *extra, env=env, timeout=180)
+    return result, time.time() - started, last, before
+
+
+def test_a_decode_error_in_one_replicas_shard_stops_the_job(one_epoch, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(one_epoch[0], data)
+    folds = pd.read_csv(one_epoch[1] / "folds.csv")
+    victim = data / "images" / f"{folds.loc[folds['fold'] != 0, 'image_id'].iloc[5]}.jpg"
+    raw = bytearray(victim.read_bytes())
+    table = raw.index(b"\xff\xc4")  # a broken Huffman table: the file's ends stay whole
+    raw[table + 5 : table + 21] = b"\xff" * 16
+    victim.write_bytes(bytes(raw))
+    result, seconds, last, before = resume_with(one_epoch, tmp_path, data=data)
+    assert_user_error(result, victim.name)
+    assert seconds < 60
+    assert last.read_bytes() == before
+
+
+def test_a_failed_write_on_the_writer_stops_every_replica(one_epoch, tmp_path):
+    result, seconds, last, before = resume_with(
+        one_epoch, tmp_path, "--epochs", "2", env=hooked(fault="0:enospc:1")
+    )
+    assert_user_error(result, "No space left on device", "last.pt")
+    assert seconds < 60
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_a_non_finite_loss_on_one_replica_stops_every_replica(one_epoch, tmp_path):
+    result, seconds, last, before = resume_with(
+        one_epoch, tmp_path, "--epochs", "2", env=hooked(fault="1:nan:3")
+    )
+    assert_user_error(result, "non-finite loss at epoch 1 step 2")
+    assert seconds < 60
+    assert last.read_bytes() == before
