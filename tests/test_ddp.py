@@ -241,3 +241,23 @@ def test_a_non_finite_loss_on_one_replica_stops_every_replica(one_epoch, tmp_pat
     assert_user_error(result, "non-finite loss at epoch 1 step 2")
     assert seconds < 60
     assert last.read_bytes() == before
+
+
+def test_torchrun_starts_the_same_job(one_epoch, tmp_path):
+    """Under torchrun every process runs the command: the host's local rank 0 prepares the
+    run (folds, run folder) once, and training matches a job started with --nprocs."""
+    data, reference = one_epoch
+    out = tmp_path / "out"
+    command = [
+        *("torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+        *("-m", "leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COMMON),
+        *("--parallel", "ddp", "--batch-size", "4", "--epochs", "1"),
+    ]
+    result = run_cli(*command, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("6 steps of 8 per epoch (4 per replica) on 2 cpu") == 1
+    mine, theirs = (
+        torch.load(o / "test_resnet-fold0" / "last.pt", weights_only=True)["model"]
+        for o in (out, reference)
+    )
+    assert all(torch.equal(mine[k], v) for k, v in theirs.items())

@@ -72,16 +72,17 @@ def test_recipe_end_to_end_and_resume(pp2020: Path, tmp_path: Path) -> None:
     again = recipe(config, pp2020, out)
     assert_user_error(again, "a-fold0", "--resume")
 
-    # b as if killed before its first epoch ended: resumed, while a is skipped; the weights are
-    # fitted this time.
+    # b as if killed before its first epoch ended: resumed, while train finds a finished (train
+    # decides, so that the hosts of a pod decide together); the weights are fitted this time.
     state = torch.load(out / "b-fold0" / "last.pt", map_location="cpu", weights_only=True)
     state.update(epoch=0, step=0, history=[], best_auc=-math.inf, flat_epochs=0)
     torch.save(state, out / "b-fold0" / "last.pt")
     resumed = recipe(config, pp2020, out, "--resume", "--fit-weights")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert "a-fold0: finished, skipped" in resumed.stdout
+    assert f"nothing to resume: {out / 'a-fold0'} is finished" in resumed.stdout
     trains = [line for line in resumed.stdout.splitlines() if line.startswith("$ leaf_xla.train")]
-    assert len(trains) == 1 and "b-fold0" in trains[0] and trains[0].endswith("--resume")
+    assert len(trains) == 2 and all(t.endswith("--resume") for t in trains)
+    assert "a-fold0" in trains[0] and "b-fold0" in trains[1]
     assert "resuming" in resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"]["b-fold0"]["epochs"] == 1

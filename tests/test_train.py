@@ -139,7 +139,8 @@ def test_spawn_bf16_and_early_stopping(tmp_path, pp2020):
         env={"LEAF_XLA_SINGLE_PROCESS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(spawn), 32px, bf16" in result.stdout
+    assert "on 1 xla replica(s) (spawn); peak lr" in result.stdout
+    assert "32px, bf16" in result.stdout
     assert "early stop: no better validation AUC for 1 epochs" in result.stdout
     run_dir = tmp_path / "test_efficientnet_gn-fold0"
     history = pd.read_csv(run_dir / "history.csv")

@@ -7,6 +7,7 @@ prediction needs (classes, image size, mean, std).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,20 @@ def restore_rng_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(rt: Runtime, path: Path, state: dict[str, Any]) -> None:
-    """Every process calls this; one process per host writes (temp file + rename), then all
-    meet, so that every host's disk holds the checkpoint (pods have no shared disk).
+    """Every replica calls this; one process per host writes, so that every host's disk holds
+    the checkpoint (pods have no shared disk).
 
-    The barrier sits outside the writer test on purpose: a rank-dependent collective would
-    leave the other replicas waiting forever.
+    Two phases: each host writes a temp file, all replicas meet, then each host renames. A
+    host that fails to write (a full disk) fails the meeting for all, and no host replaces
+    its previous checkpoint: the hosts keep agreeing on what they hold. The meeting is
+    outside the writer test on purpose: a rank-dependent collective would hang the others.
     """
     cpu_state = rt.to_cpu(state) if rt.is_host_writer else None
-    if rt.is_host_writer:
-        with atomic_path(path) as tmp:
+    with contextlib.ExitStack() as stack:
+        if rt.is_host_writer:
+            tmp = stack.enter_context(atomic_path(path))
             torch.save(cpu_state, tmp)
-    rt.barrier(f"leaf_xla.save.{path.name}")
+        rt.barrier(f"leaf_xla.save.{path.name}")
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -108,8 +108,10 @@ def _run(command: list[str]) -> None:
         "$ " + " ".join(command[2:] if command[:2] == [sys.executable, "-m"] else command),
         flush=True,
     )
-    if subprocess.run(command).returncode != 0:
-        raise UserError(f"step failed: {' '.join(command[2:])} (its error is above)")
+    code = subprocess.run(command).returncode
+    if code != 0:  # the step printed its one error line: the recipe adds no second one
+        print(f"recipe stopped: the step above failed ({' '.join(command[2:4])})", file=sys.stderr)
+        sys.exit(code)
 
 
 def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[Run]:
