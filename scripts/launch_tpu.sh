@@ -551,7 +551,8 @@ prepare_step() {
 # of RUN/last.pt as the bucket has it (recorded after a restore, updated after each upload).
 # push uploads the out dir except temp files and every run whose last.pt is older than its
 # mark (a run that started again from scratch never replaces the bucket's copy), and says why.
-# run_state reads epoch and step from a last.pt (mmap: the tensors stay on disk).
+# run_state reads epoch and step from a last.pt (mmap: the tensors stay on disk), only for a
+# last.pt written since its mark (a few seconds each: Python and torch start).
 # shellcheck disable=SC2016  # for the remote shell
 SYNC_FUNCTIONS='M=~/.cache/leaf_xla_launch; mkdir -p "$M/marks";
 run_state() { @PY@ -c @READER@ "$1"; };
@@ -563,6 +564,7 @@ record_marks() { rm -rf "$M/marks"; mkdir -p "$M/marks"; for f in @OUT_DIR@/*/la
 run_state "$f" > "$M/marks/$r" || { echo "error: cannot read epoch and step of $f" >&2; return 1; }; done; };
 push_unlocked() { held=""; rm -rf "$M/next"; mkdir -p "$M/next"; for f in @OUT_DIR@/*/last.pt; do
 [ -f "$f" ] || continue; run_of "$f";
+if [ -f "$M/marks/$r" ] && [ ! "$f" -nt "$M/marks/$r" ]; then continue; fi;
 if ! now=$(run_state "$f" 2>"$M/state.err"); then
 echo "sync: cannot read $f ($(tail -n 1 "$M/state.err")): $r not uploaded"; hold "$r";
 elif [ -f "$M/marks/$r" ] && older "$now" "$(cat "$M/marks/$r")"; then

@@ -806,35 +806,39 @@ def test_restore_that_fails_on_a_worker_stops_it(launch: Launcher, tmp_path: Pat
 
 
 def test_sync_never_replaces_a_newer_run_state(launch: Launcher, tmp_path: Path) -> None:
-    """A run that starts again from scratch (here: epoch 0 over a restored epoch 5) must not
-    reach the bucket; a run that moved on does; temp files never do."""
-    save_run_state(bucket(launch) / "b7-fold0", 5, 0, "epoch 5")
-    save_run_state(bucket(launch) / "b7-fold1", 2, 40, "epoch 2")
+    """A run that starts again from scratch (epoch 0 over a restored epoch 5) or falls behind
+    within an epoch must not reach the bucket; a run that moved on does; temp files never do.
+    The held-back name has a regex character: `b7xfold0` must not be held back with it."""
+    save_run_state(bucket(launch) / "b7.fold0", 5, 0, "epoch 5")
+    save_run_state(bucket(launch) / "b7-fold1", 2, 40, "epoch 2 step 40")
+    save_run_state(bucket(launch) / "b7-fold2", 4, 100, "epoch 4 step 100")
     result = launch(*BASE, "--accelerator-type", "v4-32", *OUT, "--resume", "--sync-every", "0")
     assert result.returncode == 0, result.stderr
     pull, train = launch.ssh_commands()[2:]
     worker = Worker(tmp_path, gcs=launch.state / "gcs")
     assert worker.run(pull).returncode == 0
-    run = worker.run(
-        train, FAKE_TRAIN_WRITES="b7-fold0:0:0:restarted,b7-fold1:3:0:epoch 3,r50-fold0:1:0:new"
-    )
+    writes = "b7.fold0:0:0:restarted,b7-fold1:3:0:epoch 3,b7-fold2:4:20:behind,b7xfold0:1:0:new"
+    run = worker.run(train, FAKE_TRAIN_WRITES=writes)
     assert run.returncode == 1, run.stdout + run.stderr  # training itself succeeded
-    assert "[worker 0] sync: " in run.stdout
-    assert (
-        "b7-fold0/last.pt is at epoch/step 0 0, older than the copy in gs://bkt/out (5 0)"
-        in run.stdout
-    )
+    held = [line for line in run.stdout.splitlines() if "the bucket keeps its copy" in line]
+    assert len(held) == 2, run.stdout
+    for message in (
+        "b7.fold0/last.pt is at epoch/step 0 0, older than the copy in gs://bkt/out (5 0)",
+        "b7-fold2/last.pt is at epoch/step 4 20, older than the copy in gs://bkt/out (4 100)",
+    ):
+        assert any(message in line for line in held), (message, held)
+    assert all(line.startswith("[worker 0] sync: ") for line in held)
     assert "[worker 0] error: not every output reached gs://bkt/out" in run.stdout
+    expected = {"b7.fold0": "epoch 5", "b7-fold1": "epoch 3", "b7-fold2": "epoch 4 step 100"}
     for name in ("best.pt", "history.csv"):
-        assert (bucket(launch) / "b7-fold0" / name).read_text() == "epoch 5"
-        assert (bucket(launch) / "b7-fold1" / name).read_text() == "epoch 3"
-        assert (bucket(launch) / "r50-fold0" / name).read_text() == "new"
+        for folder, text in {**expected, "b7xfold0": "new"}.items():
+            assert (bucket(launch) / folder / name).read_text() == text, (folder, name)
     assert not list(bucket(launch).rglob("*.tmp"))
 
     # the run catches up with the bucket's state: from then on it is uploaded again
-    run = worker.run(train, FAKE_TRAIN_WRITES="b7-fold0:5:10:epoch 5 step 10")
+    run = worker.run(train, FAKE_TRAIN_WRITES="b7.fold0:5:10:epoch 5 step 10,b7-fold2:5:0:e5")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert (bucket(launch) / "b7-fold0" / "best.pt").read_text() == "epoch 5 step 10"
+    assert (bucket(launch) / "b7.fold0" / "best.pt").read_text() == "epoch 5 step 10"
 
 
 def test_sync_failures_are_shown_and_only_worker_0_uploads(launch: Launcher, tmp_path: Path):
