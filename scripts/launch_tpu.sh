@@ -18,10 +18,12 @@ usage() {
 usage: launch_tpu.sh [options] [-- TRAIN_ARGS...]
 
 Create (or reuse) a Cloud TPU VM / pod slice, install leaf_xla on every worker, fetch the
-data and run `python -m leaf_xla.train --data-dir D --out-dir O TRAIN_ARGS...` (or, with
---recipe, `python -m leaf_xla.recipe --config configs/ensemble.yaml --data-dir D --out-dir O
-TRAIN_ARGS...`) on all workers with PJRT_DEVICE=TPU. Everything after `--` is passed to the
-training command verbatim (quoted for the remote shell).
+data and run `python -m leaf_xla.train --data-dir D --out-dir O [--resume] TRAIN_ARGS...`
+(or, with --recipe, `python -m leaf_xla.recipe --config configs/ensemble.yaml --data-dir D
+--out-dir O [--resume] TRAIN_ARGS...`) on all workers with PJRT_DEVICE=TPU. Everything after
+`--` is passed to that command verbatim (quoted for the remote shell); for --recipe that is
+recipe options, then `--` and the options of every train run:
+  launch_tpu.sh ... --recipe -- --fit-weights -- --epochs 10
 
 TPU
   --name NAME              TPU (and queued resource) name                [leaf-xla]
@@ -41,7 +43,8 @@ TPU
                            (e.g. --create-arg=--reserved --create-arg=--network=my-net)
   --existing               use an existing READY TPU, never create one
   --resume                 continue a run: re-create the TPU if it is gone or PREEMPTED,
-                           pull outputs back from --output, append --resume to the command
+                           restore --output, if given, onto every worker (it must hold a
+                           <run>/last.pt), pass --resume to train / the recipe
   --delete                 delete the TPU (or queued resource) at the end, even if training
                            failed (not if --fetch failed and there is no --output)
 
@@ -57,7 +60,8 @@ Data
   --data gs://BUCKET/PATH  `gcloud storage rsync -r` it into the data dir on every worker
   --data kaggle:COMP       `kaggle competitions download -c COMP` + unzip on every worker
                            (needs ~/.kaggle/kaggle.json there, or --kaggle-json)
-  --kaggle-json FILE       copy this Kaggle API token to ~/.kaggle/kaggle.json on the workers
+  --kaggle-json FILE       copy this Kaggle API token (mode 0600) to every worker for the
+                           download, then delete it there (~/.kaggle is left alone)
   --prepare-size N         run `python -m leaf_xla.prepare --data-dir D --size N` first
   (no --data: the data is expected to be in the data dir already)
 
@@ -66,7 +70,9 @@ Training and outputs
   --recipe-config FILE     config of --recipe                    [configs/ensemble.yaml]
   --env KEY=VALUE          export on the workers, repeatable (e.g. XLA_PERSISTENT_CACHE_PATH=...)
   --output gs://B/PATH     sync the out dir there from worker 0 every --sync-every seconds
-                           and after the run; --resume syncs it back down first
+                           and after the run (never a run whose last.pt is older than the
+                           bucket's, never temp files); --resume restores it first. A new run
+                           refuses an --output that holds a run; a failed listing stops
   --sync-every SECONDS     0 = only after the run                                [600]
   --fetch LOCAL_DIR        scp --recurse the out dir from worker 0 to LOCAL_DIR at the end
   --setup-only             stop after setup (code, install, data, prepare)
@@ -180,6 +186,9 @@ done
 [[ -n $REPO && $COPY_LOCAL == 1 ]] && die "--repo and --copy-local exclude each other"
 [[ -n $REF && -z $REPO ]] && die "--ref needs --repo"
 [[ -z $REPO ]] && COPY_LOCAL=1
+# git would read a leading '-' as an option (--upload-pack=... runs a command on the VM)
+[[ $REPO == -* ]] && die "bad --repo '$REPO': a URL or path cannot start with '-'"
+[[ $REF == -* ]] && die "bad --ref '$REF': a branch, tag or sha cannot start with '-'"
 ((SKIP_SETUP)) && COPY_LOCAL=0
 [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
   || die "bad --name '$NAME': lowercase letters, digits and hyphens, starting with a letter"
@@ -187,6 +196,8 @@ if [[ -n $DATA && $DATA != gs://?* && $DATA != kaggle:?* ]]; then
   die "bad --data '$DATA': expected gs://BUCKET/PATH or kaggle:COMPETITION"
 fi
 [[ -n $KAGGLE_JSON && ! -f $KAGGLE_JSON ]] && die "--kaggle-json: no such file: $KAGGLE_JSON"
+[[ -n $KAGGLE_JSON && $DATA != kaggle:* ]] \
+  && die "--kaggle-json needs --data kaggle:COMPETITION (the token is only used, then deleted, by the download)"
 [[ -z $PREPARE_SIZE || $PREPARE_SIZE =~ ^[1-9][0-9]*$ ]] \
   || die "bad --prepare-size '$PREPARE_SIZE': expected a positive integer"
 [[ $SYNC_EVERY =~ ^[0-9]+$ ]] || die "bad --sync-every '$SYNC_EVERY': expected seconds"
@@ -251,7 +262,7 @@ LOC=(--zone="$ZONE" --project="$PROJECT")
 VM=(compute tpus tpu-vm)
 QR=(compute tpus queued-resources)
 POLL=${LAUNCH_TPU_POLL_SECONDS:-30}
-TARBALL=''
+TARBALL='' KAGGLE_TMP=''
 TOUCHED=0   # a TPU was created or used: remind about it if we fail
 DELETED=0
 
@@ -428,6 +439,7 @@ ensure_tpu() {
 cleanup() {
   local rc=$?
   [[ -n $TARBALL && $DRY_RUN == 0 ]] && rm -f "$TARBALL"
+  [[ -n $KAGGLE_TMP ]] && rm -f "$KAGGLE_TMP"
   if ((rc != 0 && TOUCHED && !DELETED && !DRY_RUN)); then
     note "TPU $NAME may still be running (and billing); delete it with: gcloud ${VM[*]} delete $NAME ${LOC[*]}"
   fi
@@ -441,27 +453,42 @@ D=$(rpath "$REMOTE_DIR")
 DATA_DIR=$(rpath "$REMOTE_DATA")
 OUT_DIR=$(rpath "$REMOTE_OUT")
 
+# TREE: what --copy-local sends, HEAD plus the uncommitted changes to tracked files. Taken
+# before any TPU exists: if git cannot record the changes, stop rather than send HEAD alone.
+TREE=HEAD
+snapshot_tree() {
+  local out
+  if ! out=$(git -C "$ROOT" stash create 2>&1); then
+    fail "--copy-local: 'git stash create' failed, so your uncommitted changes cannot be copied \
+(${out%%$'\n'*}); commit or stash them, or fix git, and rerun"
+  fi
+  out=${out##*$'\n'}  # the commit's sha: the last line; nothing when there are no changes
+  if [[ -n $out ]]; then
+    [[ $out =~ ^[0-9a-f]{40,64}$ ]] \
+      || fail "--copy-local: 'git stash create' printed '$out', not a commit; commit your changes and rerun"
+    TREE=$out
+    note "copying HEAD plus the uncommitted changes to tracked files"
+  fi
+  [[ -n $(git -C "$ROOT" ls-files --others --exclude-standard | head -n 1) ]] \
+    && note "untracked files are not copied (git add them, or use --repo)"
+  return 0
+}
+
 code_step() {
   if ((COPY_LOCAL)); then
-    local tree
-    tree=$(git -C "$ROOT" stash create 2>/dev/null) || tree=''
-    [[ -n $tree ]] || tree=HEAD
-    [[ $tree != HEAD ]] && note "copying HEAD plus the uncommitted changes to tracked files"
-    [[ -n $(git -C "$ROOT" ls-files --others --exclude-standard | head -n 1) ]] \
-      && note "untracked files are not copied (git add them, or use --repo)"
     if ((DRY_RUN)); then
       TARBALL=${TMPDIR:-/tmp}/leaf_xla-src.tar.gz
     else
       TARBALL=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-src.XXXXXX")
     fi
-    run git -C "$ROOT" archive --format=tar.gz -o "$TARBALL" "$tree"
+    run git -C "$ROOT" archive --format=tar.gz -o "$TARBALL" "$TREE"
     scp_all "$TARBALL" leaf_xla_src.tar.gz
     ssh_all "mkdir -p $D && tar -xzf ~/leaf_xla_src.tar.gz -C $D && rm -f ~/leaf_xla_src.tar.gz"
   else
     local url ref
     url=$(q "$REPO")
     ref=$(q "${REF:-HEAD}")
-    ssh_all "if [ ! -d $D/.git ]; then git clone -q $url $D; fi; git -C $D fetch -q origin $ref; \
+    ssh_all "if [ ! -d $D/.git ]; then git clone -q -- $url $D; fi; git -C $D fetch -q -- origin $ref; \
 git -C $D checkout -q --detach FETCH_HEAD; echo \"code: \$(git -C $D log -1 --oneline)\""
   fi
 }
@@ -472,22 +499,42 @@ install_step() {
   ssh_all "cd $D && $pip"
 }
 
-data_step() {
-  if [[ -n $KAGGLE_JSON ]]; then
-    scp_all "$KAGGLE_JSON" kaggle.json
-    ssh_all "mkdir -p ~/.kaggle && mv ~/kaggle.json ~/.kaggle/kaggle.json && chmod 600 ~/.kaggle/kaggle.json"
+# --kaggle-json goes to its own 0700 folder on the workers (the user's ~/.kaggle stays as it
+# is), sent from a 0600 copy so that scp creates it 0600, and is deleted after the download.
+KAGGLE_DIR=.leaf_xla_kaggle
+kaggle_token_step() {
+  local token
+  if ((DRY_RUN)); then
+    token=${TMPDIR:-/tmp}/leaf_xla-kaggle.json
+  else
+    token=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-kaggle.XXXXXX")  # mktemp: mode 0600
+    KAGGLE_TMP=$token
   fi
+  run cp "$KAGGLE_JSON" "$token"
+  ssh_all "umask 077 && rm -rf ~/$KAGGLE_DIR && mkdir ~/$KAGGLE_DIR"
+  if ! scp_all "$token" "$KAGGLE_DIR/kaggle.json"; then
+    ssh_all "rm -rf ~/$KAGGLE_DIR" || true
+    fail "copying --kaggle-json to the workers failed"
+  fi
+}
+
+data_step() {
+  [[ -n $KAGGLE_JSON ]] && kaggle_token_step
   case $DATA in
     '')
       note "no --data: expecting the data in $REMOTE_DATA on the workers" ;;
     gs://*)
       ssh_all "mkdir -p $DATA_DIR && gcloud storage rsync -r $(q "$DATA") $DATA_DIR" ;;
     kaggle:*)
-      local comp py
+      local comp py token=''
       comp=$(q "${DATA#kaggle:}")
       py=$(q "$PY")
-      ssh_all "if [ ! -f ~/.kaggle/kaggle.json ]; then echo \"error: no Kaggle credentials \
-(~/.kaggle/kaggle.json) on \$(hostname); pass --kaggle-json FILE or use --data gs://...\" >&2; exit 2; fi; \
+      # shellcheck disable=SC2016  # for the remote shell
+      [[ -n $KAGGLE_JSON ]] && token="export KAGGLE_CONFIG_DIR=~/$KAGGLE_DIR; \
+trap 'rm -rf ~/$KAGGLE_DIR' EXIT; chmod 600 ~/$KAGGLE_DIR/kaggle.json; "
+      ssh_all "$token""if [ ! -f \"\${KAGGLE_CONFIG_DIR:-\$HOME/.kaggle}/kaggle.json\" ]; then \
+echo \"error: no Kaggle credentials (~/.kaggle/kaggle.json) on \$(hostname); pass --kaggle-json FILE \
+or use --data gs://...\" >&2; exit 2; fi; \
 if [ -f $DATA_DIR/train.csv ]; then echo \"data already in $DATA_DIR\"; else \
 command -v kaggle >/dev/null || $py -m pip install -q --user kaggle; mkdir -p $DATA_DIR; \
 kaggle competitions download -c $comp -p $DATA_DIR; \
@@ -500,38 +547,118 @@ prepare_step() {
   ssh_all "cd $D && $(quoted "$PY" -m leaf_xla.prepare) --data-dir $DATA_DIR --size $PREPARE_SIZE"
 }
 
-pull_outputs_step() {  # --resume with --output: bring the bucket's outputs back to every worker
+# --output: the state kept on worker 0 in ~/.cache/leaf_xla_launch: marks/RUN holds "EPOCH STEP"
+# of RUN/last.pt as the bucket has it (recorded after a restore, updated after each upload).
+# push uploads the out dir except temp files and every run whose last.pt is older than its
+# mark (a run that started again from scratch never replaces the bucket's copy), and says why.
+# run_state reads epoch and step from a last.pt (mmap: the tensors stay on disk), only for a
+# last.pt written since its mark (a few seconds each: Python and torch start).
+# shellcheck disable=SC2016  # for the remote shell
+SYNC_FUNCTIONS='M=~/.cache/leaf_xla_launch; mkdir -p "$M/marks";
+run_state() { @PY@ -c @READER@ "$1"; };
+older() { set -- $1 $2; [ "$1" -lt "$3" ] || { [ "$1" -eq "$3" ] && [ "$2" -lt "$4" ]; }; };
+run_of() { r=${1%/last.pt}; r=${r##*/}; };
+hold() { held="$held|$(printf %s "$1" | sed "s/[][\\.*^\$+?(){}|]/\\\\&/g; s/,/\\\\x2c/g")"; };
+record_marks() { rm -rf "$M/marks"; mkdir -p "$M/marks"; for f in @OUT_DIR@/*/last.pt; do
+[ -f "$f" ] || continue; run_of "$f";
+run_state "$f" > "$M/marks/$r" || { echo "error: cannot read epoch and step of $f" >&2; return 1; }; done; };
+push_unlocked() { held=""; rm -rf "$M/next"; mkdir -p "$M/next"; for f in @OUT_DIR@/*/last.pt; do
+[ -f "$f" ] || continue; run_of "$f";
+if [ -f "$M/marks/$r" ] && [ ! "$f" -nt "$M/marks/$r" ]; then continue; fi;
+if ! now=$(run_state "$f" 2>"$M/state.err"); then
+echo "sync: cannot read $f ($(tail -n 1 "$M/state.err")): $r not uploaded"; hold "$r";
+elif [ -f "$M/marks/$r" ] && older "$now" "$(cat "$M/marks/$r")"; then
+echo "sync: $f is at epoch/step $now, older than the copy in @OUT@ ($(cat "$M/marks/$r")): $r not uploaded, the bucket keeps its copy"; hold "$r";
+else echo "$now" > "$M/next/$r"; fi; done;
+x=@TMP_RE@; if [ -n "$held" ]; then x="$x|^(${held#|})/"; fi;
+if ! gcloud storage rsync -r -x "$x" @OUT_DIR@ @OUT@ > "$M/sync.log" 2>&1; then
+echo "sync: gcloud storage rsync @OUT_DIR@ @OUT@ failed:"; tail -n 5 "$M/sync.log"; return 1; fi;
+for n in "$M/next"/*; do if [ -e "$n" ]; then mv -f "$n" "$M/marks/"; fi; done;
+echo "sync: uploaded to @OUT@"; [ -z "$held" ]; };
+push() { ( flock 9; push_unlocked ) 9>"$M/lock"; };'
+# Temp files of the atomic writes (.NAME.XXXX.tmp) never go to the bucket.
+# shellcheck disable=SC2016  # a regular expression
+TMP_FILES_RE='^(.*/)?\.[^/]*\.tmp$'
+
+sync_functions() {  # SYNC_FUNCTIONS for this run, on one line
+  local text=$SYNC_FUNCTIONS
+  text=${text//@PY@/$(q "$PY")}
+  text=${text//@READER@/$(q 'import sys, torch; s = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=True); print(int(s["epoch"]), int(s["step"]))')}
+  text=${text//@OUT_DIR@/$OUT_DIR}
+  text=${text//@OUT@/$(q "$OUTPUT")}
+  text=${text//@TMP_RE@/$(q "$TMP_FILES_RE")}
+  printf '%s' "${text//$'\n'/ }"
+}
+
+# What --output holds decides what may run: --resume needs a <run>/last.pt there, and a new run
+# must not find one (its uploads would replace it). A listing that fails stops the launcher.
+check_output() {
+  local pattern="$OUTPUT/*/last.pt" listing found
+  if ((DRY_RUN)); then
+    comment "--output: list the runs in the bucket; --resume needs one (a last.pt), a new run needs none:"
+    run gcloud storage ls "$pattern"
+    return
+  fi
+  printf '+ %s\n' "$(quoted gcloud storage ls "$pattern")" >&2
+  if listing=$(gcloud storage ls "$pattern" 2>&1); then
+    found=${listing%%$'\n'*}
+  elif [[ $listing == *'matched no objects'* ]]; then
+    found=''
+  else
+    fail "cannot list --output $OUTPUT: $(grep -m 1 ERROR <<<"$listing" || printf '%s' "${listing%%$'\n'*}") \
+(check 'gcloud auth login', the bucket name and your access to it); nothing was started"
+  fi
+  if ((RESUME)) && [[ -z $found ]]; then
+    die "--resume: $OUTPUT holds no <run>/last.pt, so there is no run to continue; \
+drop --resume to start one, or fix --output"
+  fi
+  if ((!RESUME)) && [[ -n $found ]]; then
+    die "--output $OUTPUT already holds a run ($found); pass --resume to continue it, \
+or choose another --output (a new run would replace it)"
+  fi
+  return 0
+}
+
+# --resume with --output: every worker gets the bucket's copy (each host writes and reads its own
+# complete run folders), so all hosts start from the same state; worker 0 records the marks.
+pull_outputs_step() {
   local out
   out=$(q "$OUTPUT")
-  ssh_all "mkdir -p $OUT_DIR; if gcloud storage ls $out >/dev/null 2>&1; then \
-gcloud storage rsync -r -u $out $OUT_DIR; else echo \"nothing in $out yet\"; fi"
+  comment "--resume: every worker restores $OUTPUT into its own out dir; worker 0 notes each run's epoch/step:"
+  ssh_all "mkdir -p $OUT_DIR && gcloud storage rsync -r -x $(q "$TMP_FILES_RE") $out $OUT_DIR; \
+if ! ls -d $OUT_DIR/*/last.pt >/dev/null 2>&1; then echo \"error: --resume: no <run>/last.pt in $OUT_DIR \
+after restoring $out on \$(hostname)\" >&2; exit 1; fi; \
+if [ \"\$w\" = 0 ]; then $(sync_functions) record_marks; fi; echo \"restored $out into $OUT_DIR\""
 }
 
 train_command() {  # the remote command of the training step
-  local module env='' cmd extra=() out
+  local module env='' cmd out
   for kv in ${ENVS[@]+"${ENVS[@]}"}; do env+=" $(q "$kv")"; done
   if ((RECIPE)); then
     module=(leaf_xla.recipe --config "$RECIPE_CONFIG")
   else
     module=(leaf_xla.train)
   fi
-  ((RESUME)) && extra=(--resume)
   cmd="$(quoted "$PY" -m "${module[@]}") --data-dir $DATA_DIR --out-dir $OUT_DIR"
-  if ((${#TRAIN_ARGS[@]} + ${#extra[@]})); then
-    cmd+=" $(quoted ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} ${extra[@]+"${extra[@]}"})"
-  fi
+  # before the user's arguments: the recipe reads its own options up to a `--`
+  ((RESUME)) && cmd+=" --resume"
+  ((${#TRAIN_ARGS[@]})) && cmd+=" $(quoted "${TRAIN_ARGS[@]}")"
   local body="cd $D; export PJRT_DEVICE=TPU PYTHONUNBUFFERED=1$env; mkdir -p $OUT_DIR; "
-  if [[ -n $OUTPUT ]]; then
+  if [[ -n $OUTPUT ]]; then  # only worker 0 uploads; the others hold the same state
     out=$(q "$OUTPUT")
-    if ((SYNC_EVERY > 0)); then
-      body+="if [ \"\$w\" = 0 ]; then (while sleep $SYNC_EVERY; do gcloud storage rsync -r \
-$OUT_DIR $out || true; done) >/dev/null 2>&1 & syncer=\$!; fi; "
-    fi
+    body+="if [ \"\$w\" = 0 ]; then $(sync_functions) "
+    ((RESUME)) || body+="rm -rf \"\$M/marks\"; mkdir -p \"\$M/marks\"; "
+    # the sleep must not hold the log pipe open once the loop is killed
+    ((SYNC_EVERY > 0)) && body+="(while sleep $SYNC_EVERY >/dev/null 2>&1; do push || true; done) & \
+syncer=\$!; "
+    body+="fi; "
   fi
   body+="rc=0; $cmd || rc=\$?; "
   if [[ -n $OUTPUT ]]; then
-    ((SYNC_EVERY > 0)) && body+="if [ \"\$w\" = 0 ]; then kill \"\$syncer\" 2>/dev/null || true; fi; "
-    body+="if [ \"\$w\" = 0 ]; then gcloud storage rsync -r $OUT_DIR $out; fi; "
+    body+="if [ \"\$w\" = 0 ]; then "
+    ((SYNC_EVERY > 0)) && body+="kill \"\$syncer\" 2>/dev/null || true; "
+    body+="if ! push; then echo \"error: not every output reached $out (see the sync lines above)\"; \
+if [ \$rc = 0 ]; then rc=1; fi; fi; fi; "
   fi
   body+="exit \$rc"
   remote "$body"
@@ -539,6 +666,9 @@ $OUT_DIR $out || true; done) >/dev/null 2>&1 & syncer=\$!; fi; "
 
 # ---------------------------------------------------------------------------------------------
 # main
+# first what can stop the launcher before any TPU exists
+if ((COPY_LOCAL)); then snapshot_tree; fi
+if [[ -n $OUTPUT ]] && ((!SETUP_ONLY)); then check_output; fi
 if [[ -n $ACCEL ]]; then
   if ((POD)); then
     note "$ACCEL is a pod slice (several hosts): every step runs on all workers (--worker=all); \
@@ -557,6 +687,12 @@ prepare_step
 ((SETUP_ONLY)) && { note "setup done (--setup-only)"; exit 0; }
 ((RESUME)) && [[ -n $OUTPUT ]] && pull_outputs_step
 
+if ((DRY_RUN)); then
+  what='train'
+  ((RECIPE)) && what='run the recipe (training is one job across all hosts; predict and ensemble then read the host'"'"'s own files)'
+  comment "every worker: $what, writing complete run folders to its own out dir$([[ -n $OUTPUT ]] \
+    && printf '; worker 0 uploads them to %s' "$OUTPUT"):"
+fi
 rc=0
 run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(train_command)" || rc=$?
 if ((rc)); then note "training failed (exit status $rc)"; fi

@@ -1,9 +1,11 @@
 """Tests of scripts/launch_tpu.sh with a fake `gcloud` (and `gsutil`) first on PATH.
 
 The fake logs every call (argv as one JSON array per line) and keeps a little TPU state in
-files: `describe` prints the state, `create` makes the TPU READY, `delete` removes it. The
-remote commands the script builds are also run here, under a local bash with fake `curl`,
-`python3` and `gcloud`, to check that training arguments survive the remote shell.
+files: `describe` prints the state, `create` makes the TPU READY, `delete` removes it, and
+`storage ls` lists a fake bucket (a folder). The remote commands the script builds are also
+run here, under a local bash with fake `curl`, `python3`, `kaggle` and `gcloud` (whose
+`storage rsync` copies between a worker's home and the fake bucket), to check that arguments
+survive the remote shell and that the outputs reach the bucket as they should.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ NOTE = """it's a "test" run"""  # spaces, a single and double quotes
 TRAIN_ARGS = ["--model", "tf_efficientnet_b7", "--note", NOTE, "--lr", "$HOME", "*"]
 
 FAKE_GCLOUD = r"""#!{python}
-import json, os, shutil, sys
+import glob, json, os, shutil, sys
 
 state = os.environ["FAKE_STATE_DIR"]
 args = sys.argv[1:]
@@ -66,6 +68,18 @@ def flag(name):
 
 
 if os.path.basename(sys.argv[0]) != "gcloud":
+    sys.exit(0)
+if args[:2] == ["storage", "ls"]:
+    if os.environ.get("FAKE_LS_FAIL"):
+        print("ERROR: (gcloud.storage.ls) There was a problem refreshing your current auth "
+              "tokens: Reauthentication failed.", file=sys.stderr)
+        sys.exit(1)
+    found = sorted(glob.glob(path("gcs/" + args[2].removeprefix("gs://"))))
+    if not found:
+        print("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.", file=sys.stderr)
+        sys.exit(1)
+    for f in found:
+        print("gs://" + os.path.relpath(f, path("gcs")))
     sys.exit(0)
 if args[:2] == ["config", "get-value"]:
     value = read("config." + args[2].replace("/", "_"))
@@ -188,6 +202,129 @@ class Launcher:
         return [flag(c, "--command") for c in self.calls if verb(c) == "ssh"]
 
 
+REMOTE_GCLOUD = r"""#!{python}
+import json, os, re, shutil, sys
+
+args = sys.argv[1:]
+with open(os.environ["FAKE_REMOTE_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+
+
+def local(url):
+    if url.startswith("gs://"):
+        return os.path.join(os.environ["FAKE_GCS"], url.removeprefix("gs://"))
+    return url
+
+
+if args[:2] == ["storage", "ls"]:
+    sys.exit(0 if os.path.exists(local(args[2])) else 1)
+if args[:2] == ["storage", "rsync"]:
+    if os.environ.get("FAKE_RSYNC_FAIL"):
+        print("ERROR: (gcloud.storage.rsync) HTTPError 403: caller does not have "
+              "storage.objects.create access", file=sys.stderr)
+        sys.exit(1)
+    exclude, operands, rest = None, [], args[2:]
+    while rest:
+        a = rest.pop(0)
+        if a in ("-x", "--exclude"):
+            exclude = rest.pop(0)
+        elif not a.startswith("-"):
+            operands.append(a)
+    src, dst = map(local, operands)
+    if not os.path.isdir(src):
+        print(f"ERROR: (gcloud.storage.rsync) {operands[0]} not found", file=sys.stderr)
+        sys.exit(1)
+    for root, _, files in os.walk(src):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), src)
+            if exclude and re.match(exclude, rel):
+                continue
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), os.path.join(dst, rel))
+"""
+
+# python3 on a worker: `-c` (the launcher's epoch/step reader) runs the real Python; `-m ...`
+# prints what it got and, as FAKE_TRAIN_WRITES says (RUN:EPOCH:STEP:TEXT,...), writes each
+# RUN/last.pt at that state, best.pt and history.csv holding TEXT, and a leftover temp file.
+REMOTE_PYTHON = r"""#!{python}
+import json, os, sys, time
+
+if sys.argv[1] == "-c":
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
+                  "pjrt": os.environ.get("PJRT_DEVICE"),
+                  "cache": os.environ.get("XLA_PERSISTENT_CACHE_PATH")}), flush=True)
+for item in filter(None, os.environ.get("FAKE_TRAIN_WRITES", "").split(",")):
+    import torch
+
+    run, epoch, step, text = item.split(":")
+    folder = os.path.join(sys.argv[sys.argv.index("--out-dir") + 1], run)
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"epoch": int(epoch), "step": int(step), "model": {}, "config": {}},
+               os.path.join(folder, "last.pt"))
+    for name in ("best.pt", "history.csv", ".last.pt.k3x9.tmp"):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+time.sleep(float(os.environ.get("FAKE_PY_SLEEP", "0")))
+sys.exit(int(os.environ.get("FAKE_PY_RC", "0")))
+"""
+
+
+def save_run_state(folder: Path, epoch: int, step: int, text: str) -> None:
+    """A run folder as train leaves it: last.pt at (epoch, step), best.pt and history.csv."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "step": step, "model": {}, "config": {}}, folder / "last.pt")
+    for name in ("best.pt", "history.csv"):
+        (folder / name).write_text(text)
+
+
+class Worker:
+    """One TPU worker: a home folder and the VM's tools (fakes), sharing the fake bucket `gcs`.
+
+    `run(command)` runs a remote command the launcher built, under bash, as this worker."""
+
+    def __init__(self, tmp_path: Path, gcs: Path, number: int = 0):
+        self.number = number
+        self.home = tmp_path / f"worker{number}"
+        (self.home / "leaf_xla").mkdir(parents=True)
+        self.gcs = gcs
+        self.log = tmp_path / f"worker{number}-gcloud.jsonl"
+        self.bin = tmp_path / f"worker{number}-bin"
+        self.bin.mkdir()
+        write_exe(self.bin / "curl", f"#!/bin/sh\nprintf {number}\n")
+        write_exe(self.bin / "gcloud", REMOTE_GCLOUD.replace("{python}", sys.executable))
+        write_exe(self.bin / "python3", REMOTE_PYTHON.replace("{python}", sys.executable))
+
+    def run(self, command: str, **extra: str) -> subprocess.CompletedProcess:
+        env = {
+            "HOME": str(self.home),
+            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_GCS": str(self.gcs),
+            "FAKE_REMOTE_LOG": str(self.log),
+            **extra,
+        }
+        return subprocess.run(
+            [BASH, "-c", command], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    @property
+    def gcloud_calls(self) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def printed(self, result: subprocess.CompletedProcess) -> list[dict]:
+        """What the fake python3 -m ... printed (one JSON line each)."""
+        prefix = f"[worker {self.number}] "
+        return [
+            json.loads(line.removeprefix(prefix))
+            for line in result.stdout.splitlines()
+            if line.startswith(prefix + "{")
+        ]
+
+
 def verb(call: list[str]) -> str:
     """'create', 'ssh', ... of `gcloud compute tpus tpu-vm VERB ...`; '' for others."""
     return call[4] if call[:3] == ["gcloud", "compute", "tpus"] and len(call) > 4 else ""
@@ -216,10 +353,16 @@ def train_command(commands: list[str]) -> str:
 
 def args_after(command: str, module: str) -> list[str]:
     """The arguments of `python3 -m MODULE ...` up to `|| rc=$?`, parsed like a shell would."""
-    words = shlex.split(command)
-    start = words.index(module) + 1
-    end = words.index("||", start)
-    return words[start:end]
+    start = command.index(f" -m {module} ") + len(f" -m {module} ")
+    return shlex.split(command[start : command.index(" || rc=$?", start)])
+
+
+def recipe_and_train_args(command: str) -> tuple[list[str], list[str]]:
+    """The recipe's own arguments and those it passes to every train run (after `--`)."""
+    words = args_after(command, "leaf_xla.recipe")
+    if "--" not in words:
+        return words, []
+    return words[: words.index("--")], words[words.index("--") + 1 :]
 
 
 @pytest.fixture
@@ -272,8 +415,8 @@ def test_v3_8_single_host(launch: Launcher) -> None:
         assert "--worker=all" in call
         assert flag(call, "--zone") == "us-central1-f"
     code, data, install, train = launch.ssh_commands()
-    assert "git clone -q https://github.com/example/leaf_xla.git ~/leaf_xla" in code
-    assert "fetch -q origin v1.0" in code
+    assert "git clone -q -- https://github.com/example/leaf_xla.git ~/leaf_xla" in code
+    assert "fetch -q -- origin v1.0" in code
     assert "gcloud storage rsync -r gs://bkt/plant ~/data/plant-pathology-2020-fgvc7" in data
     assert shlex.split(install.split("{ ", 1)[1].split(";", 1)[0]) == [
         "cd",
@@ -384,28 +527,12 @@ def test_remote_train_command_runs_in_bash(launch: Launcher, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
 
-    home = tmp_path / "home"
-    (home / "leaf_xla").mkdir(parents=True)
-    rbin = tmp_path / "remote-bin"
-    rbin.mkdir()
-    write_exe(rbin / "curl", "#!/bin/sh\nprintf 0\n")
-    write_exe(rbin / "gcloud", f'#!/bin/sh\necho "$*" >> {tmp_path}/remote-gcloud.log\n')
-    write_exe(
-        rbin / "python3",
-        f"#!{sys.executable}\nimport json, os, sys\n"
-        "print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(),"
-        " 'pjrt': os.environ.get('PJRT_DEVICE'),"
-        " 'cache': os.environ.get('XLA_PERSISTENT_CACHE_PATH')}))\n"
-        "sys.exit(int(os.environ.get('FAKE_PY_RC', '0')))\n",
-    )
-    env = {"HOME": str(home), "PATH": f"{rbin}{os.pathsep}{os.environ['PATH']}"}
-    remote = subprocess.run(
-        [BASH, "-c", command], env=env, capture_output=True, text=True, timeout=30
-    )
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    home = worker.home
+    remote = worker.run(command)
     assert remote.returncode == 0, remote.stdout + remote.stderr
-    line = remote.stdout.strip()
-    assert line.startswith("[worker 0] ")
-    seen = json.loads(line.removeprefix("[worker 0] "))
+    assert all(line.startswith("[worker 0] ") for line in remote.stdout.splitlines())
+    (seen,) = worker.printed(remote)
     assert seen["argv"] == [
         "-m",
         "leaf_xla.train",
@@ -419,15 +546,13 @@ def test_remote_train_command_runs_in_bash(launch: Launcher, tmp_path: Path) -> 
     assert seen["pjrt"] == "TPU"
     assert seen["cache"] == "/tmp/xla cache"
     # the out dir goes to the bucket after the run, also when training failed
-    log = tmp_path / "remote-gcloud.log"
-    assert log.read_text().splitlines() == [f"storage rsync -r {home}/leaf_xla_runs gs://bkt/run"]
-    log.unlink()
-    env["FAKE_PY_RC"] = "7"
-    failed = subprocess.run(
-        [BASH, "-c", command], env=env, capture_output=True, text=True, timeout=30
-    )
+    uploads = [c[-2:] for c in worker.gcloud_calls if c[:2] == ["storage", "rsync"]]
+    assert uploads == [[f"{home}/leaf_xla_runs", "gs://bkt/run"]]
+    worker.log.unlink()
+    failed = worker.run(command, FAKE_PY_RC="7")
     assert failed.returncode == 7
-    assert log.read_text().splitlines() == [f"storage rsync -r {home}/leaf_xla_runs gs://bkt/run"]
+    uploads = [c[-2:] for c in worker.gcloud_calls if c[:2] == ["storage", "rsync"]]
+    assert uploads == [[f"{home}/leaf_xla_runs", "gs://bkt/run"]]
 
 
 def test_recipe_runs_the_ensemble_with_extra_args(launch: Launcher) -> None:
@@ -549,6 +674,7 @@ def test_existing_tpu_missing_is_an_error(launch: Launcher) -> None:
 
 def test_resume_recreates_a_preempted_tpu_and_resumes(launch: Launcher) -> None:
     launch.set_state(tpu="PREEMPTED")
+    save_run_state(launch.state / "gcs" / "bkt" / "out" / "b7-fold0", 3, 0, "epoch 3")
     result = launch(
         *BASE,
         "--accelerator-type",
@@ -561,14 +687,15 @@ def test_resume_recreates_a_preempted_tpu_and_resumes(launch: Launcher) -> None:
         *TRAIN_ARGS,
     )
     assert result.returncode == 0, result.stderr
-    calls = launch.calls
+    listing, *calls = launch.calls
+    assert listing == ["gcloud", "storage", "ls", "gs://bkt/out/*/last.pt"]  # before any TPU
     assert [verb(c) for c in calls] == ["describe", "delete", "create", "ssh", "ssh", "ssh", "ssh"]
     assert "--quiet" in calls[1]
     assert "--spot" in calls[2]
     code, install, pull, train = launch.ssh_commands()
-    assert "gcloud storage rsync -r -u gs://bkt/out ~/leaf_xla_runs" in pull
-    assert args_after(train, "leaf_xla.train")[-1] == "--resume"
-    assert args_after(train, "leaf_xla.train")[4:-1] == TRAIN_ARGS
+    assert " gs://bkt/out ~/leaf_xla_runs;" in pull and "gcloud storage rsync -r -x " in pull
+    assert args_after(train, "leaf_xla.train")[4] == "--resume"
+    assert args_after(train, "leaf_xla.train")[5:] == TRAIN_ARGS
     assert "PREEMPTED" in result.stderr
 
 
@@ -578,7 +705,7 @@ def test_resume_reuses_a_ready_tpu(launch: Launcher) -> None:
     assert result.returncode == 0, result.stderr
     assert "create" not in [verb(c) for c in launch.calls]
     assert "delete" not in [verb(c) for c in launch.calls]
-    assert args_after(train_command(launch.ssh_commands()), "leaf_xla.train")[-1] == "--resume"
+    assert args_after(train_command(launch.ssh_commands()), "leaf_xla.train")[4:] == ["--resume"]
 
 
 def test_queued_resource_is_created_and_waited_for(launch: Launcher) -> None:
@@ -609,6 +736,227 @@ def test_resume_recreates_a_suspended_queued_resource(launch: Launcher) -> None:
     assert len(deletes) == 1
     assert group(deletes[0]) == "queued-resources" and "--force" in deletes[0]
     assert group(next(c for c in launch.calls if verb(c) == "create")) == "queued-resources"
+
+
+# --------------------------------------------------------------------------------------------
+# --output and --resume: the bucket copy is never lost
+
+
+def bucket(launch: Launcher) -> Path:
+    """The fake bucket's gs://bkt/out as a folder."""
+    return launch.state / "gcs" / "bkt" / "out"
+
+
+OUT = ["--output", "gs://bkt/out"]
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_failed_bucket_listing_stops_before_any_tpu(launch: Launcher, resume: list[str]):
+    save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
+    result = launch(*BASE, "--accelerator-type", "v4-32", *OUT, *resume, FAKE_LS_FAIL="1")
+    assert result.returncode == 1, result.stderr
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if not line.startswith(("+ ", "launch_tpu.sh: v4"))
+    ]
+    assert len(lines) == 1 and lines[0].startswith("launch_tpu.sh: error: cannot list --output")
+    assert "Reauthentication failed" in lines[0] and "gcloud auth login" in lines[0]
+    assert [c[1] for c in launch.calls] == ["storage"]  # no TPU was looked up or created
+
+
+def test_resume_refuses_a_bucket_without_a_run(launch: Launcher) -> None:
+    (bucket(launch) / "b7-fold0").mkdir(parents=True)
+    (bucket(launch) / "b7-fold0" / "history.csv").write_text("epoch\n")  # no last.pt
+    result = launch(*BASE, "--accelerator-type", "v4-32", *OUT, "--resume")
+    assert result.returncode == 2, result.stderr
+    assert "error: --resume: gs://bkt/out holds no <run>/last.pt" in result.stderr
+    assert [c[1] for c in launch.calls] == ["storage"]
+
+
+def test_a_new_run_refuses_an_output_that_holds_a_run(launch: Launcher) -> None:
+    save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
+    result = launch(*BASE, "--accelerator-type", "v3-8", *OUT)
+    assert result.returncode == 2, result.stderr
+    assert "gs://bkt/out already holds a run (gs://bkt/out/b7-fold0/last.pt)" in result.stderr
+    assert "--resume" in result.stderr
+    assert [c[1] for c in launch.calls] == ["storage"]
+
+
+def test_restore_that_fails_on_a_worker_stops_it(launch: Launcher, tmp_path: Path) -> None:
+    save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
+    result = launch(*BASE, "--accelerator-type", "v4-32", *OUT, "--resume")
+    assert result.returncode == 0, result.stderr
+    pull = launch.ssh_commands()[2]
+    worker = Worker(tmp_path, gcs=launch.state / "gcs", number=1)
+    failed = worker.run(pull, FAKE_RSYNC_FAIL="1")  # e.g. the VM's service account lacks access
+    assert failed.returncode != 0
+    assert "HTTPError 403" in failed.stdout
+    assert "restored" not in failed.stdout
+    restored = worker.run(pull)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert (worker.home / "leaf_xla_runs" / "b7-fold0" / "best.pt").read_text() == "good"
+    shutil.rmtree(bucket(launch) / "b7-fold0")  # the bucket lost it in the meantime
+    (bucket(launch) / "b7-fold0").mkdir()
+    (bucket(launch) / "b7-fold0" / "history.csv").write_text("epoch\n")
+    shutil.rmtree(worker.home / "leaf_xla_runs")
+    empty = worker.run(pull)
+    assert empty.returncode == 1
+    assert "[worker 1] error: --resume: no <run>/last.pt in" in empty.stdout
+
+
+def test_sync_never_replaces_a_newer_run_state(launch: Launcher, tmp_path: Path) -> None:
+    """A run that starts again from scratch (epoch 0 over a restored epoch 5) or falls behind
+    within an epoch must not reach the bucket; a run that moved on does; temp files never do.
+    The held-back name has a regex character: `b7xfold0` must not be held back with it."""
+    save_run_state(bucket(launch) / "b7.fold0", 5, 0, "epoch 5")
+    save_run_state(bucket(launch) / "b7-fold1", 2, 40, "epoch 2 step 40")
+    save_run_state(bucket(launch) / "b7-fold2", 4, 100, "epoch 4 step 100")
+    result = launch(*BASE, "--accelerator-type", "v4-32", *OUT, "--resume", "--sync-every", "0")
+    assert result.returncode == 0, result.stderr
+    pull, train = launch.ssh_commands()[2:]
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    assert worker.run(pull).returncode == 0
+    writes = "b7.fold0:0:0:restarted,b7-fold1:3:0:epoch 3,b7-fold2:4:20:behind,b7xfold0:1:0:new"
+    run = worker.run(train, FAKE_TRAIN_WRITES=writes)
+    assert run.returncode == 1, run.stdout + run.stderr  # training itself succeeded
+    held = [line for line in run.stdout.splitlines() if "the bucket keeps its copy" in line]
+    assert len(held) == 2, run.stdout
+    for message in (
+        "b7.fold0/last.pt is at epoch/step 0 0, older than the copy in gs://bkt/out (5 0)",
+        "b7-fold2/last.pt is at epoch/step 4 20, older than the copy in gs://bkt/out (4 100)",
+    ):
+        assert any(message in line for line in held), (message, held)
+    assert all(line.startswith("[worker 0] sync: ") for line in held)
+    assert "[worker 0] error: not every output reached gs://bkt/out" in run.stdout
+    expected = {"b7.fold0": "epoch 5", "b7-fold1": "epoch 3", "b7-fold2": "epoch 4 step 100"}
+    for name in ("best.pt", "history.csv"):
+        for folder, text in {**expected, "b7xfold0": "new"}.items():
+            assert (bucket(launch) / folder / name).read_text() == text, (folder, name)
+    assert not list(bucket(launch).rglob("*.tmp"))
+
+    # the run catches up with the bucket's state: from then on it is uploaded again
+    run = worker.run(train, FAKE_TRAIN_WRITES="b7.fold0:5:10:epoch 5 step 10,b7-fold2:5:0:e5")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (bucket(launch) / "b7.fold0" / "best.pt").read_text() == "epoch 5 step 10"
+
+
+def test_sync_failures_are_shown_and_only_worker_0_uploads(launch: Launcher, tmp_path: Path):
+    result = launch(*BASE, "--accelerator-type", "v4-32", *OUT, "--sync-every", "1")
+    assert result.returncode == 0, result.stderr
+    train = train_command(launch.ssh_commands())
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    run = worker.run(train, FAKE_PY_SLEEP="3", FAKE_RSYNC_FAIL="1")
+    assert run.returncode == 1, run.stdout + run.stderr
+    failures = [line for line in run.stdout.splitlines() if "HTTPError 403" in line]
+    assert len(failures) >= 2  # the periodic sync and the one after the run
+    assert all(line.startswith("[worker 0] ") for line in failures)
+    assert "[worker 0] error: not every output reached gs://bkt/out" in run.stdout
+
+    other = Worker(tmp_path, gcs=launch.state / "gcs", number=1)
+    run = other.run(train, FAKE_PY_SLEEP="1.5", FAKE_TRAIN_WRITES="b7-fold0:1:0:one")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert other.gcloud_calls == []
+    assert not bucket(launch).exists()
+
+
+def test_recipe_resume_reaches_the_recipe_not_train(launch: Launcher, tmp_path: Path) -> None:
+    save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
+    train_args = ["--fit-weights", "--", "--epochs", "2", "--note", NOTE]
+    result = launch(
+        *BASE, "--accelerator-type", "v3-8", "--recipe", *OUT, "--resume", "--", *train_args
+    )
+    assert result.returncode == 0, result.stderr
+    command = train_command(launch.ssh_commands())
+    recipe, train = recipe_and_train_args(command)
+    assert recipe[-2:] == ["--resume", "--fit-weights"]
+    assert train == ["--epochs", "2", "--note", NOTE]
+    # and so it arrives on the worker
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    assert worker.run(launch.ssh_commands()[-2]).returncode == 0  # the restore
+    (seen,) = worker.printed(worker.run(command))
+    argv = seen["argv"]
+    assert argv[argv.index("--resume") + 1 : argv.index("--")] == ["--fit-weights"]
+
+
+def test_dry_run_of_a_v4_32_recipe_resume_shows_the_pod_commands(launch: Launcher) -> None:
+    """One writer per host: every worker restores the bucket and runs the recipe (train is one
+    job across the hosts; predict and ensemble read each host's own files); worker 0 uploads."""
+    args = ["--name", "leaf-pod", "--accelerator-type", "v4-32", "--spot", *OUT, "--recipe"]
+    dry = launch("--dry-run", *BASE, *args, "--resume", "--", "--", "--epochs", "2")
+    assert dry.returncode == 0, dry.stderr
+    assert launch.calls == []
+    lines = dry.stdout.splitlines()
+    commands = [shlex.split(line) for line in lines if not line.startswith("#")]
+    assert commands[0] == ["gcloud", "storage", "ls", "gs://bkt/out/*/last.pt"]
+    ssh = [c for c in commands if verb(c) == "ssh"]
+    assert all("--worker=all" in c for c in ssh)
+    pull, recipe = (flag(c, "--command") for c in ssh[-2:])
+    assert "gcloud storage rsync -r -x " in pull and " gs://bkt/out ~/leaf_xla_runs;" in pull
+    assert "record_marks" in pull
+    own, per_run = recipe_and_train_args(recipe)
+    assert own == [
+        *("--config", "configs/ensemble.yaml", "--data-dir", "~/data/plant-pathology-2020-fgvc7"),
+        *("--out-dir", "~/leaf_xla_runs", "--resume"),
+    ]
+    assert per_run == ["--epochs", "2"]
+    comments = "\n".join(line for line in lines if line.startswith("#"))
+    assert "every worker restores gs://bkt/out" in comments
+    assert "worker 0 uploads" in comments
+    # run them as hosts 0 and 1: each restores the whole bucket copy, only host 0 uploads
+    save_run_state(bucket(launch) / "b7-fold0", 3, 0, "epoch 3")
+    workers = [Worker(launch.tmp, gcs=launch.state / "gcs", number=n) for n in (0, 1)]
+    for worker in workers:
+        restore = worker.run(pull)
+        assert restore.returncode == 0, restore.stdout + restore.stderr
+        assert (worker.home / "leaf_xla_runs" / "b7-fold0" / "best.pt").read_text() == "epoch 3"
+    for number, worker in enumerate(workers):
+        run = worker.run(recipe, FAKE_TRAIN_WRITES=f"b7-fold0:4:0:epoch 4 by {number}")
+        assert run.returncode == 0, run.stdout + run.stderr
+        uploads = [c for c in worker.gcloud_calls if c[-1] == "gs://bkt/out"]
+        assert len(uploads) == (number == 0)
+    assert (bucket(launch) / "b7-fold0" / "best.pt").read_text() == "epoch 4 by 0"
+    # without --resume: no restore, and the recipe starts fresh
+    launch.tmp.joinpath("state", "calls.jsonl").unlink(missing_ok=True)
+    fresh = launch("--dry-run", *BASE, *args)
+    fresh_ssh = [
+        flag(shlex.split(line), "--command")
+        for line in fresh.stdout.splitlines()
+        if " ssh " in line and not line.startswith("#")
+    ]
+    assert not any("record_marks;" in c for c in fresh_ssh)
+    assert "--resume" not in recipe_and_train_args(fresh_ssh[-1])[0]
+
+
+def test_repo_and_ref_starting_with_a_dash_are_refused(launch: Launcher) -> None:
+    for args in (
+        ["--repo=--upload-pack=touch /tmp/pwned", "--ref", "main"],
+        ["--repo", "-oProxyCommand=x"],
+        ["--repo", "https://github.com/example/leaf_xla.git", "--ref=--upload-pack=id"],
+    ):
+        result = launch(*args, "--accelerator-type", "v3-8")
+        assert_one_line_error(result, "cannot start with '-'")
+    assert launch.calls == []
+
+
+def test_repo_and_ref_reach_git_as_operands(launch: Launcher, tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(origin)]
+    subprocess.run(["git", "init", "-q", str(origin)], check=True)
+    (origin / "README").write_text("v1\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "v1"], check=True)
+    subprocess.run([*git, "tag", "v1"], check=True)
+    (origin / "README").write_text("v2\n")
+    subprocess.run([*git, "commit", "-q", "-am", "v2"], check=True)
+    result = launch("--repo", str(origin), "--ref", "v1", "--accelerator-type", "v3-8")
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    shutil.rmtree(worker.home / "leaf_xla")
+    code = worker.run(launch.ssh_commands()[0])
+    assert code.returncode == 0, code.stdout + code.stderr
+    assert (worker.home / "leaf_xla" / "README").read_text() == "v1\n"
+    assert "[worker 0] code: " in code.stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,6 +1038,32 @@ def test_copy_local_sends_a_git_archive(tmp_path: Path) -> None:
     assert "tar -xzf ~/leaf_xla_src.tar.gz -C ~/leaf_xla" in extract
 
 
+def test_copy_local_stops_when_git_cannot_record_the_changes(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPT, project / "scripts" / "launch_tpu.sh")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(project)]
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'changed'\n")  # uncommitted
+    launch = Launcher(tmp_path, script=project / "scripts" / "launch_tpu.sh")
+    real_git = shutil.which("git")
+    write_exe(  # git as it fails without an identity: `stash create` cannot make its commit
+        launch.bin / "git",
+        f"#!/bin/sh\ncase \"$*\" in *'stash create'*) "
+        "echo 'fatal: unable to auto-detect email address' >&2; exit 128;; esac\n"
+        f'exec {real_git} "$@"\n',
+    )
+    result = launch("--accelerator-type", "v3-8", "--copy-local")
+    assert result.returncode == 1, result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith("launch_tpu.sh: error: --copy-local:")
+    assert "'git stash create' failed" in message and "unable to auto-detect email" in message
+    assert launch.calls == []  # stopped before any TPU was looked up or created
+    assert not list(tmp_path.glob("leaf_xla-src.*"))
+
+
 def test_copy_local_needs_a_commit_before_anything_runs(tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "scripts").mkdir(parents=True)
@@ -738,22 +1112,47 @@ def test_kaggle_data_needs_credentials_on_the_vm(launch: Launcher, tmp_path: Pat
     assert not (data_dir / "plant-pathology-2020-fgvc7.zip").exists()
 
 
-def test_kaggle_json_is_copied_to_every_worker(launch: Launcher, tmp_path: Path) -> None:
+def test_kaggle_token_is_sent_0600_and_deleted_after_the_download(
+    launch: Launcher, tmp_path: Path
+) -> None:
     token = tmp_path / "kaggle.json"
-    token.write_text("{}")
-    result = launch(
-        *BASE,
-        "--accelerator-type",
-        "v4-32",
-        "--kaggle-json",
-        str(token),
-        "--data",
-        "kaggle:plant-pathology-2020-fgvc7",
-    )
+    token.write_text('{"username": "u", "key": "k"}')
+    token.chmod(0o644)
+    args = ["--accelerator-type", "v4-32", "--kaggle-json", str(token)]
+    result = launch(*BASE, *args, "--data", "kaggle:plant-pathology-2020-fgvc7")
     assert result.returncode == 0, result.stderr
     scp = next(c for c in launch.calls if verb(c) == "scp")
-    assert positional(scp) == [str(token), "leaf-xla:kaggle.json"] and "--worker=all" in scp
-    assert "chmod 600 ~/.kaggle/kaggle.json" in launch.ssh_commands()[1]
+    source, target = positional(scp)
+    assert target == "leaf-xla:.leaf_xla_kaggle/kaggle.json" and "--worker=all" in scp
+    sent = launch.state / "scp" / Path(source).name  # the fake scp keeps the mode bits
+    assert stat.S_IMODE(sent.stat().st_mode) == 0o600
+    assert sent.read_text() == token.read_text()
+    assert not Path(source).exists()  # the local 0600 copy is removed
+    prepare, download = launch.ssh_commands()[1:3]
+    assert "umask 077" in prepare
+
+    # on a worker: the folder is made 0700, the token (scp'd 0644 here) is 0600 when the Kaggle
+    # CLI reads it, from its own folder, and gone afterwards, also when the download fails
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    write_exe(
+        worker.bin / "kaggle",
+        f"#!{sys.executable}\nimport json, os, stat, sys\n"
+        "folder = os.environ['KAGGLE_CONFIG_DIR']\n"
+        "token = os.path.join(folder, 'kaggle.json')\n"
+        "print(json.dumps({'folder': folder, 'dir_mode': stat.S_IMODE(os.stat(folder).st_mode),"
+        " 'mode': stat.S_IMODE(os.stat(token).st_mode)}), flush=True)\n"
+        "sys.exit(int(os.environ.get('FAKE_KAGGLE_RC', '0')))\n",
+    )
+    folder = worker.home / ".leaf_xla_kaggle"
+    for rc in (0, 1):
+        assert worker.run(prepare).returncode == 0
+        shutil.copy(token, folder / "kaggle.json")
+        run = worker.run(download, FAKE_KAGGLE_RC=str(rc))
+        assert run.returncode == rc, run.stdout + run.stderr
+        seen = json.loads(run.stdout.splitlines()[0].removeprefix("[worker 0] "))
+        assert seen == {"folder": str(folder), "dir_mode": 0o700, "mode": 0o600}
+        assert not folder.exists()
+    assert not (worker.home / ".kaggle").exists()  # the user's own token folder: untouched
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,6 +1225,7 @@ def test_error_accelerator_type_required_to_create(launch: Launcher) -> None:
         (["--copy-local"], ["--repo and --copy-local"]),
         (["--prepare-size", "big"], ["--prepare-size"]),
         (["--name", "Bad_Name"], ["--name"]),
+        (["--kaggle-json", __file__], ["--kaggle-json needs --data kaggle:"]),
     ],
 )
 def test_error_bad_options(launch: Launcher, args: list[str], words: list[str]) -> None:
