@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 import types
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from leaf_xla import checkpoint, folds, runtime
+from leaf_xla import checkpoint, folds, rundir, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import LABEL_FORMATS, SHOWN, DataSet, Problems, read_dataset
@@ -87,7 +86,11 @@ def build_parser(
         help="ImageNet weights from the Hugging Face hub (or its cache)",
     )
     model.add_argument("--pretrained-tag", help="timm weight tag, e.g. ns_jft_in1k")
-    model.add_argument("--weights", help="local .safetensors/.pth to start from (offline)")
+    model.add_argument(
+        "--weights",
+        help="local .safetensors/.pth to start from (offline); a .pth is read with "
+        "weights_only=True: tensors only, no pickled code runs",
+    )
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head")
     model.add_argument("--drop-path-rate", type=float, help="stochastic depth (model default)")
     model.add_argument("--mean", type=float, nargs=3, help="normalisation mean (model default)")
@@ -124,7 +127,18 @@ def build_parser(
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--compile-cache", type=Path, help="persistent XLA compilation cache folder")
     run.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume although classes, image size, seed, optimizer, schedule, batch or folds "
+        "differ from the saved run (recorded in config.resumes.yaml)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run folder (the old one is deleted once the new best.pt is "
+        "saved, and put back if the new run fails before)",
+    )
     run.add_argument(
         "--checkpoint-every",
         type=int,
@@ -195,26 +209,34 @@ def prepare(args: argparse.Namespace) -> Plan:
             file=sys.stderr,
         )
 
-    run_dir = args.out_dir / (args.run_name or f"{args.model}-fold{args.fold}")
-    if run_dir.exists() and any(run_dir.glob("*.pt")) and not args.resume:
+    val_index = np.flatnonzero(fold_of == args.fold)
+    run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
+    rundir.lock_run(run_dir)  # until this process ends: no other run touches the folder
+    rundir.recover_overwrite(run_dir)
+    if args.resume:
+        if not any((run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")):
+            raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
+        identity = rundir.resume_identity(
+            args,
+            classes=data.classes,
+            image_size=image_size,
+            fold_digest=rundir.fold_digest(data.train.ids, val_index),
+        )
+        rundir.prepare_resume(run_dir, args, identity)
+        rundir.remove_stale_temps(run_dir)  # safe: the lock says no live run writes them
+    elif run_dir.exists() and any(run_dir.glob("*.pt")):
         if not args.overwrite:
             raise UserError(
                 f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                 "--overwrite to start again, or another --run-name"
             )
-        shutil.rmtree(run_dir)
-    if args.resume and not (run_dir / "last.pt").is_file():
-        raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
-    if args.resume:
-        # Temp files of saves the kill cut short (their rename never came): checkpoint-sized.
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink()
+        rundir.Overwrite(run_dir).begin()  # the old run is deleted once best.pt is saved
     run_dir.mkdir(parents=True, exist_ok=True)
     return Plan(
         args,
         data,
         np.flatnonzero(fold_of != args.fold),
-        np.flatnonzero(fold_of == args.fold),
+        val_index,
         run_dir,
         image_size,
         cache_root,
