@@ -143,6 +143,8 @@ def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
     warning = capsys.readouterr().err
     assert f"{last} is truncated" in warning and "resuming from" in warning
     assert "epoch 1 step 4" in warning
+    assert checkpoint.load_for_resume(tmp_path, warn=False)[1].name == "last.prev.pt"
+    assert capsys.readouterr().err == ""  # the replicas, after the parent has warned
 
 
 def test_resume_without_a_readable_checkpoint_tells_the_truth(tmp_path):

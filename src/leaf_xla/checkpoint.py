@@ -121,8 +121,10 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:120] if text else type(err).__name__
 
 
-def load_for_resume(run_dir: Path) -> tuple[dict[str, Any], Path]:
+def load_for_resume(run_dir: Path, warn: bool = True) -> tuple[dict[str, Any], Path]:
     """The state to resume `run_dir` from: last.pt, else (with a warning) last.prev.pt.
+
+    `warn=False` where the warning was given already (train.prepare loads it first).
 
     best.pt is no fallback: it holds no optimizer state, and resuming from it would replay
     the epochs after it with another optimizer.
@@ -145,11 +147,12 @@ def load_for_resume(run_dir: Path) -> tuple[dict[str, Any], Path]:
             f"--resume: {first}; the fallback {err} too (best.pt holds no optimizer state, so "
             "no option resumes from it): start again with --overwrite, or another --run-name"
         ) from None
-    print(
-        f"warning: {first}; resuming from {previous} (epoch {state['epoch']} step "
-        f"{state['step']}), the checkpoint saved before it",
-        file=sys.stderr,
-    )
+    if warn:
+        print(
+            f"warning: {first}; resuming from {previous} (epoch {state['epoch']} step "
+            f"{state['step']}), the checkpoint saved before it",
+            file=sys.stderr,
+        )
     return state, previous
 
 
