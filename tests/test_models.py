@@ -116,3 +116,45 @@ def test_data_config_from_pretrained_config() -> None:
     assert config["image_size"] == 299
     assert config["mean"] == pytest.approx([0.5, 0.5, 0.5])
     assert data_config(model, 128)["image_size"] == 128
+
+
+class RunsCode:
+    """A pickle that opens (creates) a file when unpickled without weights_only."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pth_weights_are_read_without_running_pickled_code(tmp_path) -> None:
+    source = create_model(ModelSpec("test_resnet", 4, pretrained=False))
+    path = tmp_path / "shared.pth"
+    torch.save({"state_dict": source.state_dict(), "extra": RunsCode(tmp_path / "ran")}, path)
+    with pytest.raises(UserError, match="pickled Python objects") as caught:
+        create_model(ModelSpec("test_resnet", 4, weights=str(path)))
+    assert str(path) in str(caught.value) and ".safetensors" in str(caught.value)
+    assert not (tmp_path / "ran").exists(), "loading the weights ran pickled code"
+
+
+def test_weights_help_says_pth_files_load_tensors_only() -> None:
+    result = run_cli("leaf_xla.train", "--help")
+    assert result.returncode == 0
+    assert "weights_only=True" in " ".join(result.stdout.split())
+
+
+def test_a_keyword_the_model_does_not_take_names_the_option() -> None:
+    with pytest.raises(UserError) as caught:
+        create_model(ModelSpec("dla46_c", 4, pretrained=False, drop_path_rate=0.1))
+    message = str(caught.value)
+    assert message.startswith("--drop-path-rate: model dla46_c does not take drop_path_rate")
+    assert "Offline" not in message and "\n" not in message
+
+
+def test_a_missing_pretrained_tag_is_not_called_offline() -> None:
+    with pytest.raises(UserError) as caught:
+        create_model(ModelSpec("test_resnet", 4, pretrained_tag="no_such_tag"))
+    message = str(caught.value)
+    assert "test_resnet.no_such_tag" in message and "--pretrained-tag" in message
+    assert "Offline" not in message

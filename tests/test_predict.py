@@ -132,7 +132,7 @@ def test_bad_inputs_are_user_errors(run_dir: Path, pp2020: Path, tmp_path, case:
         cut = tmp_path / "cut.pt"
         cut.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
         checkpoints.append(cut)
-        fragments = ["cut.pt", "unreadable"]
+        fragments = ["cut.pt", "is truncated"]
     elif case == "other classes":
         checkpoints.append(_perturbed(best, tmp_path / "other.pt", classes=CLASSES[::-1]))
         fragments = ["other.pt", "classes", "differ"]

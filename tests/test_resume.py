@@ -93,13 +93,42 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path_factory, tmp
     assert (run_dir / "last.pt").read_bytes() == before
 
 
-def test_unreadable_last_checkpoint_is_a_one_line_error(tmp_path_factory, tmp_path, pp2020):
+def test_an_unreadable_last_pt_falls_back_to_last_prev_pt(tmp_path_factory, tmp_path, pp2020):
+    """train_worker loads with checkpoint.load_for_resume(run_dir, warn=False)."""
     reference = reference_run(tmp_path_factory, pp2020)
     out = tmp_path / "out"
     shutil.copytree(reference.parent, out)
-    last, best = out / RUN / "last.pt", out / RUN / "best.pt"
+    last, previous = out / RUN / "last.pt", out / RUN / "last.prev.pt"
+    saved = torch.load(previous, weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (2, 4)  # the save before the last one
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short by a crash
+    # The rest of epoch 2 on the plain CPU device: quick, and what matters is where it starts.
+    result = run_cli(*train_args(pp2020, out, "--resume", "--device", "cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f"warning: checkpoint {last} is truncated") == 1
+    assert f"resuming from {previous} (epoch 2 step 4)" in result.stderr
+    assert f"resuming {out / RUN} at epoch 2 step 4" in result.stdout
+    state = torch.load(last, weights_only=True)
+    assert (state["epoch"], state["step"]) == (3, 0)
+    assert len(pd.read_csv(out / RUN / "history.csv")) == 3
+
+
+def test_without_a_readable_last_checkpoint_resume_tells_the_truth(
+    tmp_path_factory, tmp_path, pp2020
+):
+    reference = reference_run(tmp_path_factory, pp2020)
+    out = tmp_path / "out"
+    shutil.copytree(reference.parent, out)
+    last, previous, best = (out / RUN / name for name in ("last.pt", "last.prev.pt", "best.pt"))
     best_bytes = best.read_bytes()
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated by a crash
+    last.write_bytes(b"")
+    previous.write_bytes(b"junk")
     result = run_cli(*train_args(pp2020, out, "--resume"))
-    assert_user_error(result, f"checkpoint {last} is unreadable", "truncated")
+    assert_user_error(
+        result,
+        f"checkpoint {last} is empty",
+        f"{previous} is not a PyTorch checkpoint",
+        "best.pt holds no optimizer state",
+        "--overwrite",
+    )
     assert best.read_bytes() == best_bytes

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import timm
 import torch
 
@@ -60,14 +63,89 @@ class ModelSpec:
     drop_path_rate: float | None = None
 
 
-def _hub_error(spec: ModelSpec, tagged: str, err: Exception) -> UserError:
+# The timm keyword each option sets, to name the option when a model refuses the keyword.
+OPTION_OF_KWARG = {
+    "num_classes": "--classes",
+    "drop_rate": "--drop-rate",
+    "drop_path_rate": "--drop-path-rate",
+}
+
+
+def _hub_error(spec: ModelSpec, tagged: str, err: OSError) -> UserError:
+    """The weights could not be fetched or found in the cache: name the ways to run offline."""
     cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(
         f"--model {spec.name}: could not load ImageNet weights {tagged} from the Hugging Face hub "
-        f"or its cache (HF_HOME={cache}): {first[:200]}. Offline? Pass --weights FILE "
+        f"or its cache (HF_HOME={cache}): {_first_line(err)[:200]}. Offline? Pass --weights FILE "
         "(.safetensors or .pth) or --no-pretrained"
     )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _build(spec: ModelSpec, name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    """`timm.create_model`, with each way it fails told apart."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:  # a model class without one of the keywords
+        refused = [k for k in kwargs if f"'{k}'" in str(err)]
+        if not refused:
+            raise
+        option = OPTION_OF_KWARG.get(refused[0], refused[0])
+        raise UserError(
+            f"{option}: model {spec.name} does not take {refused[0]} ({_first_line(err)}); "
+            f"leave {option} out for this model"
+        ) from None
+    except OSError as err:  # hub, network and cache errors (huggingface_hub's are OSErrors)
+        if not pretrained:
+            raise
+        raise _hub_error(spec, name, err) from None
+    except RuntimeError as err:  # timm: no such pretrained tag, or no weights at all
+        if not pretrained:
+            raise
+        raise UserError(
+            f"--model {spec.name}: timm has no ImageNet weights {name} ({_first_line(err)}); "
+            "choose another --pretrained-tag, or pass --weights FILE or --no-pretrained"
+        ) from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors; a .pth is unpickled with weights_only=True (no code runs)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (a pickle before torch 1.6); anything else is not one.
+    if path.suffix != ".safetensors" and head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise UserError(
+            f"--weights {path}: not a readable weights file (neither .safetensors nor a file "
+            "written by torch.save)"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise UserError(f"--weights {path}: not a readable weights file ({err})") from None
+        raise UserError(
+            f"--weights {path}: holds pickled Python objects besides tensors, which are not "
+            "loaded because they could run code (torch.load weights_only=True); save its "
+            "state_dict alone, or as .safetensors"
+        ) from None
+    except (safetensors.SafetensorError, RuntimeError, EOFError, KeyError, OSError) as err:
+        raise UserError(
+            f"--weights {path}: not a readable weights file ({_first_line(err)[:160]})"
+        ) from None
+    if isinstance(state, dict):  # a training checkpoint wraps its weights, as timm reads them
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {path}: holds no state_dict (a mapping of name: tensor)")
+    return timm.models.clean_state_dict(state)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
@@ -78,10 +156,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path}: file not found")
-    try:
-        state = timm.models.load_state_dict(str(path))
-    except Exception as err:  # safetensors, pickle and zip errors have no common base
-        raise UserError(f"--weights {path}: not a readable weights file ({err})") from None
+    state = _read_weights(path)
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in skipped}
@@ -111,18 +186,12 @@ def create_model(spec: ModelSpec) -> torch.nn.Module:
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
     if spec.weights or not spec.pretrained:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model = _build(spec, arch, False, kwargs)
         if spec.weights:
             load_weights(model, spec.weights)
         return model
     tag = spec.pretrained_tag or DEFAULT_TAGS.get(arch)
-    tagged = f"{arch}.{tag}" if tag else arch
-    try:
-        return timm.create_model(tagged, pretrained=True, **kwargs)
-    except UserError:
-        raise
-    except Exception as err:  # hub, network and cache errors come in many types
-        raise _hub_error(spec, tagged, err) from None
+    return _build(spec, f"{arch}.{tag}" if tag else arch, True, kwargs)
 
 
 def default_image_size(name: str) -> int:

@@ -31,6 +31,7 @@ from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import read_dataset
 from leaf_xla.engine import TTA_FLIPS
 from leaf_xla.files import atomic_write_text
+from leaf_xla.rundir import check_name, hold_lock
 
 MODEL_KEYS = {"name", "config", "weight", "args"}
 RECIPE_KEYS = {"folds", "tta", "fit_weights", "models"}
@@ -93,6 +94,7 @@ def load_recipe(path: Path) -> dict:
             raise UserError(f"{path}: models[{k}] weight must be a number >= 0, got {weight!r}")
         if not isinstance(model.get("args", {}), dict):
             raise UserError(f"{path}: models[{k}] args must be a mapping of option: value")
+        check_name(str(model["name"]), f"{path}: models[{k}] name")
     names = [str(m["name"]) for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: model names must differ (they name the run folders): {names}")
@@ -172,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--resume", action="store_true", help="skip finished runs and resume interrupted ones"
     )
     args = parser.parse_args(argv)
+    # One recipe per output folder (its predictions and submission); each train locks its run.
+    hold_lock(args.out_dir / ".recipe.lock", f"output folder {args.out_dir} (recipe)")
     recipe_path = find_config(args.config)
     recipe = load_recipe(recipe_path)
     tta = [str(t) for t in recipe.get("tta", ["none"])]

@@ -4,15 +4,15 @@ the run directory.
     python -m leaf_xla.train --model tf_efficientnet_b7 --config configs/tf_efficientnet_b7.yaml \\
         --data-dir data/plant-pathology-2020-fgvc7 --out-dir runs
 
-Run directory (<out-dir>/<model>-fold<k>): best.pt, last.pt, config.yaml, history.csv, oof.csv,
-tb/ (TensorBoard), plots/*.png. `--resume` continues from last.pt after a kill or preemption.
+Run directory (<out-dir>/<model>-fold<k>): best.pt, last.pt (and last.prev.pt, the one before),
+config.yaml (config.resumes.yaml: what each resume changed), history.csv, oof.csv, tb/
+(TensorBoard), plots/*.png. `--resume` continues from last.pt after a kill or preemption.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 import types
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from leaf_xla import checkpoint, folds, runtime
+from leaf_xla import checkpoint, folds, rundir, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import LABEL_FORMATS, SHOWN, DataSet, Problems, read_dataset
@@ -88,7 +88,11 @@ def build_parser(
         help="ImageNet weights from the Hugging Face hub (or its cache)",
     )
     model.add_argument("--pretrained-tag", help="timm weight tag, e.g. ns_jft_in1k")
-    model.add_argument("--weights", help="local .safetensors/.pth to start from (offline)")
+    model.add_argument(
+        "--weights",
+        help="local .safetensors/.pth to start from (offline); a .pth is read with "
+        "weights_only=True: tensors only, no pickled code runs",
+    )
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head")
     model.add_argument("--drop-path-rate", type=float, help="stochastic depth (model default)")
     model.add_argument("--mean", type=float, nargs=3, help="normalisation mean (model default)")
@@ -127,7 +131,18 @@ def build_parser(
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--compile-cache", type=Path, help="persistent XLA compilation cache folder")
     run.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume although classes, image size, seed, optimizer, schedule, batch or folds "
+        "differ from the saved run (recorded in config.resumes.yaml)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run folder (the old one is deleted once the new best.pt is "
+        "saved, and put back if the new run fails before)",
+    )
     run.add_argument(
         "--checkpoint-every",
         type=int,
@@ -201,26 +216,34 @@ def prepare(args: argparse.Namespace) -> Plan:
             file=sys.stderr,
         )
 
-    run_dir = args.out_dir / (args.run_name or f"{args.model}-fold{args.fold}")
-    if run_dir.exists() and any(run_dir.glob("*.pt")) and not args.resume:
+    val_index = np.flatnonzero(fold_of == args.fold)
+    run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
+    rundir.lock_run(run_dir)  # until this process ends: no other run touches the folder
+    rundir.recover_overwrite(run_dir)
+    if args.resume:
+        if not any((run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")):
+            raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
+        identity = rundir.resume_identity(
+            args,
+            classes=data.classes,
+            image_size=image_size,
+            fold_digest=rundir.fold_digest(data.train.ids, val_index),
+        )
+        rundir.prepare_resume(run_dir, args, identity)
+        rundir.remove_stale_temps(run_dir)  # safe: the lock says no live run writes them
+    elif run_dir.exists() and any(run_dir.glob("*.pt")):
         if not args.overwrite:
             raise UserError(
                 f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                 "--overwrite to start again, or another --run-name"
             )
-        shutil.rmtree(run_dir)
-    if args.resume and not (run_dir / "last.pt").is_file():
-        raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
-    if args.resume:
-        # Temp files of saves the kill cut short (their rename never came): checkpoint-sized.
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink()
+        rundir.Overwrite(run_dir).begin()  # the old run is deleted once best.pt is saved
     run_dir.mkdir(parents=True, exist_ok=True)
     return Plan(
         args=args,
         data=data,
         train_index=np.flatnonzero(fold_of != args.fold),
-        val_index=np.flatnonzero(fold_of == args.fold),
+        val_index=val_index,
         run_dir=run_dir,
         image_size=image_size,
         cache_root=cache_root,
@@ -334,6 +357,13 @@ def build(plan: Plan) -> Run:
         "image_size": plan.image_size,
         "mean": list(mean),
         "std": list(std),
+        "resume_identity": rundir.resume_identity(
+            args,
+            classes=data.classes,
+            image_size=plan.image_size,
+            fold_digest=rundir.fold_digest(data.train.ids, plan.val_index),
+            replicas=rt.replicas,
+        ),
     }
     return Run(
         plan=plan,
@@ -353,8 +383,8 @@ def build(plan: Plan) -> Run:
 
 def restore(run: Run) -> RunState:
     """The state of `last.pt`, loaded into the model, the optimizer and the generators."""
-    args, last = run.plan.args, run.plan.run_dir / "last.pt"
-    state = checkpoint.load(last)
+    args = run.plan.args
+    state, last = checkpoint.load_for_resume(run.plan.run_dir, warn=False)  # prepare warned
     if state["model_name"] != args.model:
         raise UserError(f"--resume: {last} holds a {state['model_name']}, not {args.model}")
     if state["step"] and state["steps_per_epoch"] != run.steps:
@@ -363,7 +393,8 @@ def restore(run: Run) -> RunState:
             f"per epoch, this run has {run.steps} (batch size or replicas changed); "
             "resume with the same settings"
         )
-    run.model.load_state_dict(state["model"])
+    rundir.check_resume(state, run.meta["resume_identity"], last, force=args.force_resume)
+    checkpoint.load_model_state(run.model, state, last)
     run.optimizer.load_state_dict(state["optimizer"])
     run.rt.set_rng_state(checkpoint.restore_rng_state(state["rng"]))
     return RunState(
@@ -423,7 +454,8 @@ def announce(run: Run) -> None:
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("notf"))
         from torch.utils.tensorboard import SummaryWriter
 
-        save_config(args, run.plan.run_dir / "config.yaml")
+        if not args.resume or not (run.plan.run_dir / "config.yaml").is_file():
+            save_config(args, run.plan.run_dir / "config.yaml")  # a resume appends its changes
         run.writer = SummaryWriter(str(run.plan.run_dir / "tb"))
     if rt.is_master:
         scaled = f" ({args.lr_max:g} x {rt.replicas} replicas)" if args.scale_lr else ""
@@ -508,6 +540,7 @@ def train_epoch(run: Run, state: RunState) -> None:
         best.pop("optimizer")  # prediction needs the weights only
         checkpoint.save(rt, plan.run_dir / "best.pt", best)
         if rt.is_host_writer:
+            rundir.commit_overwrite(plan.run_dir)  # the old run --overwrite kept is not needed
             val_ids = [plan.data.train.ids[i] for i in plan.val_index]
             oof = pd.DataFrame(probs, columns=plan.data.classes)
             oof.insert(0, "image_id", val_ids)
