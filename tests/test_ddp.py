@@ -245,7 +245,8 @@ def test_a_non_finite_loss_on_one_replica_stops_every_replica(one_epoch, tmp_pat
 
 def test_torchrun_starts_the_same_job(one_epoch, tmp_path):
     """Under torchrun every process runs the command: the host's local rank 0 prepares the
-    run (folds, run folder) once, and training matches a job started with --nprocs."""
+    run (folds, run folder) once, and training matches a job started with --nprocs (up to
+    float rounding: torchrun sets OMP_NUM_THREADS=1, which changes torch's CPU reductions)."""
     data, reference = one_epoch
     out = tmp_path / "out"
     command = [
@@ -260,4 +261,6 @@ def test_torchrun_starts_the_same_job(one_epoch, tmp_path):
         torch.load(o / "test_resnet-fold0" / "last.pt", weights_only=True)["model"]
         for o in (out, reference)
     )
-    assert all(torch.equal(mine[k], v) for k, v in theirs.items())
+    for key, tensor in theirs.items():
+        scale = float(tensor.abs().max()) if tensor.is_floating_point() else 0
+        assert float((mine[key] - tensor).abs().max()) <= 1e-4 * scale + 1e-6, key
