@@ -1,7 +1,7 @@
 """The `leaf-xla` console script and the error handling every entry point shares.
 
 `leaf-xla train ...` and `python -m leaf_xla train ...` run `python -m leaf_xla.train ...`:
-each subcommand is a module with a `main(argv)` function.
+each subcommand is a module with a `main(argv)` function (`configs` is `leaf_xla.config`'s).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ COMMANDS = {
     "schedule": "print or plot the learning-rate schedule of a config",
     "convert_keras": "convert Keras ResNet152V2 ImageNet weights to safetensors",
     "demo": "the whole job on generated data, on CPU, in minutes",
+    "configs": "list the configs shipped with the package (names for --config)",
 }
+MODULES = {"configs": "config"}  # commands whose module has another name
 
 
 class UserError(Exception):
@@ -51,5 +53,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             sys.exit(2)
         return
-    module = importlib.import_module(f"leaf_xla.{argv[0]}")
+    module = importlib.import_module(f"leaf_xla.{MODULES.get(argv[0], argv[0])}")
     run(module.main, argv[1:])
