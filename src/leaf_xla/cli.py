@@ -30,10 +30,29 @@ class UserError(Exception):
     """An expected mistake in the user's input: reported as one line, no traceback."""
 
 
+class SettingError(UserError):
+    """A bad value of one named setting (a function's argument, a config key).
+
+    Library code names the setting (`decay must be in (0, 1]`), as a notebook or the recipe
+    calls it; a command line reports the flag that set it (`--decay must be in (0, 1]`),
+    since every CLI option is named after its setting.
+    """
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+    def as_flag(self) -> str:
+        return f"--{self.setting.replace('_', '-')} {self.problem}"
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Run an entry point; turn `UserError` into `error: ...` on stderr and exit code 2."""
     try:
         main(argv)
+    except SettingError as err:
+        print(f"error: {err.as_flag()}", file=sys.stderr)
+        sys.exit(2)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
