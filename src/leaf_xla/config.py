@@ -111,12 +111,20 @@ def yaml_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({err})") from None
 
 
-def apply_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    """Validate a YAML config against `parser` and set its values as the parser's defaults."""
+def apply_config(
+    parser: argparse.ArgumentParser, path: Path, only_known_keys: bool = False
+) -> dict[str, Any]:
+    """Validate a YAML config against `parser` and set its values as the parser's defaults.
+
+    `only_known_keys` skips the keys `parser` has no option for (a command that reads a part
+    of another command's config), instead of calling them unknown.
+    """
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
     for key, value in load_yaml(path).items():
         dest = str(key).replace("-", "_")
+        if dest not in actions and only_known_keys:
+            continue
         if dest not in actions:
             close = difflib.get_close_matches(dest, actions, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -126,13 +134,15 @@ def apply_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     return values
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, only_known_keys: bool = False
+) -> argparse.Namespace:
     """Parse `argv` with the values of `--config FILE` (if given) as defaults."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("-c", "--config")
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
-        apply_config(parser, find_config(known.config))
+        apply_config(parser, find_config(known.config), only_known_keys)
     return parser.parse_args(argv)
 
 
