@@ -29,9 +29,13 @@ from PIL import Image, ImageOps
 
 from leaf_xla import formats
 from leaf_xla.cli import SettingError, UserError
-from leaf_xla.formats import ID_COLUMNS, LABEL_FORMATS, LabelTable, id_column
+from leaf_xla.formats import (
+    ID_COLUMNS,
+    LABEL_FORMATS,  # noqa: F401  (the CLIs import it from here)
+    LabelTable,
+    id_column,
+)
 
-__all__ = ["ID_COLUMNS", "LABEL_FORMATS"]  # re-exported: the CLIs' --label-format choices
 # The format each accepted file name promises; an id without one of these gets `.jpg`.
 SUFFIX_FORMATS = {
     ".jpg": "JPEG",
