@@ -270,3 +270,139 @@ def test_train_stops_on_bad_labels(kind, clean, tmp_path):
     assert_user_error(result, "train.csv row")
     assert found(error, [result.stderr])
     assert not out.exists()
+
+
+# --- ids as written, and verdicts that match what train and predict do (issue 11) ----------
+
+
+def rename_id(old: str, new: str) -> Callable[[Path], None]:
+    """Give a pp2020 image another id in train.csv and on disk."""
+
+    def edit(data_dir: Path) -> None:
+        frame = pd.read_csv(data_dir / "train.csv", dtype=str)
+        frame.loc[frame.image_id == old, "image_id"] = new
+        frame.to_csv(data_dir / "train.csv", index=False)
+        (data_dir / "images" / f"{old}.jpg").rename(data_dir / "images" / f"{new}.jpg")
+
+    return edit
+
+
+@pytest.mark.parametrize("image_id", ["NA", "null", "nan"])
+def test_ids_that_pandas_calls_missing_are_ids(image_id, clean, tmp_path):
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", rename_id("Train_0", image_id))
+    data, problems = scan(data_dir)
+    assert problems.errors == [], problems.errors
+    assert image_id in data.train.ids
+    assert data.train.paths[data.train.ids.index(image_id)].name == f"{image_id}.jpg"
+
+
+def test_sample_submission_ids_are_stripped_like_test_ids(clean, tmp_path):
+    def pad(data_dir: Path) -> None:
+        sample = pd.read_csv(data_dir / "sample_submission.csv", dtype=str)
+        sample["image_id"] = " " + sample["image_id"] + " "
+        sample.to_csv(data_dir / "sample_submission.csv", index=False)
+
+    data = read_dataset(broken_copy(clean["pp2020"], tmp_path / "data", pad))
+    assert data.sample_submission["image_id"].tolist() == data.test.ids
+
+
+@pytest.mark.parametrize("image_id", ["../outside", "/etc/passwd", "sub/../../x.jpg"])
+def test_ids_outside_the_image_folder_are_errors(image_id, clean, tmp_path):
+    data_dir = broken_copy(
+        clean["pp2020"], tmp_path / "data", set_cells("train.csv", 3, image_id=image_id)
+    )
+    _, problems = scan(data_dir)
+    assert problems.errors == [
+        f"train.csv row 5: image id {image_id!r} points outside images/; ids name files inside "
+        "the image folder"
+    ]
+
+
+def test_train_rejects_an_id_outside_the_image_folder(clean, tmp_path):
+    edit = set_cells("train.csv", 3, image_id="../../secret")
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", edit)
+    result = run_cli(
+        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "r")
+    )
+    assert_user_error(result, "train.csv row 5", "'../../secret'", "points outside images/")
+
+
+def check_cli(data_dir: Path) -> tuple[int, list[str], list[str], str]:
+    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    return result.returncode, errors, warnings, lines[-1]
+
+
+def test_check_fails_without_train_csv_as_train_does(clean, tmp_path):
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", lambda d: (d / "train.csv").unlink())
+    code, errors, _, verdict = check_cli(data_dir)
+    assert code == 1 and verdict.startswith("NOT usable for training: 1 error(s)")
+    assert errors == [f"error: {data_dir}: no train.csv, so train cannot run on it (predict can)"]
+
+
+def test_header_only_train_csv_is_one_error_in_check_and_train(clean, tmp_path):
+    def header_only(data_dir: Path) -> None:
+        path = data_dir / "train.csv"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", header_only)
+    code, errors, _, _ = check_cli(data_dir)
+    assert code == 1
+    assert errors == [
+        f"error: {data_dir / 'train.csv'}: no rows under the header, so nothing to train on"
+    ]
+    result = run_cli(
+        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "r")
+    )
+    assert_user_error(result, "train.csv: no rows under the header")
+
+
+def test_no_test_ids_is_a_warning_for_training_and_an_error_for_predict(clean, tmp_path):
+    def no_test(data_dir: Path) -> None:
+        (data_dir / "test.csv").unlink()
+        (data_dir / "sample_submission.csv").unlink()
+
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", no_test)
+    code, errors, warnings, verdict = check_cli(data_dir)
+    assert code == 0 and errors == [], errors
+    assert verdict == "OK: 0 error(s), 1 warning(s)"
+    assert (
+        "neither test.csv nor sample_submission.csv, so predict has no test images" in warnings[0]
+    )
+    assert read_dataset(data_dir).test.ids == []  # train reads it
+    with pytest.raises(UserError, match="neither test.csv nor sample_submission.csv found"):
+        read_dataset(data_dir, need_train=False, need_test=True)  # predict's and the recipe's
+
+
+def test_a_text_column_in_onehot_train_csv_is_ignored_with_a_warning(clean, tmp_path):
+    def add_source(data_dir: Path) -> None:
+        frame = pd.read_csv(data_dir / "train.csv")
+        frame["source"] = ["kaggle", "field trip"] * (len(frame) // 2)
+        frame.to_csv(data_dir / "train.csv", index=False)
+
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", add_source)
+    code, errors, warnings, _ = check_cli(data_dir)
+    assert code == 0 and errors == []
+    assert warnings == [
+        "warning: train.csv: column 'source' holds text, not 0/1 labels: ignored (name the class "
+        "columns with --classes to choose them)"
+    ]
+    assert read_dataset(data_dir).classes == list(synth.PP2020_CLASSES)
+
+
+def test_a_numeric_non_label_column_is_one_error_naming_it(clean, tmp_path):
+    def add_width(data_dir: Path) -> None:
+        frame = pd.read_csv(data_dir / "train.csv")
+        frame["width"] = 512
+        frame.to_csv(data_dir / "train.csv", index=False)
+
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", add_width)
+    _, problems = scan(data_dir)
+    assert len(problems.errors) == 1
+    assert "column 'width' is not a 0/1 class column" in problems.errors[0]
+    assert "--classes" in problems.errors[0]
+    data = read_dataset(data_dir, classes=list(synth.PP2020_CLASSES))  # the advice works
+    assert data.classes == list(synth.PP2020_CLASSES)

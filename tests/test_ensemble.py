@@ -16,7 +16,8 @@ from conftest import assert_user_error, run_cli
 from PIL import Image
 
 from leaf_xla.cli import UserError
-from leaf_xla.ensemble import combine, fast_mean_auc, fit_weights, format_submission
+from leaf_xla.ensemble_fit import combine, fast_mean_auc, fit_weights
+from leaf_xla.formats import format_submission
 from leaf_xla.metrics import mean_auc
 
 CLASSES = ["healthy", "multiple_diseases", "rust", "scab"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,9 @@ def test_missing_weights_file_fails_before_any_training(pp2020: Path, tmp_path: 
         result, "keras_resnet152v2", "resnet152v2_imagenet.safetensors", "convert_keras"
     )
     assert not (tmp_path / "runs" / "tf_efficientnet_b7-fold0").exists()
+
+
+def test_recipe_checks_tta_names_without_the_engine() -> None:
+    code = "import sys, leaf_xla.recipe; assert 'leaf_xla.engine' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

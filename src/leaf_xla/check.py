@@ -19,26 +19,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, scan, verify_images
-
-FORMAT_NOTES = {
-    "onehot": "one 0/1 column per class, one class per image, as Plant Pathology 2020",
-    "multilabel": "space-separated class names, any number per image, as Plant Pathology 2021",
-    "integer": "one class number per image, as Cassava Leaf Disease",
-}
+from leaf_xla.formats import FORMATS
 
 
 def describe(data: DataSet) -> list[str]:
     """The report's summary lines: where things were found and how many of each class."""
     train, test = data.train, data.test
-    note = FORMAT_NOTES.get(data.label_format)
-    lines = [f"label format: {data.label_format} ({note})" if note else "label format: unknown"]
+    fmt = FORMATS.get(data.label_format)
+    lines = [f"label format: {fmt.name} ({fmt.description})" if fmt else "label format: unknown"]
     if train.csv:
         lines.append(
             f"train: {train.csv} (id column {data.id_column}), images in {train.image_dir.name}/"
         )
     else:
         lines.append("train: no train.csv (prediction only)")
-    lines.append(f"test: ids from {test.csv}, images in {test.image_dir.name}/")
+    if test.csv:
+        lines.append(f"test: ids from {test.csv}, images in {test.image_dir.name}/")
+    else:
+        lines.append("test: no test.csv or sample_submission.csv (training only)")
     lines.append(f"classes: {len(data.classes)}")
     if train.csv:
         counts = train.targets.sum(0).astype(int)
@@ -67,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"data directory: {args.data_dir}")
     if data is not None:
         if not data.train.csv:
-            problems.warnings.append(f"{args.data_dir}: no train.csv, so no training on it")
+            # As train will: it stops on a folder without train.csv (predict can still run).
+            problems.errors.append(
+                f"{args.data_dir}: no train.csv, so train cannot run on it (predict can)"
+            )
         print("\n".join(describe(data)))
         if args.no_decode:
             print("decode check: skipped (--no-decode)")

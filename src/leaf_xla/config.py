@@ -3,6 +3,11 @@
 `parse_args(parser, argv)` reads `--config FILE` first, checks every key of the file against the
 parser's options (unknown keys and wrong value types are `UserError`s naming the file and key),
 sets them as defaults, then parses the command line, which wins.
+
+The configs shipped with the package live in `leaf_xla/configs/` (package data, so they are in
+the wheel too) and are found by name: `--config tf_efficientnet_b7`.
+
+    leaf-xla configs        # python -m leaf_xla.config: the shipped configs
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +24,33 @@ import yaml
 from leaf_xla.cli import UserError
 from leaf_xla.files import atomic_write_text
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs inside the package, by name (the file name without `.yaml`)."""
+    folder = resources.files("leaf_xla") / "configs"
+    files = sorted(f.name for f in folder.iterdir() if f.name.endswith(".yaml"))
+    # A wheel or editable install unpacks the package onto the disk: the entries are real files.
+    return {name.removesuffix(".yaml"): Path(str(folder / name)) for name in files}
 
 
 def find_config(name_or_path: str) -> Path:
-    """A config file path, or the name of one shipped in `configs/` (with or without .yaml)."""
+    """A config file path, or the name of a shipped config (with or without .yaml).
+
+    `configs/NAME.yaml`, the path in a source checkout before the configs moved into the
+    package, still finds the shipped config when no such file exists.
+    """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"config file {name_or_path} not found (give a path or a name in {CONFIG_DIR})")
+    shipped = shipped_configs()
+    if path.parent in (Path("."), Path("configs")):
+        config = shipped.get(path.name.removesuffix(".yaml"))
+        if config is not None:
+            return config
+    raise UserError(
+        f"config file {name_or_path} not found: give a path to a YAML file or the name of a "
+        f"shipped config ({', '.join(shipped)}; leaf-xla configs lists them)"
+    )
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -90,12 +111,20 @@ def yaml_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({err})") from None
 
 
-def apply_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    """Validate a YAML config against `parser` and set its values as the parser's defaults."""
+def apply_config(
+    parser: argparse.ArgumentParser, path: Path, only_known_keys: bool = False
+) -> dict[str, Any]:
+    """Validate a YAML config against `parser` and set its values as the parser's defaults.
+
+    `only_known_keys` skips the keys `parser` has no option for (a command that reads a part
+    of another command's config), instead of calling them unknown.
+    """
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
     for key, value in load_yaml(path).items():
         dest = str(key).replace("-", "_")
+        if dest not in actions and only_known_keys:
+            continue
         if dest not in actions:
             close = difflib.get_close_matches(dest, actions, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -105,13 +134,15 @@ def apply_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     return values
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, only_known_keys: bool = False
+) -> argparse.Namespace:
     """Parse `argv` with the values of `--config FILE` (if given) as defaults."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("-c", "--config")
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
-        apply_config(parser, find_config(known.config))
+        apply_config(parser, find_config(known.config), only_known_keys)
     return parser.parse_args(argv)
 
 
@@ -120,7 +151,8 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
         "-c",
         "--config",
         metavar="FILE",
-        help="YAML file (or the name of one in configs/) whose keys set option defaults",
+        help="YAML file, or the name of a shipped config (leaf-xla configs), whose keys "
+        "set option defaults",
     )
 
 
@@ -129,3 +161,30 @@ def save_config(args: argparse.Namespace, path: Path) -> None:
     values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     values.pop("config", None)
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+
+
+def _summary(path: Path) -> str:
+    """A config's first comment line, which says what it is for."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="leaf-xla configs",
+        description="List the configs shipped with leaf_xla: pass a name to --config.",
+    )
+    parser.add_argument("--paths", action="store_true", help="print each config's file path")
+    args = parser.parse_args(argv)
+    shipped = shipped_configs()
+    width = max(map(len, shipped), default=0)
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {path if args.paths else _summary(path)}")
+
+
+if __name__ == "__main__":
+    from leaf_xla.cli import run
+
+    run(main)

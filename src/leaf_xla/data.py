@@ -1,14 +1,11 @@
 """Reading and validating a Kaggle leaf-competition data directory.
 
-Three label formats, detected from train.csv's columns or set with `label_format`:
-- onehot: one column per class, exactly one 1 per row (Plant Pathology 2020:
-  `image_id,healthy,multiple_diseases,rust,scab`);
-- multilabel: a `labels` column of space-separated class names (Plant Pathology 2021:
-  `image,labels`), trained with sigmoid + BCE;
-- integer: a `label` column of class numbers (Cassava 2020: `image_id,label`), names from
-  `label_num_to_disease_map.json` or the `classes` option.
-Test ids come from test.csv, else sample_submission.csv. Images live in `images/` or
-`train_images/` / `test_images/`, named by the id (+ `.jpg` when the id has no extension).
+train.csv's label format (one-hot columns, space-separated multi-labels, class numbers, class
+names) is detected from its columns or set with `label_format`: see `formats`, where each
+format is one entry. Test ids come from test.csv, else sample_submission.csv (ids are read as
+written: `NA` is an id, not a missing value). Images live in `images/` or `train_images/` /
+`test_images/`, named by the id (+ `.jpg` when the id has no extension); an id that points
+outside that folder is an error.
 
 Two levels of checks. `scan` (and `read_dataset`, which raises on what it finds) is cheap enough
 for every training run: CSV columns and labels, ids, and each image file's first and last bytes
@@ -18,8 +15,8 @@ check for corruption that only a decoder sees, and for odd colour modes.
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,10 +27,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from leaf_xla.cli import UserError
+from leaf_xla import formats
+from leaf_xla.cli import SettingError, UserError
+from leaf_xla.formats import (
+    ID_COLUMNS,
+    LABEL_FORMATS,  # noqa: F401  (the CLIs import it from here)
+    LabelTable,
+    id_column,
+)
 
-LABEL_FORMATS = ("auto", "onehot", "multilabel", "integer")
-ID_COLUMNS = ("image_id", "image")
 # The format each accepted file name promises; an id without one of these gets `.jpg`.
 SUFFIX_FORMATS = {
     ".jpg": "JPEG",
@@ -75,7 +77,9 @@ class DataSet:
 
     @property
     def multilabel(self) -> bool:
-        return self.label_format == "multilabel"
+        """Several classes per image: sigmoid + BCE (`auto` without train.csv: not known, no)."""
+        fmt = formats.FORMATS.get(self.label_format)
+        return fmt is not None and fmt.multilabel
 
 
 @dataclass
@@ -114,31 +118,25 @@ class DecodeError(UserError):
         self.reason = reason
 
 
-def read_csv(path: Path) -> pd.DataFrame:
+def read_csv(
+    path: Path, missing: str = "expected the competition's CSV files in that folder"
+) -> pd.DataFrame:
+    """A CSV with ids and labels as written: "007" stays "007", `NA` or `null` is an id rather
+    than a missing value (only an empty cell is missing), and an error quotes the cell's text.
+    A missing or unreadable file is a UserError naming it (`missing` says what was expected)."""
     if not path.is_file():
-        raise UserError(f"{path} not found: expected the competition's CSV files in that folder")
+        raise UserError(f"{path} not found: {missing}")
     try:
-        # Ids and labels as written: "007" stays "007", an error quotes the cell's own text.
-        frame = pd.read_csv(path, dtype={c: str for c in (*ID_COLUMNS, "label", "labels")})
+        frame = pd.read_csv(
+            path,
+            dtype={c: str for c in (*ID_COLUMNS, "label", "labels")},
+            keep_default_na=False,
+            na_values=[""],
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
-
-
-def _id_column(frame: pd.DataFrame, path: Path) -> str:
-    for column in ID_COLUMNS:
-        if column in frame.columns:
-            return column
-    raise UserError(f"{path}: no image id column (expected one of {', '.join(ID_COLUMNS)})")
-
-
-def detect_format(frame: pd.DataFrame) -> str:
-    if "labels" in frame.columns:
-        return "multilabel"
-    if "label" in frame.columns:
-        return "integer"
-    return "onehot"
 
 
 def _image_dir(data_dir: Path, split: str) -> Path:
@@ -153,122 +151,11 @@ def image_path(image_dir: Path, image_id: str) -> Path:
     return image_dir / name
 
 
-def _row(frame: pd.DataFrame, index: int, id_column: str) -> str:
-    # The CSV line number (the header is line 1) and the id: what a user searches for.
-    return f"row {index + 2} ({frame[id_column].iloc[index]})"
-
-
-def _onehot(
-    frame: pd.DataFrame, path: Path, id_column: str, classes: list[str], problems: Problems
-) -> tuple[np.ndarray, list[str]]:
-    class_columns = [c for c in frame.columns if c not in ID_COLUMNS]
-    if classes:
-        missing = [c for c in classes if c not in frame.columns]
-        if missing:
-            raise UserError(f"{path}: class column(s) {', '.join(missing)} not found")
-        class_columns = list(classes)
-    if len(class_columns) < 2:
-        raise UserError(f"{path}: expected at least two class columns after the id column")
-    values = frame[class_columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
-    binary = np.isin(values, (0, 1)).all(axis=1)
-    for i in np.flatnonzero(~binary):
-        problems.errors.append(
-            f"{path.name} {_row(frame, i, id_column)}: class values must be 0 or 1"
-        )
-    for i in np.flatnonzero(binary & (values.sum(1) != 1)):
-        positive = [c for c, v in zip(class_columns, values[i]) if v == 1]
-        problems.errors.append(
-            f"{path.name} {_row(frame, i, id_column)}: {len(positive)} positive classes "
-            f"({', '.join(positive) or 'none'}), expected exactly 1"
-        )
-    return np.nan_to_num(values).astype(np.float32), class_columns
-
-
-def _multilabel(
-    frame: pd.DataFrame, path: Path, id_column: str, classes: list[str], problems: Problems
-) -> tuple[np.ndarray, list[str]]:
-    if "labels" not in frame.columns:
-        raise UserError(f"{path}: label format multilabel needs a 'labels' column")
-    tokens = [str(v).split() if isinstance(v, str) else [] for v in frame["labels"]]
-    for i in (i for i, t in enumerate(tokens) if not t):
-        problems.errors.append(
-            f"{path.name} {_row(frame, i, id_column)}: empty labels (write 'healthy' or the "
-            "disease names)"
-        )
-    found = sorted({t for row in tokens for t in row})
-    classes = classes or found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise UserError(f"{path}: labels {', '.join(unknown)} are not in the classes option")
-    index = {c: k for k, c in enumerate(classes)}
-    values = np.zeros((len(frame), len(classes)), np.float32)
-    for i, row in enumerate(tokens):
-        values[i, [index[t] for t in row]] = 1
-    return values, classes
-
-
-def _integer(
-    frame: pd.DataFrame,
-    path: Path,
-    id_column: str,
-    classes: list[str],
-    data_dir: Path,
-    problems: Problems,
-) -> tuple[np.ndarray, list[str]]:
-    if "label" not in frame.columns:
-        raise UserError(f"{path}: label format integer needs a 'label' column")
-    labels = pd.to_numeric(frame["label"], errors="coerce").to_numpy(float)
-    whole = np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0)
-    mapping = data_dir / "label_num_to_disease_map.json"
-    if not classes and mapping.is_file():
-        try:
-            names = json.loads(mapping.read_text())
-            classes = [str(names[str(k)]) for k in range(len(names))]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(
-                f'{mapping}: expected {{"0": "name", "1": ...}} numbered from 0'
-            ) from None
-    elif not classes:
-        # Names are the numbers found; a gap means a typo (a 40 among 0..4 would make 41 classes).
-        top = int(labels[whole].max()) if whole.any() else -1
-        counts = np.bincount(labels[whole].astype(int), minlength=top + 1)
-        unused = np.flatnonzero(counts == 0)
-        if unused.size:
-            raise UserError(
-                f"{path}: no row has label {', '.join(map(str, unused[:SHOWN]))} but one has "
-                f"{top} ({_row(frame, int(np.flatnonzero(labels == top)[0]), id_column)}): "
-                "fix the label, or name the classes in label_num_to_disease_map.json or --classes"
-            )
-        classes = [str(k) for k in range(top + 1)]
-    bad = ~(whole & (labels < len(classes)))
-    text = frame["label"].fillna("").tolist()
-    for i in np.flatnonzero(bad):
-        problems.errors.append(
-            f"{path.name} {_row(frame, i, id_column)}: label {text[i]!r} is not "
-            f"one of 0..{len(classes) - 1}"
-        )
-    values = np.zeros((len(frame), len(classes)), np.float32)
-    rows = np.flatnonzero(~bad)
-    values[rows, labels[rows].astype(int)] = 1
-    return values, classes
-
-
-def _targets(
-    frame: pd.DataFrame,
-    path: Path,
-    label_format: str,
-    id_column: str,
-    classes: list[str],
-    data_dir: Path,
-    problems: Problems,
-) -> tuple[np.ndarray, list[str]]:
-    if label_format == "onehot":
-        return _onehot(frame, path, id_column, classes, problems)
-    if label_format == "multilabel":
-        return _multilabel(frame, path, id_column, classes, problems)
-    if label_format == "integer":
-        return _integer(frame, path, id_column, classes, data_dir, problems)
-    raise UserError(f"label_format must be one of {', '.join(LABEL_FORMATS)}, got {label_format!r}")
+def _read_ids(frame: pd.DataFrame, path: Path) -> tuple[str, list[str]]:
+    """(id column, ids with surrounding spaces stripped), for every CSV that lists images."""
+    column = id_column(frame, path)
+    frame[column] = frame[column].fillna("").str.strip()
+    return column, frame[column].tolist()
 
 
 def _format_of(head: bytes) -> str | None:
@@ -333,15 +220,22 @@ def _files(
     for k, image_id in enumerate(ids):
         if not image_id:
             problems.errors.append(f"{csv_name} row {k + 2}: empty image id")
+        elif Path(image_id).is_absolute() or ".." in Path(image_id).parts:
+            problems.errors.append(
+                f"{csv_name} row {k + 2}: image id {image_id!r} points outside "
+                f"{image_dir.name}/; ids name files inside the image folder"
+            )
+            problems.bad_files.add(paths[k])
         elif image_id in seen:
             first = seen[image_id] + 2
             problems.errors.append(
                 f"{csv_name} row {k + 2}: duplicate id {image_id} (also row {first})"
             )
         seen.setdefault(image_id, k)
+    inside = [p for p in paths if p not in problems.bad_files]
     # Threads: on a network disk (a bucket mount) each open waits on a round trip.
     with ThreadPoolExecutor(workers) as pool:
-        for path, (error, warning) in zip(paths, pool.map(inspect_file, paths)):
+        for path, (error, warning) in zip(inside, pool.map(inspect_file, inside)):
             problems.add(path, error, warning)
     return paths
 
@@ -352,19 +246,22 @@ def _read_train(
     """train.csv and its images: (split, label format, classes, id column)."""
     path = data_dir / "train.csv"
     frame = read_csv(path)
-    id_column = _id_column(frame, path)
-    frame[id_column] = frame[id_column].fillna("").str.strip()
-    fmt = detect_format(frame) if label_format == "auto" else label_format
-    targets, classes = _targets(frame, path, fmt, id_column, classes, data_dir, problems)
+    id_column, ids = _read_ids(frame, path)
+    if frame.empty:
+        raise UserError(f"{path}: no rows under the header, so nothing to train on")
+    fmt = formats.detect(frame, data_dir) if label_format == "auto" else formats.get(label_format)
+    table = LabelTable(frame, path, id_column, data_dir, problems.errors, problems.warnings)
+    targets, classes = fmt.targets(table, classes)
     for name in np.asarray(classes)[targets.sum(0) == 0]:
         problems.warnings.append(f"{path.name}: no image of class {name}")
-    ids = frame[id_column].tolist()
     image_dir = _image_dir(data_dir, "train")
     paths = _files(ids, image_dir, path.name, problems)
-    return Split(ids, paths, targets, path.name, image_dir), fmt, classes, id_column
+    return Split(ids, paths, targets, path.name, image_dir), fmt.name, classes, id_column
 
 
-def _read_test(data_dir: Path, sample: pd.DataFrame | None, problems: Problems) -> Split | None:
+def _read_test(
+    data_dir: Path, sample: pd.DataFrame | None, problems: Problems, need_test: bool
+) -> Split | None:
     path = data_dir / "test.csv"
     if path.is_file():
         frame = read_csv(path)
@@ -372,11 +269,24 @@ def _read_test(data_dir: Path, sample: pd.DataFrame | None, problems: Problems) 
         frame, path = sample, data_dir / "sample_submission.csv"
     elif (data_dir / "sample_submission.csv").is_file():
         return None  # unreadable: reported already
-    else:
+    elif need_test:
         raise UserError(f"{data_dir}: neither test.csv nor sample_submission.csv found")
-    ids = frame[_id_column(frame, path)].fillna("").str.strip().tolist()
+    else:
+        problems.warnings.append(
+            f"{data_dir}: neither test.csv nor sample_submission.csv, so predict has no test "
+            "images to run on (training can)"
+        )
+        return Split([], [])
+    _, ids = _read_ids(frame, path)
     image_dir = _image_dir(data_dir, "test")
     return Split(ids, _files(ids, image_dir, path.name, problems), None, path.name, image_dir)
+
+
+def _read_sample(path: Path) -> pd.DataFrame:
+    """sample_submission.csv, its ids stripped as test.csv's are (they are matched to them)."""
+    frame = read_csv(path)
+    _read_ids(frame, path)
+    return frame
 
 
 def _collect(problems: Problems, read: Callable[..., T], *args: object) -> T | None:
@@ -393,18 +303,20 @@ def scan(
     label_format: str = "auto",
     classes: Sequence[str] | None = None,
     need_train: bool = True,
+    need_test: bool = False,
 ) -> tuple[DataSet | None, Problems]:
     """Read the CSVs and run the cheap checks, collecting every problem rather than stopping.
 
-    The DataSet is None when a split cannot be read at all (a CSV, a column or the image folder
-    missing): the problems say why.
+    Without test ids (no test.csv, no sample_submission.csv) the test split is empty, with a
+    warning, unless `need_test`. The DataSet is None when a split cannot be read at all (a
+    CSV, a column or the image folder missing): the problems say why.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data directory {data_dir} not found (--data-dir)")
+        raise SettingError("data_dir", f"{data_dir}: data directory not found")
     problems = Problems()
     sample_path = data_dir / "sample_submission.csv"
-    sample = _collect(problems, read_csv, sample_path) if sample_path.is_file() else None
+    sample = _collect(problems, _read_sample, sample_path) if sample_path.is_file() else None
 
     classes = list(classes or [])
     if need_train or (data_dir / "train.csv").is_file():
@@ -413,7 +325,7 @@ def scan(
     else:
         fmt, id_column = label_format, "image_id"
         train = Split([], [], np.zeros((0, len(classes)), np.float32))
-    test = _collect(problems, _read_test, data_dir, sample, problems)
+    test = _collect(problems, _read_test, data_dir, sample, problems, need_test)
     if train is None or test is None:
         return None, problems
     if not classes and sample is not None:
@@ -427,12 +339,25 @@ def read_dataset(
     label_format: str = "auto",
     classes: Sequence[str] | None = None,
     need_train: bool = True,
+    need_test: bool = False,
 ) -> DataSet:
     """`scan`, raising a UserError that names the first offenders when it found any error."""
-    data, problems = scan(data_dir, label_format, classes, need_train)
+    data, problems = scan(data_dir, label_format, classes, need_train, need_test)
     problems.raise_if_any(str(data_dir), data_dir)
     assert data is not None  # only None with errors, raised above
     return data
+
+
+def print_warnings(data: DataSet) -> None:
+    """The data set's first warnings on stderr, and how many more `check` would list."""
+    for warning in data.warnings[:SHOWN]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(data.warnings) > SHOWN:
+        print(
+            f"warning: and {len(data.warnings) - SHOWN} more (python -m leaf_xla.check "
+            f"--data-dir {data.data_dir} lists them)",
+            file=sys.stderr,
+        )
 
 
 def decode(path: Path, size: int | None = None) -> tuple[np.ndarray, str]:

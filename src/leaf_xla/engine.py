@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 from leaf_xla.cli import UserError
 from leaf_xla.runtime import Runtime
-
-TTA_FLIPS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
+from leaf_xla.tta import TTA_FLIPS
 
 
 class NonFiniteLoss(UserError):

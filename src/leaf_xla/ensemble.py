@@ -20,26 +20,22 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import json
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
-from scipy.stats import rankdata
-from sklearn.model_selection import KFold
 
 from leaf_xla.cli import UserError
 from leaf_xla.config import find_config, load_yaml
-from leaf_xla.data import ID_COLUMNS, read_dataset
+from leaf_xla.data import read_csv, read_dataset
+from leaf_xla.ensemble_fit import combine, fit_weights
 from leaf_xla.files import atomic_to_csv, atomic_write_text
+from leaf_xla.formats import format_submission, id_column, submission_format
 from leaf_xla.metrics import column_auc, mean_auc
 
 SHOWN = 3  # offending ids named in an error
-GRID_POINTS = 2000  # most weight combinations the coarse search tries before Nelder-Mead
 
 
 def _first(values: Sequence[str]) -> str:
@@ -50,21 +46,14 @@ def _first(values: Sequence[str]) -> str:
 def read_predictions(path: Path, classes: Sequence[str] | None = None) -> pd.DataFrame:
     """A prediction CSV indexed by image_id, checked: ids present and unique, the class columns
     (reordered to `classes`), finite numbers."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path, dtype={c: str for c in ID_COLUMNS})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
-    id_column = next((c for c in ID_COLUMNS if c in frame.columns), None)
-    if id_column is None:
-        raise UserError(f"{path}: no image_id column")
+    frame = read_csv(path, missing="expected a prediction CSV (predict --out)")
+    ids = id_column(frame, path)
     if frame.empty:
         raise UserError(f"{path}: no prediction rows")
-    blank = np.flatnonzero(frame[id_column].isna().to_numpy())
+    blank = np.flatnonzero(frame[ids].isna().to_numpy())
     if len(blank):
         raise UserError(f"{path}: empty image_id on line(s) {_first((blank + 2).tolist())}")
-    frame = frame.rename(columns={id_column: "image_id"}).set_index("image_id")
+    frame = frame.rename(columns={ids: "image_id"}).set_index("image_id")
     duplicated = frame.index[frame.index.duplicated()].unique().tolist()
     if duplicated:
         raise UserError(f"{path}: duplicate image ids {_first(duplicated)}")
@@ -98,98 +87,6 @@ def align(frames: list[pd.DataFrame], paths: list[Path]) -> list[pd.DataFrame]:
     return [frame.loc[reference] for frame in frames]
 
 
-def transform(stack: np.ndarray, method: str) -> np.ndarray:
-    """(models, rows, classes) -> what is averaged: probabilities, or ranks scaled to (0, 1]."""
-    if method == "rank":
-        return rankdata(stack, axis=1) / stack.shape[1]
-    return stack
-
-
-def combine(stack: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
-    """stack: (models, rows, classes) -> (rows, classes)."""
-    return np.tensordot(weights, transform(stack, method), axes=1)
-
-
-def fast_mean_auc(targets: np.ndarray, scores: np.ndarray) -> float:
-    """metrics.mean_auc from ranks (the Mann-Whitney statistic), for the thousands of calls of a
-    weight search: the same value as scikit-learn's, ties included, without its per-call checks."""
-    positives = targets.sum(0)
-    negatives = len(targets) - positives
-    defined = (positives > 0) & (negatives > 0)
-    if not defined.any():
-        return float("nan")
-    ranks = rankdata(scores[:, defined], axis=0)
-    pos, neg = positives[defined], negatives[defined]
-    aucs = ((ranks * targets[:, defined]).sum(0) - pos * (pos + 1) / 2) / (pos * neg)
-    return float(aucs.mean())
-
-
-def _simplex(models: int, ticks: int) -> Iterator[np.ndarray]:
-    """Every weight vector with entries in multiples of 1/ticks that sums to 1."""
-    for combo in itertools.product(range(ticks + 1), repeat=models - 1):
-        if sum(combo) <= ticks:
-            yield np.array([*combo, ticks - sum(combo)]) / ticks
-
-
-def _fit_once(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Weights on the simplex maximising mean AUC of already transformed `values`: a coarse
-    grid (when it is small enough), then Nelder-Mead from the best point."""
-    models = values.shape[0]
-    best_w = np.full(models, 1 / models)
-    best = fast_mean_auc(targets, np.tensordot(best_w, values, axes=1))
-    for ticks in (10, 5, 4, 3, 2):
-        if math.comb(ticks + models - 1, models - 1) <= GRID_POINTS:
-            for w in _simplex(models, ticks):
-                score = fast_mean_auc(targets, np.tensordot(w, values, axes=1))
-                if score > best + 1e-12:
-                    best_w, best = w, score
-            break
-
-    def loss(z: np.ndarray) -> float:
-        w = np.abs(z) / max(np.abs(z).sum(), 1e-12)
-        return -fast_mean_auc(targets, np.tensordot(w, values, axes=1))
-
-    result = minimize(
-        loss, best_w, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-6, "maxiter": 200}
-    )
-    if -result.fun > best and np.abs(result.x).sum() > 0:
-        best_w = np.abs(result.x) / np.abs(result.x).sum()
-    return best_w
-
-
-def fit_weights(
-    stack: np.ndarray, targets: np.ndarray, method: str = "mean", n_splits: int = 5, seed: int = 0
-) -> tuple[np.ndarray, dict]:
-    """Weights fitted on each K-1 parts of the OOF rows and scored on the part left out.
-
-    The candidate is the mean of the per-split weights (steadier than one fit on all rows). It is
-    kept only if its splits beat equal weights on their held-out rows; otherwise the fit is
-    judged overfitted and equal weights are returned. The dict holds the held-out AUCs.
-    """
-    if len(targets) < 2 * n_splits:
-        raise UserError(f"--fit-weights: {len(targets)} OOF rows are too few to fit weights on")
-    values = transform(stack, method)
-    equal = np.full(stack.shape[0], 1 / stack.shape[0])
-    splits = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    fitted, held_fit, held_equal = [], [], []
-    for train, test in splits.split(targets):
-        w = _fit_once(values[:, train], targets[train])
-        fitted.append(w)
-        held_fit.append(fast_mean_auc(targets[test], np.tensordot(w, values[:, test], axes=1)))
-        held_equal.append(
-            fast_mean_auc(targets[test], np.tensordot(equal, values[:, test], axes=1))
-        )
-    weights = np.mean(fitted, axis=0)
-    fit_auc, equal_auc = float(np.nanmean(held_fit)), float(np.nanmean(held_equal))
-    kept = fit_auc >= equal_auc
-    return (weights / weights.sum() if kept else equal), {
-        "heldout_auc_fitted": fit_auc,
-        "heldout_auc_equal": equal_auc,
-        "splits": len(fitted),
-        "kept": "fitted" if kept else "equal",
-    }
-
-
 def expand(patterns: Sequence[str]) -> list[list[Path]]:
     """One list of files per argument: a file, a glob (e.g. every fold's oof.csv) or
     comma-separated files."""
@@ -216,45 +113,12 @@ def read_group(files: list[Path], classes: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def format_submission(
-    probs: pd.DataFrame, sample: pd.DataFrame | None, path: Path | None, threshold: float = 0.5
-) -> pd.DataFrame:
-    """The submission in sample_submission.csv's shape (its ids, order and columns):
-    probabilities, space-separated labels (multi-label) or a class number (integer)."""
-    if sample is None:
-        return probs.reset_index()
-    id_column = next((c for c in ID_COLUMNS if c in sample.columns), None)
-    if id_column is None:
-        raise UserError(f"{path}: no id column (expected one of {', '.join(ID_COLUMNS)})")
-    sample_ids = sample[id_column].astype(str)
-    duplicated = sample_ids[sample_ids.duplicated()].unique().tolist()
-    if duplicated:
-        raise UserError(f"{path}: duplicate ids {_first(duplicated)}")
-    missing = sample_ids[~sample_ids.isin(probs.index)].tolist()
-    extra = probs.index.difference(pd.Index(sample_ids), sort=False).tolist()
-    if missing or extra:
-        what = f"lack ids {_first(missing)}" if missing else f"have ids not in it: {_first(extra)}"
-        raise UserError(
-            f"the predictions do not match {path}: they {what} "
-            f"({len(missing)} missing, {len(extra)} extra); predict the test split again"
-        )
-    probs = probs.loc[sample_ids]
-    classes = list(probs.columns)
-    other = [c for c in sample.columns if c != id_column]
-    if sorted(other) == sorted(classes):
-        out = probs[other].reset_index(drop=True)
-    elif other == ["labels"]:  # multi-label: names above the threshold, at least the top one
-        names = np.array(classes)
-        chosen = [names[(row >= threshold) | (row == row.max())] for row in probs.to_numpy()]
-        out = pd.DataFrame({"labels": [" ".join(c) for c in chosen]})
-    elif other == ["label"]:
-        out = pd.DataFrame({"label": probs.to_numpy().argmax(1)})
-    else:
-        raise UserError(
-            f"{path}: columns {other} are neither the classes {classes} nor 'labels' / 'label'"
-        )
-    out.insert(0, id_column, sample_ids.to_numpy())
-    return out
+def _writes_probabilities(
+    sample: pd.DataFrame, path: Path, classes: list[str], label_format: str | None
+) -> bool:
+    """Whether the submission sample_submission.csv asks for holds probabilities (not labels)."""
+    columns = [c for c in sample.columns if c != id_column(sample, path)]
+    return submission_format(columns, classes, path, label_format).probabilities
 
 
 def config_weights(path: Path, names: list[str]) -> np.ndarray:
@@ -387,7 +251,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         else None
     )
     sample = data.sample_submission if data is not None else None
-    if args.method == "rank" and sample is not None and {"label", "labels"} & set(sample.columns):
+    sample_path = args.data_dir / "sample_submission.csv" if args.data_dir else None
+    label_format = data.label_format if data is not None else None
+    if (
+        args.method == "rank"
+        and sample is not None
+        and not _writes_probabilities(sample, sample_path, classes, label_format)
+    ):
         raise UserError(
             f"--method rank gives ranks, not the probabilities that the labels of "
             f"{args.data_dir / 'sample_submission.csv'} are chosen from: use --method mean"
@@ -440,8 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     probs = pd.DataFrame(
         combine(stack, weights, args.method), index=frames[0].index, columns=classes
     )
-    sample_path = args.data_dir / "sample_submission.csv" if args.data_dir else None
-    submission = format_submission(probs, sample, sample_path, args.threshold)
+    submission = format_submission(probs, sample, sample_path, args.threshold, label_format)
     atomic_to_csv(submission, args.out)
     report["submission"] = str(args.out)
     atomic_write_text(report_path, json.dumps(report, indent=2))

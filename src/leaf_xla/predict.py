@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leaf_xla import checkpoint, folds, runtime
+from leaf_xla import checkpoint, folds, formats, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.data import DataSet, read_dataset
-from leaf_xla.engine import TTA_FLIPS, Trainer
+from leaf_xla.engine import Trainer
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, default_cache_root, eval_batches
 from leaf_xla.models import ModelSpec, create_model
+from leaf_xla.tta import TTA_FLIPS
 
 
 @dataclass
@@ -112,7 +113,7 @@ def predict_worker(job: Job) -> None:
         trainer = Trainer(
             model.to(rt.device),
             rt,
-            multilabel=state["label_format"] == "multilabel",
+            multilabel=formats.get(state["label_format"]).multilabel,
             mean=state["mean"],
             std=state["std"],
             tta=args.tta,
@@ -163,14 +164,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{states[0]['label_format']}; average only models of one data set"
             )
     data = read_dataset(
-        args.data_dir, states[0]["label_format"], classes, need_train=args.split == "train"
+        args.data_dir,
+        states[0]["label_format"],
+        classes,
+        need_train=args.split == "train",
+        need_test=args.split == "test",
     )
     if args.split == "test":
         ids = data.test.ids
         sample = data.sample_submission
         if sample is not None:
-            sample_ids = sample[data.id_column if data.id_column in sample else sample.columns[0]]
-            sample_ids = sample_ids.astype(str).tolist()
+            path = args.data_dir / "sample_submission.csv"
+            sample_ids = sample[formats.id_column(sample, path)].astype(str).tolist()
             if sorted(sample_ids) != sorted(ids):
                 raise UserError(
                     f"{args.data_dir}: sample_submission.csv and test.csv list different image ids"

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from leaf_xla.cli import UserError
-from leaf_xla.data import LABEL_FORMATS, SHOWN, Problems, read_dataset
+from leaf_xla.data import LABEL_FORMATS, Problems, print_warnings, read_dataset
 from leaf_xla.loader import ResizeCache, default_cache_root
 
 
@@ -59,14 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = list(dict.fromkeys(data.train.paths + data.test.paths))
     cache = ResizeCache(args.cache_dir or default_cache_root(data.data_dir), args.size)
     built, warnings = build_cache(cache, paths, args.workers, progress=True)
-    warnings = data.warnings + warnings
-    for warning in warnings[:SHOWN]:
-        print(f"warning: {warning}", file=sys.stderr)
-    if len(warnings) > SHOWN:
-        print(
-            f"warning: and {len(warnings) - SHOWN} more (python -m leaf_xla.check lists them)",
-            file=sys.stderr,
-        )
+    data.warnings.extend(warnings)
+    print_warnings(data)
     print(
         f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh "
         f"({len(data.train.paths)} train + {len(data.test.paths)} test)"

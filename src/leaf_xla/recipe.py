@@ -29,9 +29,9 @@ from leaf_xla import runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import read_dataset
-from leaf_xla.engine import TTA_FLIPS
 from leaf_xla.files import atomic_write_text
 from leaf_xla.rundir import check_name, hold_lock
+from leaf_xla.tta import TTA_FLIPS
 
 MODEL_KEYS = {"name", "config", "weight", "args"}
 RECIPE_KEYS = {"folds", "tta", "fit_weights", "models"}
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(recipe_path)
     tta = [str(t) for t in recipe.get("tta", ["none"])]
     fit = args.fit_weights or bool(recipe.get("fit_weights", False))
-    read_dataset(args.data_dir)  # fail on bad data before the first compile
+    read_dataset(args.data_dir, need_test=True)  # fail on bad data before the first compile
     runs = plan_runs(recipe, args, extra)
     if not args.resume:
         started = [r.dir for r in runs if not r.options.overwrite and any(r.dir.glob("*.pt"))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,14 +15,29 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from leaf_xla.files import atomic_path  # noqa: E402
-from leaf_xla.schedule import Schedule, plot  # noqa: E402
+
+if TYPE_CHECKING:
+    from leaf_xla.schedule import Schedule
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
+    """Every plot is saved here: laid out, written to a temporary name and renamed."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)
+
+
+def lr_plot(schedule: Schedule, epochs: int, path: Path, steps_per_epoch: int = 20) -> None:
+    """The learning rate over the epochs, as the optimizer sees it (every update)."""
+    xs = [i / steps_per_epoch for i in range(epochs * steps_per_epoch + 1)]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(xs, [schedule(x) for x in xs])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title("warm-up, sustain, exponential decay")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
 
 
 def roc_plot(
@@ -89,7 +105,7 @@ def training_plots(
     ax.legend(fontsize=8)
     _save(fig, out / "auc.png")
 
-    plot(schedule, epochs, out / "lr.png")
+    lr_plot(schedule, epochs, out / "lr.png")
     if not (run_dir / "oof.csv").is_file():
         return  # no epoch scored an AUC (a validation set of one class): no best epoch to plot
     oof = pd.read_csv(run_dir / "oof.csv")

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leaf_xla.cli import UserError
-from leaf_xla.config import parse_args
+from leaf_xla.cli import SettingError
+from leaf_xla.config import add_config_option, parse_args
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,12 @@ class Schedule:
     def __post_init__(self) -> None:
         for name in ("lr_start", "lr_max", "lr_min"):
             if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0")
-        if self.ramp_epochs < 0 or self.sustain_epochs < 0:
-            raise UserError("--ramp-epochs and --sustain-epochs must be >= 0")
+                raise SettingError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("ramp_epochs", "sustain_epochs"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 < self.decay <= 1:
-            raise UserError(f"--decay must be in (0, 1], got {self.decay}")
+            raise SettingError("decay", f"must be in (0, 1], got {self.decay}")
 
     def __call__(self, epoch: float) -> float:
         if epoch < self.ramp_epochs:
@@ -53,12 +54,12 @@ class Schedule:
 def from_args(args: argparse.Namespace, replicas: int = 1) -> Schedule:
     scale = replicas if args.scale_lr else 1
     return Schedule(
-        args.lr_start,
-        args.lr_max * scale,
-        args.lr_min,
-        args.ramp_epochs,
-        args.sustain_epochs,
-        args.decay,
+        lr_start=args.lr_start,
+        lr_max=args.lr_max * scale,
+        lr_min=args.lr_min,
+        ramp_epochs=args.ramp_epochs,
+        sustain_epochs=args.sustain_epochs,
+        decay=args.decay,
     )
 
 
@@ -85,39 +86,26 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def plot(schedule: Schedule, epochs: int, path: Path, steps_per_epoch: int = 20) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from leaf_xla.files import atomic_path
-
-    xs = [i / steps_per_epoch for i in range(epochs * steps_per_epoch + 1)]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(xs, [schedule(x) for x in xs])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learning rate")
-    ax.set_title("warm-up, sustain, exponential decay")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
-    plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    from leaf_xla.train import build_parser  # a training config is plotted as it is
-
-    parser = build_parser(prog="python -m leaf_xla.schedule", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m leaf_xla.schedule",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_option(parser)
+    parser.add_argument("--epochs", type=int, default=20)
+    add_schedule_options(parser)
     parser.add_argument("--replicas", type=int, default=1, help="e.g. 8 for a TPU v3-8")
     parser.add_argument("--plot", type=Path, help="write the curve to this PNG")
-    args = parse_args(parser, argv)
+    # A training config is read for its schedule keys (and epochs); train checks the others.
+    args = parse_args(parser, argv, only_known_keys=True)
     schedule = from_args(args, args.replicas)
     for epoch in range(args.epochs):
         print(f"epoch {epoch:3d}  lr {schedule(epoch):.3e}")
     if args.plot:
-        plot(schedule, args.epochs, args.plot)
+        from leaf_xla.report import lr_plot  # matplotlib only when a plot is asked for
+
+        lr_plot(schedule, args.epochs, args.plot)
         print(f"wrote {args.plot}")
 
 

@@ -2,7 +2,8 @@
 
 Each class has a visual signature a small CNN can learn: rust is orange spots with a dark rim,
 scab dark olive blotches, `multiple_diseases` both, healthy neither (other formats give every
-disease class its own colour and spot shape). Deterministic per seed; no network.
+disease class its own colour and spot shape). Deterministic per seed; no network. Layouts: the
+three leaf competitions' and a generic `image_id,label` one with class names.
 
     python -m leaf_xla.synth --out data/demo --n-train 240 --n-test 60
 """
@@ -18,7 +19,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from leaf_xla.cli import UserError
+from leaf_xla import formats
+from leaf_xla.cli import SettingError
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 
 # Plant Pathology 2020's train split: 516 healthy, 91 multiple_diseases, 622 rust, 592 scab.
@@ -32,7 +34,17 @@ CASSAVA_CLASSES = (
     "Cassava Mosaic Disease (CMD)",
     "Healthy",
 )
-FORMATS = ("pp2020", "pp2021", "cassava")
+# Any image competition's `image_id,label` with class names (the generic label format).
+GENERIC_CLASSES = ("healthy", "leaf_blight", "powdery_mildew", "rust")
+# Each layout's label format (see formats.py): train.csv and the sample submission are written
+# by it, so that they are what reading them expects.
+LAYOUT_FORMATS = {
+    "pp2020": "onehot",
+    "pp2021": "multilabel",
+    "cassava": "integer",
+    "generic": "generic",
+}
+FORMATS = tuple(LAYOUT_FORMATS)
 
 # A spot style per disease: (fill RGB, rim RGB or None, radius as a fraction of the size, count
 # range, blotchy). The first two are the Plant Pathology 2020 rust and scab.
@@ -125,6 +137,38 @@ def _pp2020_labels(rng: np.random.Generator, n: int) -> list[list[str]]:
     return [[PP2020_CLASSES[c], *diseases[c]] for c in picks]
 
 
+def _tables(
+    label_format: formats.LabelFormat,
+    classes: list[str],
+    *,
+    id_column: str,
+    train_ids: list[str],
+    label_sets: list[list[str]],
+    test_ids: list[str],
+    sample_class: str | None,
+    with_test_csv: bool,
+) -> dict[str, pd.DataFrame]:
+    """train.csv, sample_submission.csv and (when the layout has one) test.csv, their labels
+    written by the layout's label format."""
+    index = {c: k for k, c in enumerate(classes)}
+    targets = np.zeros((len(label_sets), len(classes)))
+    for i, names in enumerate(label_sets):
+        targets[i, [index[n] for n in names]] = 1
+    train = label_format.label_frame(targets, classes)
+    train.insert(0, id_column, train_ids)
+    # The sample's placeholder answer: one class, or (no class given) uniform probabilities.
+    probs = np.full((len(test_ids), len(classes)), 1 / len(classes))
+    if sample_class is not None:
+        probs = np.zeros_like(probs)
+        probs[:, index[sample_class]] = 1
+    sample = label_format.submission(pd.DataFrame(probs, columns=classes), threshold=0.5)
+    sample.insert(0, id_column, test_ids)
+    tables = {"train.csv": train, "sample_submission.csv": sample}
+    if with_test_csv:
+        tables["test.csv"] = pd.DataFrame({id_column: test_ids})
+    return tables
+
+
 def write_dataset(
     out: Path,
     n_train: int,
@@ -136,9 +180,9 @@ def write_dataset(
 ) -> Path:
     """Write a data set in the Kaggle layout `fmt`; return `out`."""
     if n_train < 8:
-        raise UserError(f"--n-train must be at least 8 (got {n_train}): folds need every class")
+        raise SettingError("n_train", f"must be at least 8 (got {n_train}): folds need every class")
     if n_test < 1:
-        raise UserError(f"--n-test must be at least 1 (got {n_test})")
+        raise SettingError("n_test", f"must be at least 1 (got {n_test})")
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -150,17 +194,10 @@ def write_dataset(
         test_ids = [f"Test_{i}" for i in range(n_test)]
         train_dir = test_dir = out / "images"
         train_files, test_files = [f"{i}.jpg" for i in train_ids], [f"{i}.jpg" for i in test_ids]
-        onehot = [[int(c == row[0]) for c in classes] for row in labels]
-        train = pd.DataFrame(onehot, columns=list(classes))
-        train.insert(0, "image_id", train_ids)
-        tables = {
-            "train.csv": train,
-            "test.csv": pd.DataFrame({"image_id": test_ids}),
-            "sample_submission.csv": pd.DataFrame(
-                {"image_id": test_ids, **{c: 0.25 for c in classes}}
-            ),
-        }
+        label_sets = [row[:1] for row in labels]
         spot_lists = [row[1:] for row in labels]
+        id_column, with_test_csv = "image_id", True
+        sample_class = None  # probabilities: a uniform 0.25 each
     elif fmt == "pp2021":
         classes = PP2021_CLASSES
         diseases = [c for c in classes if c != "healthy"]
@@ -177,14 +214,10 @@ def write_dataset(
         label_sets = [label_sets[i] for i in rng.permutation(n_train)]
         train_files = [f"{rng.integers(16**15):015x}{i:x}.jpg" for i in range(n_train)]
         test_files = [f"{rng.integers(16**15):015x}{i:x}t.jpg" for i in range(n_test)]
+        train_ids, test_ids = train_files, test_files
         train_dir, test_dir = out / "train_images", out / "test_images"
-        tables = {
-            "train.csv": pd.DataFrame(
-                {"image": train_files, "labels": [" ".join(s) for s in label_sets]}
-            ),
-            "sample_submission.csv": pd.DataFrame({"image": test_files, "labels": "healthy"}),
-        }
         spot_lists = [[d for d in s if d != "healthy"] for s in label_sets]
+        id_column, with_test_csv, sample_class = "image", False, "healthy"
     elif fmt == "cassava":
         classes = CASSAVA_CLASSES
         order = {c: i for i, c in enumerate(classes)}
@@ -192,18 +225,40 @@ def write_dataset(
         ints = rng.permutation(ints[:n_train])
         train_files = [f"{rng.integers(10**9)}{i}.jpg" for i in range(n_train)]
         test_files = [f"{rng.integers(10**9)}{i}t.jpg" for i in range(n_test)]
+        train_ids, test_ids = train_files, test_files
         train_dir, test_dir = out / "train_images", out / "test_images"
-        tables = {
-            "train.csv": pd.DataFrame({"image_id": train_files, "label": ints}),
-            "sample_submission.csv": pd.DataFrame({"image_id": test_files, "label": 4}),
-        }
         atomic_write_text(
             out / "label_num_to_disease_map.json",
             json.dumps({str(i): c for i, c in enumerate(classes)}, indent=1),
         )
+        label_sets = [[classes[c]] for c in ints]
         spot_lists = [[] if classes[c] == "Healthy" else [classes[c]] for c in ints]
+        id_column, with_test_csv, sample_class = "image_id", False, "Healthy"
+    elif fmt == "generic":
+        classes = GENERIC_CLASSES
+        order = {c: i for i, c in enumerate(classes)}
+        # Every class at least twice, so that stratified folds and per-class AUC are defined.
+        picks = np.concatenate([np.repeat(np.arange(len(classes)), 2), rng.choice(4, n_train)])
+        picks = rng.permutation(picks[:n_train])
+        train_ids = [f"leaf_{i:04d}" for i in range(n_train)]
+        test_ids = [f"query_{i:04d}" for i in range(n_test)]
+        train_dir = test_dir = out / "images"
+        train_files, test_files = [f"{i}.jpg" for i in train_ids], [f"{i}.jpg" for i in test_ids]
+        label_sets = [[classes[c]] for c in picks]
+        spot_lists = [[] if classes[c] == "healthy" else [classes[c]] for c in picks]
+        id_column, with_test_csv, sample_class = "image_id", True, "healthy"
     else:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise SettingError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    tables = _tables(
+        formats.get(LAYOUT_FORMATS[fmt]),
+        list(classes),
+        id_column=id_column,
+        train_ids=train_ids,
+        label_sets=label_sets,
+        test_ids=test_ids,
+        sample_class=sample_class,
+        with_test_csv=with_test_csv,
+    )
 
     train_dir.mkdir(parents=True, exist_ok=True)
     test_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--format",
         choices=FORMATS,
         default="pp2020",
-        help="pp2020 one-hot columns, pp2021 space-separated labels, cassava integer labels",
+        help="pp2020 one-hot columns, pp2021 space-separated labels, cassava integer labels, "
+        "generic image_id,label with class names",
     )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ import torch
 from leaf_xla import checkpoint, folds, rundir, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
-from leaf_xla.data import LABEL_FORMATS, SHOWN, DataSet, Problems, read_dataset
+from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, print_warnings, read_dataset
 from leaf_xla.engine import Trainer, create_optimizer
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import (
@@ -207,14 +207,7 @@ def prepare(args: argparse.Namespace) -> Plan:
                 print(f"cache: {built} image(s) resized into {cache.dir}")
             cache_root = root
 
-    for warning in data.warnings[:SHOWN]:
-        print(f"warning: {warning}", file=sys.stderr)
-    if len(data.warnings) > SHOWN:
-        print(
-            f"warning: and {len(data.warnings) - SHOWN} more (python -m leaf_xla.check "
-            f"--data-dir {data.data_dir} lists them)",
-            file=sys.stderr,
-        )
+    print_warnings(data)
 
     val_index = np.flatnonzero(fold_of == args.fold)
     run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
