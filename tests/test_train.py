@@ -161,7 +161,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, reference, pp2020
     run_dir = out / reference.name
     before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt", "oof.csv")}
     result = run_cli(
-        *train_args(pp2020, out, "--resume", "--epochs", "4"),
+        *train_args(pp2020, out, "--resume", "--epochs", "4", "--force-resume"),
         *("--lr-start", "1e38", "--lr", "1e38", "--lr-min", "1e38"),
     )
     # The first update makes the weights huge; step 1 is the first non-finite loss, caught
