@@ -209,18 +209,53 @@ def resume_with(one_epoch, tmp_path, *extra: str, env: dict | None = None, data=
     return result, time.time() - started, last, before
 
 
-def test_a_decode_error_in_one_replicas_shard_stops_the_job(one_epoch, tmp_path):
+def break_image(one_epoch, tmp_path, validation: bool = False) -> tuple[Path, Path]:
+    """A private copy of the data with one image of fold 0's training (or validation) part
+    broken: a broken Huffman table, so that the file's ends stay whole."""
     data = tmp_path / "data"
     shutil.copytree(one_epoch[0], data)
     folds = pd.read_csv(one_epoch[1] / "folds.csv")
-    victim = data / "images" / f"{folds.loc[folds['fold'] != 0, 'image_id'].iloc[5]}.jpg"
+    part = folds["fold"] == 0 if validation else folds["fold"] != 0
+    victim = data / "images" / f"{folds.loc[part, 'image_id'].iloc[5]}.jpg"
     raw = bytearray(victim.read_bytes())
-    table = raw.index(b"\xff\xc4")  # a broken Huffman table: the file's ends stay whole
+    table = raw.index(b"\xff\xc4")
     raw[table + 5 : table + 21] = b"\xff" * 16
     victim.write_bytes(bytes(raw))
+    return data, victim
+
+
+def test_a_decode_error_in_one_replicas_shard_stops_the_job(one_epoch, tmp_path):
+    data, victim = break_image(one_epoch, tmp_path)
     result, seconds, last, before = resume_with(one_epoch, tmp_path, data=data)
     assert_user_error(result, victim.name)
     assert seconds < 60
+    assert last.read_bytes() == before
+
+
+def test_skip_bad_images_trains_on_and_names_the_image_once(one_epoch, tmp_path):
+    data, victim = break_image(one_epoch, tmp_path)
+    result, _, last, before = resume_with(
+        one_epoch, tmp_path, "--skip-bad-images", "--max-bad-fraction", "0.05", data=data
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = f"warning: epoch 1: skipped 1 unreadable training images: {victim.name}"
+    assert result.stdout.count(warning) == 1, result.stdout
+    assert last.read_bytes() != before
+
+
+def test_skip_bad_images_stops_above_the_fraction(one_epoch, tmp_path):
+    data, victim = break_image(one_epoch, tmp_path)
+    result, seconds, last, before = resume_with(one_epoch, tmp_path, "--skip-bad-images", data=data)
+    # One of the epoch's 48 images is 2%, above the default 1%.
+    assert_user_error(result, "1 of 48 training images", victim.name, "--max-bad-fraction 0.01")
+    assert seconds < 60
+    assert last.read_bytes() == before
+
+
+def test_skip_bad_images_never_skips_a_validation_image(one_epoch, tmp_path):
+    data, victim = break_image(one_epoch, tmp_path, validation=True)
+    result, _, last, before = resume_with(one_epoch, tmp_path, "--skip-bad-images", data=data)
+    assert_user_error(result, victim.name, "skips training images only")
     assert last.read_bytes() == before
 
 

@@ -115,7 +115,7 @@ class DecodeError(UserError):
 
     def __init__(self, path: Path, reason: str):
         super().__init__(f"{path}: cannot decode image ({reason})")
-        self.reason = reason
+        self.path, self.reason = path, reason
 
 
 def read_csv(

@@ -102,6 +102,8 @@ class Trainer:
         first = (~finite) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(first, self.step_counter, self.first_bad_step)
         self.loss_total = self.loss_total + torch.where(finite, loss, torch.zeros_like(loss))
+        # Training batches hold no padding: a masked sample is one skipped as unreadable.
+        self.skipped_total = self.skipped_total + (mask == 0).sum(dtype=torch.int32)
         self.step_counter = self.step_counter + 1
 
     @torch.no_grad()
@@ -122,13 +124,21 @@ class Trainer:
     def reset_totals(self, start_step: int = 0, loss_sum: float = 0.0) -> None:
         """Start the epoch's totals at `start_step` (a resumed epoch: with its loss so far)."""
         # Uploaded as data, not computed: no graph to compile, whatever the values.
-        self.loss_total, self.step_counter, self.first_bad_step = self.rt.upload(
-            [
-                torch.tensor(loss_sum, dtype=torch.float32),
-                torch.tensor(start_step, dtype=torch.int32),
-                torch.tensor(-1, dtype=torch.int32),
-            ]
+        self.loss_total, self.step_counter, self.first_bad_step, self.skipped_total = (
+            self.rt.upload(
+                [
+                    torch.tensor(loss_sum, dtype=torch.float32),
+                    torch.tensor(start_step, dtype=torch.int32),
+                    torch.tensor(-1, dtype=torch.int32),
+                    torch.tensor(0, dtype=torch.int32),
+                ]
+            )
         )
+
+    def skipped_images(self) -> int:
+        """Training samples skipped as unreadable this epoch, over all replicas (a host sync:
+        call between steps, on every replica)."""
+        return int(self.rt.all_reduce(self.skipped_total, "sum").item())
 
     def check_finite(self, epoch: int) -> None:
         """Raise if any step so far had a non-finite loss (a host sync: call between steps).

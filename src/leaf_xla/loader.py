@@ -140,7 +140,9 @@ class LeafImages:
     """Images by `(position, aug_seed)`, as uint8 CHW, written straight into a batch array.
 
     Positions past the end are padding: a zero image, masked out, so an evaluation batch keeps
-    its shape. `aug_seed` None means no augmentation (evaluation, prediction).
+    its shape. `aug_seed` None means no augmentation (evaluation, prediction). With `skip_bad`,
+    a training image that cannot be decoded becomes a masked zero image too; an evaluation
+    image never does (its score or prediction would be invented).
     """
 
     def __init__(
@@ -151,8 +153,10 @@ class LeafImages:
         transform_factory: Callable | None = None,
         cache: ResizeCache | None = None,
         num_classes: int = 0,
+        skip_bad: bool = False,
     ):
         self.paths = list(paths)
+        self.skip_bad = skip_bad
         self.targets = targets
         self.size = size
         self.num_classes = num_classes if targets is None else targets.shape[1]
@@ -185,16 +189,32 @@ class LeafImages:
             image = transform(image=image)["image"]
         return image
 
-    def fill(self, key: tuple[int, int | None], out: np.ndarray) -> None:
-        """Write sample `key` into `out` (3, size, size): one copy, HWC to CHW."""
+    def fill(self, key: tuple[int, int | None], out: np.ndarray) -> bool:
+        """Write sample `key` into `out` (3, size, size): one copy, HWC to CHW. False: the
+        sample is padding or was skipped as unreadable (a zero image)."""
         position, aug_seed = key
-        if position < len(self.paths):
-            out[...] = self.image(position, aug_seed).transpose(2, 0, 1)
-        else:
+        if position >= len(self.paths):
             out[...] = 0
+            return False
+        try:
+            out[...] = self.image(position, aug_seed).transpose(2, 0, 1)
+        except DecodeError as err:
+            if not self.skip_bad:
+                raise
+            if aug_seed is None:
+                raise DecodeError(
+                    err.path,
+                    f"{err.reason}; --skip-bad-images skips training images only, "
+                    "so replace or remove this one",
+                ) from None
+            out[...] = 0
+            return False
+        return True
 
-    def labels(self, keys: Sequence[tuple[int, int | None]]) -> dict[str, torch.Tensor]:
-        """A batch's target, index (-1: padding) and mask (0: padding)."""
+    def labels(
+        self, keys: Sequence[tuple[int, int | None]], filled: Sequence[bool]
+    ) -> dict[str, torch.Tensor]:
+        """A batch's target, index (-1: padding) and mask (0: padding or a skipped image)."""
         positions = np.array([k[0] for k in keys])
         real = positions < len(self.paths)
         target = np.zeros((len(keys), self.num_classes), np.float32)
@@ -203,7 +223,7 @@ class LeafImages:
         return {
             "target": torch.from_numpy(target),
             "index": torch.from_numpy(np.where(real, positions, -1).astype(np.int32)),
-            "mask": torch.from_numpy(real.astype(np.float32)),
+            "mask": torch.from_numpy(np.array(filled, np.float32)),
         }
 
 
@@ -255,6 +275,7 @@ class BatchLoader:
         self.batches = batches
         self.workers = max(1, workers)
         self.prefetch = max(1, prefetch)
+        self.skipped: list[int] = []  # positions skipped as unreadable, in the order seen
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -271,9 +292,11 @@ class BatchLoader:
             pending = deque(self._submit(pool, keys) for keys in islice(upcoming, self.prefetch))
             while pending:
                 keys, images, futures = pending.popleft()
-                for future in futures:
-                    future.result()  # re-raises a decode error here, in the training loop
+                # .result() re-raises a decode error here, in the training loop.
+                filled = [future.result() for future in futures]
+                n = len(self.dataset)
+                self.skipped += [k[0] for k, ok in zip(keys, filled) if not ok and k[0] < n]
                 following = next(upcoming, None)
                 if following is not None:
                     pending.append(self._submit(pool, following))
-                yield {"image": torch.from_numpy(images), **self.dataset.labels(keys)}
+                yield {"image": torch.from_numpy(images), **self.dataset.labels(keys, filled)}

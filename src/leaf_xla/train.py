@@ -78,6 +78,18 @@ def build_parser(
     )
     data.add_argument("--cache-dir", type=Path, help="default: <data-dir>/.leaf_xla_cache")
     data.add_argument("--workers", type=int, default=4, help="decoding threads per process")
+    data.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="train on with a training image that cannot be decoded (masked out, listed at "
+        "epoch end); validation and test images must still be readable",
+    )
+    data.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="with --skip-bad-images: stop when more of an epoch's images are unreadable",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="timm name or Keras alias (EfficientNetB7, ...)")
@@ -177,6 +189,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.max_bad_fraction < 1:
+        raise UserError(f"--max-bad-fraction {args.max_bad_fraction:g} must be in [0, 1)")
     from leaf_xla.models import resolve_name
 
     resolve_name(args.model)
@@ -333,12 +347,14 @@ def build(plan: Plan) -> Run:
         plan.image_size,
         lambda: create_transform(args.hflip, args.vflip, args.augment),
         cache,
+        skip_bad=args.skip_bad_images,
     )
     val_set = LeafImages(
         [data.train.paths[i] for i in plan.val_index],
         targets[plan.val_index],
         plan.image_size,
         cache=cache,
+        skip_bad=args.skip_bad_images,
     )
     # A loader feeds all devices of its process: one under spawn and ddp, a host's under SPMD.
     per_loader = rt.replicas // rt.loaders
@@ -483,8 +499,9 @@ def train_epoch(run: Run, state: RunState) -> None:
             run.writer.add_scalar("train/loss", loss, epoch * run.steps + step)
             run.writer.add_scalar("train/lr", lr, epoch * run.steps + step)
 
+    loader = BatchLoader(run.train_set, batches, args.workers)
     train_loss = run.trainer.train_one_epoch(
-        BatchLoader(run.train_set, batches, args.workers),
+        loader,
         epoch=epoch,
         steps=run.steps,
         start_step=first,
@@ -495,6 +512,7 @@ def train_epoch(run: Run, state: RunState) -> None:
         loss_sum=state.epoch_loss_sum,
     )
     train_seconds = time.time() - started
+    check_skipped(run, loader.skipped, epoch, samples=(run.steps - first) * run.global_batch)
     rt.average_buffers(run.model)  # every replica evaluates (and saves) the same model
     probs, val_loss = run.trainer.evaluate(
         BatchLoader(
@@ -539,6 +557,31 @@ def train_epoch(run: Run, state: RunState) -> None:
             oof.insert(0, "image_id", val_ids)
             atomic_to_csv(oof, plan.run_dir / "oof.csv")
     checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, state))
+
+
+def check_skipped(run: Run, mine: list[int], epoch: int, samples: int) -> None:
+    """Name the training images skipped as unreadable this epoch; stop above the allowed
+    fraction. Every replica calls it and sees the same count, so all stop together."""
+    count = run.trainer.skipped_images()
+    if count == 0:
+        return
+    # Fixed length (a loader's samples per epoch), -1 padded: one gathered shape every epoch.
+    positions = torch.full((run.steps * run.loader_batch,), -1, dtype=torch.int32)
+    positions[: len(mine)] = torch.tensor(mine, dtype=torch.int32)
+    gathered = run.rt.all_gather(positions.to(run.rt.device)).cpu().numpy()
+    paths = [run.train_set.paths[i] for i in sorted(set(gathered[gathered >= 0].tolist()))]
+    names = ", ".join(p.name for p in paths[:5])
+    more = count - min(len(paths), 5)  # under multi-host SPMD a host lists its own only
+    names += f" and {more} more" if more > 0 else ""
+    args = run.plan.args
+    if count > args.max_bad_fraction * samples:
+        raise UserError(
+            f"epoch {epoch}: {count} of {samples} training images cannot be decoded "
+            f"({names}), more than --max-bad-fraction {args.max_bad_fraction:g}; replace or "
+            f"remove them (python -m leaf_xla.check lists them all) or raise the fraction"
+        )
+    if run.rt.is_master:
+        print(f"warning: epoch {epoch}: skipped {count} unreadable training images: {names}")
 
 
 def write_epoch(run: Run, state: RunState, improved: bool) -> None:

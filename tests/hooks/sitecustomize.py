@@ -33,11 +33,12 @@ def _install_record(folder: str) -> None:
     fill, save = loader.LeafImages.fill, checkpoint.save
 
     def recording_fill(self, key, out):
-        fill(self, key, out)
+        filled = fill(self, key, out)
         position, aug_seed = key
         name = self.paths[position].name if position < len(self.paths) else "<pad>"
         with lock, open(os.path.join(folder, f"seen-rank{_rank()}.txt"), "a") as handle:
             handle.write(f"{name} {aug_seed}\n")
+        return filled
 
     def recording_save(rt, path, state):
         mine = rt.to_cpu(state["model"])
