@@ -690,6 +690,20 @@ def setup(
     return XlaRuntime(kind=kind, parallel=parallel, device=torch_xla.device(), precision=precision)
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null for the block: C++ prints bypass sys.stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _setup_ddp(kind: str, precision: str, timeout: float) -> DdpRuntime:
     """Join the process group described by torchrun's variables (set by `launch` or torchrun)."""
     import torch.distributed as dist
@@ -702,13 +716,14 @@ def _setup_ddp(kind: str, precision: str, timeout: float) -> DdpRuntime:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if kind == "cuda" else "gloo",
-            init_method="env://",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
+        with _native_stdout_silenced():  # gloo prints "[Gloo] Rank N is connected ..." per rank
+            dist.init_process_group(
+                "nccl" if kind == "cuda" else "gloo",
+                init_method="env://",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
     return DdpRuntime(
         kind=kind,
         parallel="ddp",
