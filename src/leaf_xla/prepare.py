@@ -2,10 +2,11 @@
 
     python -m leaf_xla.prepare --data-dir data/plant-pathology-2020-fgvc7 --size 512
 
-Training and prediction then read small arrays instead of decoding big JPEGs. They find the
-cache on their own (<data-dir>/.leaf_xla_cache/<size>px, or --cache-dir), and an entry whose
-image has changed since (size or modification time) is rebuilt, never trusted. Running this
-again only redoes what is missing or stale.
+Training and prediction fill the same cache themselves as they decode (`--cache auto`); this
+fills it ahead, and decodes every image once, which also finds the files that do not decode.
+They find the cache on their own (<data-dir>/.leaf_xla_cache/<size>px, or --cache-dir), and an
+entry whose image has changed since (size or modification time) is rebuilt, never trusted.
+Running this again only redoes what is missing or stale.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def build_parser(
         "--cache",
         choices=("auto", "build", "off"),
         default="auto",
-        help="resize cache: use when present / build first / never",
+        help="resize cache (and images kept in RAM): filled by the first epoch that decodes "
+        "each image / built for every image before training / never",
     )
     data.add_argument("--cache-dir", type=Path, help="default: <data-dir>/.leaf_xla_cache")
     data.add_argument("--workers", type=int, default=4, help="decoding threads per process")
@@ -194,18 +195,17 @@ def prepare(args: argparse.Namespace) -> Plan:
 
     cache_root = None
     if args.cache != "off":
-        root = args.cache_dir or default_cache_root(data.data_dir)
-        cache = ResizeCache(root, image_size)
-        if args.cache == "build" or cache.exists:
-            problems = Problems()
-            built = cache.build(data.train.paths, args.workers, problems)
-            problems.raise_if_any(
-                f"{data.data_dir} (while building the {image_size}px cache)", data.data_dir
-            )
-            data.warnings.extend(problems.warnings)
-            if built:
-                print(f"cache: {built} image(s) resized into {cache.dir}")
-            cache_root = root
+        cache_root = args.cache_dir or default_cache_root(data.data_dir)
+    if args.cache == "build":
+        cache = ResizeCache(cache_root, image_size)
+        problems = Problems()
+        built = cache.build(data.train.paths, args.workers, problems)
+        problems.raise_if_any(
+            f"{data.data_dir} (while building the {image_size}px cache)", data.data_dir
+        )
+        data.warnings.extend(problems.warnings)
+        if built:
+            print(f"cache: {built} image(s) resized into {cache.dir}")
 
     print_warnings(data)
 
@@ -333,12 +333,14 @@ def build(plan: Plan) -> Run:
         plan.image_size,
         lambda: create_transform(args.hflip, args.vflip, args.augment),
         cache,
+        in_ram=cache is not None,
     )
     val_set = LeafImages(
         [data.train.paths[i] for i in plan.val_index],
         targets[plan.val_index],
         plan.image_size,
         cache=cache,
+        in_ram=cache is not None,
     )
     # A loader feeds all devices of its process: one under spawn and ddp, a host's under SPMD.
     per_loader = rt.replicas // rt.loaders
