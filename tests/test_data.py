@@ -170,7 +170,7 @@ def test_plain_jpegs_take_the_opencv_path_and_match_pil(big_leaf, monkeypatch):
         data_module, "_decode_opencv", lambda *a: calls.append(a[1:]) or fast_path(*a)
     )
     fast, _ = decode(big_leaf, 300)
-    assert calls == [(2048, 1365, 300)]
+    assert calls == [(2048, 1365, (300, 300))]
     # The PIL path (taken for CMYK, EXIF turns, ...) gives the same image: one resize filter.
     monkeypatch.setattr(data_module, "_decode_opencv", lambda *a: None)
     slow, _ = decode(big_leaf, 300)

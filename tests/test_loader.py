@@ -125,7 +125,9 @@ def test_decode_error_reaches_the_training_loop(tmp_path):
 
 @pytest.fixture
 def data_dir(pp2020, tmp_path):
-    return shutil.copytree(pp2020, tmp_path / "data")
+    return shutil.copytree(
+        pp2020, tmp_path / "data", ignore=shutil.ignore_patterns(".leaf_xla_cache")
+    )
 
 
 def test_cache_is_used_while_fresh_and_rebuilt_when_stale(data_dir):

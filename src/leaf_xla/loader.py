@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from leaf_xla.cli import UserError
-from leaf_xla.data import DecodeError, Problems, decode, mode_warning
+from leaf_xla.data import (
+    DecodeError,
+    Problems,
+    decode,
+    image_shape,
+    mode_warning,
+    parse_image_size,
+)
 
 # Resized images stay in RAM while the host has more than this share of its memory available
 # (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it).
@@ -61,16 +68,18 @@ def _stamp(path: Path) -> Stamp:
 class ResizeCache:
     """Resized uint8 arrays (`.npy`), one per source image and size, written as they are decoded.
 
-    An entry is `<size>px/<folder>/<file name>/<bytes>-<mtime_ns>.npy`: named by its source's
+    An entry is `<size>px/<folder>/<file name>/<bytes>-<mtime_ns>.npy` (`512px` for a square,
+    `480x768px` for height x width): named by its source's
     size and modification time, so a changed image never matches its old entry, and no manifest
     has to be shared by the processes that fill the cache at once. Each entry is written to a
     temp file and renamed into place: a reader (another process, another host on a shared disk)
     sees a whole entry or none, and two writers of one entry write the same bytes.
     """
 
-    def __init__(self, root: Path, size: int):
-        self.dir = root / f"{size}px"
+    def __init__(self, root: Path, size: int | str):
+        self.dir = root / f"{parse_image_size(size)}px"
         self.size = size
+        self.shape = image_shape(size)
 
     @staticmethod
     def key(path: Path) -> str:
@@ -98,7 +107,7 @@ class ResizeCache:
             array = np.load(self.entry(path, stamp))
         except (OSError, ValueError):  # missing, or cut short by a crash before it reached disk
             return None, stamp
-        if array.shape != (self.size, self.size, 3) or array.dtype != np.uint8:
+        if array.shape != (*self.shape, 3) or array.dtype != np.uint8:
             return None, stamp
         return array, stamp
 
@@ -178,7 +187,7 @@ class LeafImages:
         self,
         paths: Sequence[Path],
         targets: np.ndarray | None,
-        size: int,
+        size: int | str,
         transform_factory: Callable | None = None,
         cache: ResizeCache | None = None,
         num_classes: int = 0,
@@ -187,9 +196,10 @@ class LeafImages:
         self.paths = list(paths)
         self.targets = targets
         self.size = size
+        self.shape = image_shape(size)
         self.num_classes = num_classes if targets is None else targets.shape[1]
         self.transform_factory = transform_factory
-        self.cache = cache if cache is not None and cache.size == size else None
+        self.cache = cache if cache is not None and cache.shape == self.shape else None
         self.writing = self.cache is not None  # until a write fails (read-only, full disk)
         self.in_ram = in_ram
         self.kept: dict[int, np.ndarray] = {}
@@ -253,10 +263,16 @@ class LeafImages:
                 transform = self._local.transform = self.transform_factory()
             transform.set_random_seed(aug_seed)
             image = transform(image=image)["image"]
+            if image.shape[:2] != self.shape:
+                raise UserError(
+                    f"augment: the transforms turned a {self.shape[0]}x{self.shape[1]} image "
+                    f"into {image.shape[0]}x{image.shape[1]}; every batch has one shape, so "
+                    "use transforms that keep the image size"
+                )
         return image
 
     def fill(self, key: tuple[int, int | None], out: np.ndarray) -> None:
-        """Write sample `key` into `out` (3, size, size): one copy, HWC to CHW."""
+        """Write sample `key` into `out` (3, height, width): one copy, HWC to CHW."""
         position, aug_seed = key
         if position < len(self.paths):
             out[...] = self.image(position, aug_seed).transpose(2, 0, 1)
@@ -330,8 +346,7 @@ class BatchLoader:
         return len(self.batches)
 
     def _submit(self, pool: ThreadPoolExecutor, keys: list) -> tuple[list, np.ndarray, list]:
-        size = self.dataset.size
-        images = np.empty((len(keys), 3, size, size), np.uint8)
+        images = np.empty((len(keys), 3, *self.dataset.shape), np.uint8)
         futures = [pool.submit(self.dataset.fill, k, images[j]) for j, k in enumerate(keys)]
         return keys, images, futures
 
