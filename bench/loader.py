@@ -1,43 +1,39 @@
-"""Training-loader throughput: leaf_xla's loader against the loader a typical Kaggle kernel uses.
+"""Host input pipeline: leaf_xla's loader against the seed kernel's tf.data, on the same JPEGs.
 
-    python bench/loader.py [--work-dir /tmp/leaf_xla_bench] [--n 64] [--workers 2] [--size 512]
+    python bench/loader.py --data /tmp/leafbench [--sizes 512 800] [--rounds 2] [--workers 2]
 
-Writes (once) N synthetic 2048x1365 leaf JPEGs at quality 95, about 1 MB each like the
-competition's photos, builds the resize cache with prepare's code, then times epochs of
-- baseline: torch DataLoader with `--workers` processes over a Dataset doing a full PIL decode,
-  albumentations Resize + flips + Normalize, float32 tensors (the common Kaggle kernel);
-- jpeg: leaf_xla's LeafImages + BatchLoader + train_batches from the JPEGs, `--workers`
-  threads, DCT-scaled decode, flips, uint8 batches;
-- cache: the same from the resize cache.
-The epochs of the three are interleaved, so that they share whatever else loads the machine.
-Prints images/s and CPU time per image (the steadier figure on a busy machine) with medians
-and ratios against the baseline of the same run, and for leaf_xla's loader (threads in this
-process) the peak RSS of each epoch, which should stay flat.
+`--data`: a folder with `images/*.jpg` (e.g. written by make_jpegs.py, 2048x1365 at quality 95);
+without it, N synthetic 2048x1365 q95 leaves are written once under `--work-dir`. Every figure
+comes from a fresh process (its own imports, its own peak memory), the pipelines taking turns
+within each round so that they share whatever else loads the machine:
+- `seed`: the seed's tf.data (read_file, decode_jpeg, /255 to float, resize, random flips,
+  batch, prefetch, AUTOTUNE; `.repeat()` with one iterator, as its model.fit); needs TensorFlow
+  (the `keras` extra);
+- `leaf`: LeafImages + BatchLoader + train_batches, `--workers` threads, flips, uint8 batches,
+  decoding every pass (`--cache off`);
+- one warm-up pass, then `--passes` timed passes, for each size;
+- 20 epochs at the first size, total input time: `seed` decoding every epoch, `seed+cache`
+  with `.cache()` after decode + resize (the float images kept in RAM), and `leaf` with
+  `--cache auto` starting from an empty cache (epoch 1 decodes and fills it, the rest read RAM).
+Prints each run's passes, then per row the figure of every round, their median and the ratio
+to the seed's median of the same run, and each process's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no PyPI version check on import
-
-import albumentations as A  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, train_batches  # noqa: E402
-from leaf_xla.prepare import build_cache  # noqa: E402
-from leaf_xla.synth import draw_leaf  # noqa: E402
-from leaf_xla.transforms import create_transform  # noqa: E402
+import numpy as np
 
 WIDTH, HEIGHT, QUALITY = 2048, 1365, 95
 NOISE = 4.0  # per-pixel sigma: the fine texture that makes a q95 photo weigh about 1 MB
@@ -45,6 +41,10 @@ NOISE = 4.0  # per-pixel sigma: the fine texture that makes a q95 photo weigh ab
 
 def make_images(folder: Path, n: int, workers: int) -> list[Path]:
     """The benchmark JPEGs, written once and reused by later runs."""
+    from PIL import Image
+
+    from leaf_xla.synth import draw_leaf
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"leaf_{i:04d}.jpg" for i in range(n)]
 
@@ -64,150 +64,189 @@ def make_images(folder: Path, n: int, workers: int) -> list[Path]:
     return paths
 
 
-class NaiveDataset(torch.utils.data.Dataset):
-    """The typical Kaggle PyTorch kernel's Dataset: full decode, resize, flips, normalise."""
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    def __init__(self, paths: list[Path], targets: np.ndarray, size: int):
-        self.paths, self.targets = paths, targets
-        self.transform = A.Compose(
-            [A.Resize(size, size), A.HorizontalFlip(), A.VerticalFlip(), A.Normalize()]
+
+# --- one measurement, in its own process -----------------------------------------------------
+
+
+def seed_pipeline(paths: list[str], size: int, batch: int, cache: bool) -> Iterable:
+    """The seed kernel's tf.data input, as written there (plus `.cache()` when asked)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    auto = tf.data.experimental.AUTOTUNE
+
+    def decode_image(filename, label):
+        image = tf.image.decode_jpeg(tf.io.read_file(filename), channels=3)
+        image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (size, size))
+        return image, label
+
+    def data_augment(image, label):
+        image = tf.image.random_flip_left_right(image)
+        return tf.image.random_flip_up_down(image), label
+
+    labels = tf.one_hot(np.arange(len(paths)) % 4, 4)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(decode_image, auto)
+    if cache:
+        ds = ds.cache()
+    ds = ds.map(data_augment, auto).repeat().batch(batch).prefetch(auto)
+    return iter(ds)
+
+
+def measure(args: argparse.Namespace, paths: list[Path]) -> dict:
+    """Time `args.worker` on `paths`: images/s of each timed pass, or the total of all epochs."""
+    import itertools
+
+    steps = -(-len(paths) // args.batch_size)
+    if args.worker.startswith("seed"):
+        batches = seed_pipeline([str(p) for p in paths], args.size, args.batch_size, args.cached)
+
+        def one_pass(_: int) -> int:
+            return sum(int(b[0].shape[0]) for b in itertools.islice(batches, steps))
+
+    else:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, train_batches
+        from leaf_xla.transforms import create_transform
+
+        cache = ResizeCache(args.cache_dir, args.size) if args.cache_dir else None
+        targets = np.eye(4, dtype=np.float32)[np.arange(len(paths)) % 4]
+        images = LeafImages(
+            paths, targets, args.size, create_transform, cache, in_ram=cache is not None
         )
 
-    def __len__(self) -> int:
-        return len(self.paths)
+        def one_pass(epoch: int) -> int:
+            batches = train_batches(len(paths), args.batch_size, 1, 0, 0, epoch)
+            return sum(len(b["image"]) for b in BatchLoader(images, batches, args.workers))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = np.array(Image.open(self.paths[i]).convert("RGB"))
-        image = self.transform(image=image)["image"]
-        return torch.from_numpy(image.transpose(2, 0, 1)), torch.from_numpy(self.targets[i])
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    rates, start = [], time.perf_counter()
+    for epoch in range(args.epochs):
+        begun = time.perf_counter()
+        count = one_pass(epoch)
+        rates.append(count / (time.perf_counter() - begun))
+    total = time.perf_counter() - start
+    return {"rates": rates, "total_s": total, "peak_mib": peak_rss_mib()}
 
 
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS count (VmHWM) so that each epoch gets its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+# --- the rounds ------------------------------------------------------------------------------
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process's threads and of its finished children (DataLoader workers)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def run_epoch(batches: Iterable, batch_size: int) -> dict[str, float]:
-    """One epoch: images/s, CPU milliseconds per image, this process's peak and final RSS."""
-    per_epoch = reset_peak_rss()
-    wall, cpu, images = time.perf_counter(), cpu_seconds(), 0
-    for batch in batches:
-        images += batch_size
-        del batch
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    return {
-        "rate": images / wall,
-        "cpu_ms": 1000 * cpu / images,
-        "peak": _status_kb("VmHWM") / 1024 if per_epoch else float("nan"),
-        "rss": _status_kb("VmRSS") / 1024,
-    }
+def run_worker(args: argparse.Namespace, kind: str, size: int, epochs: int, **extra) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--size",
+        str(size),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--paths-file",
+        str(args.paths_file),
+    ]
+    if extra.get("cached"):
+        command.append("--cached")
+    if extra.get("cache_dir"):
+        command += ["--cache-dir", str(extra["cache_dir"])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} {size}px failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="folder with images/*.jpg")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/leaf_xla_bench"))
-    parser.add_argument("--n", type=int, default=64, help="images (written once)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--n", type=int, default=200, help="images (written once without --data)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=3, help="timed passes after a warm-up")
+    parser.add_argument("--long-epochs", type=int, default=20, help="epochs of the total rows")
+    parser.add_argument("--rounds", type=int, default=2)
+    # one measurement (run by the rounds, in a process of its own)
+    parser.add_argument("--worker", choices=("seed", "leaf"), help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--paths-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    paths = make_images(args.work_dir / f"jpeg_{WIDTH}x{HEIGHT}_q{QUALITY}", args.n, args.workers)
+    if args.worker:
+        paths = [Path(p) for p in args.paths_file.read_text().split("\n") if p]
+        print(json.dumps(measure(args, paths)))
+        return
+
+    if args.data:
+        paths = sorted((args.data / "images").glob("*.jpg"))[: args.n]
+    else:
+        paths = make_images(args.work_dir / f"jpeg_{WIDTH}x{HEIGHT}_q{QUALITY}", args.n, 2)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    args.paths_file = args.work_dir / "paths.txt"
+    args.paths_file.write_text("\n".join(map(str, paths)))
     mean_mb = np.mean([p.stat().st_size for p in paths]) / 1e6
     print(
-        f"{args.n} JPEGs {WIDTH}x{HEIGHT} q{QUALITY}, mean {mean_mb:.2f} MB; {args.size}px, "
-        f"batch {args.batch_size}, {args.workers} worker(s), {os.cpu_count()} CPU(s), "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"{len(paths)} JPEGs, mean {mean_mb:.2f} MB; batch {args.batch_size}, "
+        f"{args.workers} thread(s), {os.cpu_count()} CPU(s); 1 warm-up + {args.passes} timed "
+        f"passes; {args.rounds} round(s); load average {os.getloadavg()[0]:.1f}",
+        flush=True,
     )
-    rng = np.random.default_rng(0)
-    targets = np.eye(4, dtype=np.float32)[rng.integers(0, 4, args.n)]
-    torch.set_num_threads(1)  # the loaders' own workers do the work, as in training
-
-    cache_root = args.work_dir / "cache"
-    shutil.rmtree(cache_root, ignore_errors=True)
-    start = time.perf_counter()
-    build_cache(ResizeCache(cache_root, args.size), paths, args.workers)
-    built = args.n / (time.perf_counter() - start)
-    disk_mb = sum(f.stat().st_size for f in cache_root.rglob("*.npy")) / 1e6
-    print(f"resize cache (prepare's code): built at {built:.1f} img/s, {disk_mb:.0f} MB on disk")
-
-    naive = NaiveDataset(paths, targets, args.size)
-    direct = LeafImages(paths, targets, args.size, create_transform)
-    cached = LeafImages(
-        paths, targets, args.size, create_transform, ResizeCache(cache_root, args.size)
-    )
-
-    def baseline(epoch: int) -> Iterable:
-        torch.manual_seed(epoch)
-        return torch.utils.data.DataLoader(
-            naive, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
-        )
-
-    def ours(images: LeafImages) -> Callable[[int], Iterable]:
-        def epoch_batches(epoch: int) -> Iterable:
-            batches = train_batches(args.n, args.batch_size, 1, 0, 0, epoch)
-            return BatchLoader(images, batches, args.workers)
-
-        return epoch_batches
-
-    loaders = {
-        "baseline": baseline,  # DataLoader processes, full decode, albumentations, float32
-        "jpeg": ours(direct),  # leaf_xla threads, DCT-scaled decode, flips, uint8
-        "cache": ours(cached),  # leaf_xla from the resize cache
-    }
-    # Epochs interleaved, so that the three share whatever else loads the machine.
-    print(
-        f"RSS before the first epoch {_status_kb('VmRSS') / 1024:.0f} MiB (mostly torch's import)"
-    )
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in loaders}
-    for epoch in range(args.epochs):
-        for name, epoch_batches in loaders.items():
-            row = run_epoch(epoch_batches(epoch), args.batch_size)
-            results[name].append(row)
-            memory = (
-                ""
-                if name == "baseline"
-                else (f"  peak RSS {row['peak']:4.0f} MiB, after {row['rss']:4.0f} MiB")
-            )
+    long_size = args.sizes[0]
+    rows: dict[str, list[dict]] = {}  # name: one result per round
+    base_of: dict[str, str] = {}  # name: the seed row it is compared with
+    for round_ in range(args.rounds):
+        for size in args.sizes:
+            for kind in ("seed", "leaf"):
+                name = f"{kind} {size}px img/s"
+                got = run_worker(args, kind, size, 1 + args.passes)
+                got["figure"] = statistics.mean(got["rates"][1:])  # the warm-up left out
+                rows.setdefault(name, []).append(got)
+                base_of[name] = f"seed {size}px img/s"
+                passes = " ".join(f"{r:.1f}" for r in got["rates"][1:])
+                print(f"round {round_} {kind:<4} {size}px: {got['figure']:6.1f} img/s ({passes})")
+        cache_dir = args.work_dir / "cache"
+        for label, kind, extra in (
+            ("seed", "seed", {}),
+            ("seed+cache", "seed", {"cached": True}),
+            ("leaf auto", "leaf", {"cache_dir": cache_dir}),
+        ):
+            name = f"{args.long_epochs} epochs {label} s"
+            shutil.rmtree(cache_dir, ignore_errors=True)  # every long leaf run starts empty
+            got = run_worker(args, kind, long_size, args.long_epochs, **extra)
+            got["figure"] = got["total_s"]
+            rows.setdefault(name, []).append(got)
+            base_of[name] = f"{args.long_epochs} epochs seed s"
             print(
-                f"epoch {epoch} {name:<8} {row['rate']:7.1f} img/s  "
-                f"{row['cpu_ms']:5.1f} CPU ms/img{memory}"
+                f"round {round_} {args.long_epochs} epochs {label} {long_size}px: "
+                f"{got['total_s']:.1f} s (epoch 1 {len(paths) / got['rates'][0]:.1f} s, "
+                f"then {len(paths) / statistics.median(got['rates'][1:]):.2f} s/epoch), "
+                f"peak RSS {got['peak_mib']:.0f} MiB",
+                flush=True,
             )
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
-    def median(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[name])
-
-    base_rate, base_cpu = median("baseline", "rate"), median("baseline", "cpu_ms")
-    print(f"\nmedians over {args.epochs} epochs ({args.workers} workers each):")
-    print(f"  {'':<20}{'img/s':>8}{'vs base':>9}{'CPU ms/img':>12}{'vs base':>9}")
-    labels = {
-        "baseline": "baseline",
-        "jpeg": "leaf_xla, JPEGs",
-        "cache": "leaf_xla, cache",
-    }
-    for name, label in labels.items():
-        rate, cpu = median(name, "rate"), median(name, "cpu_ms")
-        print(f"  {label:<20}{rate:8.1f}{rate / base_rate:8.2f}x{cpu:12.1f}{base_cpu / cpu:8.2f}x")
-    print("  targets: JPEGs >= 1.6x, cache >= 8x the baseline's images/s")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print(f"{'':<28}{'rounds':>16}{'median':>9}{'vs seed':>9}{'peak RSS MiB':>14}")
+    for name, results in rows.items():
+        figures = [r["figure"] for r in results]
+        median = statistics.median(figures)
+        seed = statistics.median(r["figure"] for r in rows[base_of[name]])
+        # images/s: higher is better; seconds: lower is better
+        ratio = median / seed if name.endswith("img/s") else seed / median
+        shown = "/".join(f"{f:.1f}" for f in figures)
+        peak = "/".join(f"{r['peak_mib']:.0f}" for r in results)
+        print(f"{name:<28}{shown:>16}{median:9.1f}{ratio:8.2f}x{peak:>14}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
+from leaf_xla import data as data_module
 from leaf_xla import synth
 from leaf_xla.cli import UserError
 from leaf_xla.data import decode, read_dataset
@@ -74,7 +75,8 @@ def test_integer_labels_with_a_gap_are_a_typo(tmp_path):
 
 
 def test_pp2021_trains_end_to_end_with_a_refreshed_cache(tmp_path):
-    """synth -> prepare -> an image changes -> train: the cache entry is rebuilt, BCE runs."""
+    """synth -> prepare -> an image changes -> train --cache build: the entry is rebuilt first,
+    BCE runs."""
     data_dir, out = tmp_path / "data", tmp_path / "runs"
     _synth(data_dir, "pp2021", n_train=24, n_test=2)
     prepared = run_cli("leaf_xla.prepare", "--data-dir", str(data_dir), "--size", "32")
@@ -91,7 +93,7 @@ def test_pp2021_trains_end_to_end_with_a_refreshed_cache(tmp_path):
         "leaf_xla.train",
         *("--model", "test_resnet", "--config", "demo", "--data-dir", str(data_dir)),
         *("--out-dir", str(out), "--epochs", "1", "--device", "cpu", "--image-size", "32"),
-        *("--batch-size", "8", "--n-folds", "2", "--workers", "1"),
+        *("--batch-size", "8", "--n-folds", "2", "--workers", "1", "--cache", "build"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cache: 1 image(s) resized" in result.stdout
@@ -148,9 +150,10 @@ def big_leaf(tmp_path_factory):
     return path
 
 
-# Measured (Pillow 13, libjpeg-turbo): mean absolute difference 0.61 at 512 px, 0.65 at 256 px,
-# on 0..255; decoding one DCT scale too small gives 1.27 and 0.85.
-@pytest.mark.parametrize("size,bound", [(512, 1.0), (256, 1.0)])
+# Measured (OpenCV 5.1 DCT-scaled decode + torch's antialiased bilinear, against Pillow 13):
+# mean absolute difference 0.61 at 512 px, 0.65 at 256 px, 0.002 at 800 px (no DCT scale fits,
+# so only the resize differs), on 0..255; decoding one DCT scale too small gives 1.27 and 0.85.
+@pytest.mark.parametrize("size,bound", [(800, 0.05), (512, 1.0), (256, 1.0)])
 def test_dct_scaled_decode_is_close_to_a_full_decode(big_leaf, size, bound):
     fast, _ = decode(big_leaf, size)
     with Image.open(big_leaf) as image:
@@ -158,3 +161,17 @@ def test_dct_scaled_decode_is_close_to_a_full_decode(big_leaf, size, bound):
     difference = np.abs(fast.astype(float) - np.asarray(full, dtype=float)).mean()
     assert fast.shape == (size, size, 3)
     assert difference < bound, difference
+
+
+def test_plain_jpegs_take_the_opencv_path_and_match_pil(big_leaf, monkeypatch):
+    calls = []
+    fast_path = data_module._decode_opencv
+    monkeypatch.setattr(
+        data_module, "_decode_opencv", lambda *a: calls.append(a[1:]) or fast_path(*a)
+    )
+    fast, _ = decode(big_leaf, 300)
+    assert calls == [(2048, 1365, (300, 300))]
+    # The PIL path (taken for CMYK, EXIF turns, ...) gives the same image: one resize filter.
+    monkeypatch.setattr(data_module, "_decode_opencv", lambda *a: None)
+    slow, _ = decode(big_leaf, 300)
+    assert np.abs(fast.astype(float) - slow).mean() < 0.5

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from leaf_xla import prepare
+from leaf_xla import loader, prepare
 from leaf_xla.cli import UserError
 from leaf_xla.data import DecodeError, Problems, decode, read_dataset
 from leaf_xla.loader import (
@@ -124,15 +125,18 @@ def test_decode_error_reaches_the_training_loop(tmp_path):
 
 @pytest.fixture
 def data_dir(pp2020, tmp_path):
-    return shutil.copytree(pp2020, tmp_path / "data")
+    return shutil.copytree(
+        pp2020, tmp_path / "data", ignore=shutil.ignore_patterns(".leaf_xla_cache")
+    )
 
 
 def test_cache_is_used_while_fresh_and_rebuilt_when_stale(data_dir):
     paths = read_dataset(data_dir).train.paths[:6]
     cache = ResizeCache(default_cache_root(data_dir), SIZE)
-    assert cache.dir == data_dir / ".leaf_xla_cache" / f"{SIZE}px" and not cache.exists
+    assert cache.dir == data_dir / ".leaf_xla_cache" / f"{SIZE}px"
+    assert cache.stale(paths) == paths
     assert cache.build(paths, 2, Problems()) == 6
-    assert cache.exists and cache.stale(paths) == []
+    assert cache.stale(paths) == []
     for path in paths:
         assert np.array_equal(np.load(cache.entry(path)), decode(path, SIZE)[0])
 
@@ -142,16 +146,91 @@ def test_cache_is_used_while_fresh_and_rebuilt_when_stale(data_dir):
     reopened = ResizeCache(default_cache_root(data_dir), SIZE)
     assert np.array_equal(LeafImages(paths, None, SIZE, cache=reopened).image(0, None), marked)
 
-    # A newer image file is not trusted to its entry: decoded until the entry is rebuilt.
+    # A newer image file is not trusted to its entry: decoded, and its entry replaced.
+    old_entry = cache.entry(paths[0])
     stat = paths[0].stat()
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert reopened.stale(paths) == [paths[0]]
     fresh = decode(paths[0], SIZE)[0]
     assert np.array_equal(LeafImages(paths, None, SIZE, cache=reopened).image(0, None), fresh)
-    assert reopened.build(paths, 2, Problems()) == 1
+    assert reopened.stale(paths) == [] and not old_entry.exists()
     assert np.array_equal(np.load(reopened.entry(paths[0])), fresh)
+    # A damaged entry (cut short, another shape) is decoded again, not trusted.
+    np.save(reopened.entry(paths[1]), marked[:4])
+    assert np.array_equal(
+        LeafImages(paths, None, SIZE, cache=reopened).image(1, None), decode(paths[1], SIZE)[0]
+    )
     # Another size is another cache.
     assert LeafImages(paths, None, SIZE * 2, cache=reopened).cache is None
+
+
+def test_first_epoch_fills_the_cache_each_image_decoded_once(data_dir, monkeypatch):
+    """Two loaders as two processes of one host: over two epochs of their shards and an
+    evaluation, every image is decoded and written once, by the loader whose shard holds it,
+    and the batches are the same as without a cache."""
+    data = read_dataset(data_dir)
+    paths, targets = data.train.paths[:27], data.train.targets[:27]  # 3 left out each epoch
+    shards = [
+        (epoch, rank, train_batches(27, 4, 2, rank, seed=1, epoch=epoch))
+        for epoch in range(2)
+        for rank in range(2)
+    ]
+    plain = LeafImages(paths, targets, SIZE, jitter)
+    want = [[b["image"] for b in BatchLoader(plain, batches)] for _, _, batches in shards]
+
+    decoded: list[Path] = []
+    written: list[Path] = []
+    real_write = ResizeCache.write
+
+    def counting_decode(path, size):
+        decoded.append(path)
+        return decode(path, size)
+
+    def counting_write(self, path, array, stamp):
+        written.append(path)
+        real_write(self, path, array, stamp)
+
+    monkeypatch.setattr(loader, "decode", counting_decode)
+    monkeypatch.setattr(ResizeCache, "write", counting_write)
+    root = default_cache_root(data_dir)
+    processes = [
+        LeafImages(paths, targets, SIZE, jitter, ResizeCache(root, SIZE)) for _ in range(2)
+    ]
+    for (_, rank, batches), expected in zip(shards, want):
+        got = [b["image"] for b in BatchLoader(processes[rank], batches, workers=2)]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(decoded) == len(set(decoded)) >= 24  # epoch 0's 24, epoch 1 the rest it has
+    for rank, images in enumerate(processes):
+        list(BatchLoader(images, eval_batches(27, 4, 2, rank), workers=2))
+    assert sorted(decoded) == sorted(written) == sorted(paths)  # each once, all of them
+
+
+def test_images_stay_in_ram_while_the_host_has_room(data_dir, monkeypatch):
+    paths = read_dataset(data_dir).train.paths[:4]
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    monkeypatch.setattr(loader, "ram_room", lambda: 10 * SIZE * SIZE * 3)
+    images = LeafImages(paths, None, SIZE, jitter, cache, in_ram=True)
+    first = [images.image(k, 5) for k in range(4)]
+    assert sorted(images.kept) == [0, 1, 2, 3]
+    assert all(not a.flags.writeable for a in images.kept.values())  # no transform edits them
+    shutil.rmtree(cache.dir)  # later epochs touch neither the cache nor the JPEGs
+    assert all(np.array_equal(a, images.image(k, 5)) for k, a in enumerate(first))
+    # A host short of memory keeps nothing more (and reads the cache instead).
+    monkeypatch.setattr(loader, "ram_room", lambda: 0)
+    short = LeafImages(paths, None, SIZE, cache=cache, in_ram=True)
+    short.image(0, None)
+    assert short.kept == {} and not short.in_ram and cache.is_fresh(paths[0])
+
+
+def test_a_cache_that_cannot_be_written_warns_once(data_dir, capsys):
+    paths = read_dataset(data_dir).train.paths[:3]
+    root = data_dir / "not_a_folder"
+    root.write_text("a file where the cache folder would go")
+    images = LeafImages(paths, None, SIZE, cache=ResizeCache(root, SIZE))
+    for k in range(3):
+        assert np.array_equal(images.image(k, None), decode(paths[k], SIZE)[0])
+    err = capsys.readouterr().err
+    assert err.count("warning: resize cache") == 1 and "decoded every epoch" in err
 
 
 def test_cache_keeps_same_named_files_of_two_folders_apart(tmp_path):

@@ -40,7 +40,9 @@ def test_seed_model_matches_keras(alias: str) -> None:
     model.eval()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, native, native))
-    assert out.shape == (1, 4)
+        # --image-size HEIGHTxWIDTH: landscape inputs go through as they are.
+        wide = model(torch.zeros(1, 3, 96, 160))
+    assert out.shape == wide.shape == (1, 4)
 
 
 def test_aliases_shadow_no_timm_name() -> None:

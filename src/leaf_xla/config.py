@@ -76,6 +76,11 @@ def _check_value(path: Path, key: str, value: Any, action: argparse.Action) -> A
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
         return value
+    if getattr(action.type, "yaml_values", False):  # a type that reads lists too
+        try:
+            return action.type(value)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
     if action.nargs in ("+", "*") and not isinstance(value, list):
         value = [value]
     values = value if isinstance(value, list) else [value]

@@ -15,6 +15,7 @@ check for corruption that only a decoder sees, and for odd colour modes.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -23,8 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import cv2
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from leaf_xla import formats
@@ -48,8 +52,18 @@ SUFFIX_FORMATS = {
 }
 TAIL_BYTES = 1024  # read from each file's end to find the end-of-image marker
 VERIFY_SIZE = 64  # the decode check decodes at 1/8 scale: every byte parsed, few pixels made
+MIN_SIZE = 8  # pixels per side of --image-size
 SHOWN = 5  # offenders listed in an error before "and N more"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# OpenCV's DCT-scaled JPEG decodes, largest reduction first.
+REDUCED_FLAGS = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
+# The loader runs one decode per thread; OpenCV's own pool inside each call would only
+# compete with those threads for the same cores.
+cv2.setNumThreads(1)
 T = TypeVar("T")
 
 
@@ -360,25 +374,130 @@ def print_warnings(data: DataSet) -> None:
         )
 
 
-def decode(path: Path, size: int | None = None) -> tuple[np.ndarray, str]:
-    """Decode to an RGB uint8 array, EXIF orientation applied, resized to size x size.
+ImageShape = tuple[int, int]  # (height, width)
 
-    JPEGs are decoded with libjpeg's DCT scaling (PIL `draft`) straight to the smallest scale
-    that is not below the target, so a 2048x1365 leaf for a 512 px model is decoded at 1024x683
-    and never at full size. Returns the array and the file's original mode ("RGB", "CMYK", ...).
+
+def parse_image_size(value: int | str | Sequence[int]) -> int | str:
+    """The canonical --image-size: 512 for a square, "480x768" (height x width) otherwise.
+
+    Reads what the CLI and YAML give: 512, "512", "480x768", [480, 768]. A square stays a plain
+    number, so its checkpoints, resume checks and cache folder are what they were.
     """
+    if isinstance(value, (list, tuple)):
+        sides = list(value) if len(value) == 2 else []  # [height, width]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        sides = [value]
+    else:
+        text = str(value).strip().lower()
+        try:
+            sides = [int(side) for side in text.split("x")]
+        except ValueError:
+            sides = []
+    if (
+        len(sides) not in (1, 2)
+        or not all(isinstance(side, int) and not isinstance(side, bool) for side in sides)
+        or min(sides) < MIN_SIZE
+    ):
+        raise UserError(
+            f"--image-size {value!r}: expected SIZE or HEIGHTxWIDTH in pixels, at least "
+            f"{MIN_SIZE} each (e.g. 512 or 512x768)"
+        )
+    height, width = sides[0], sides[-1]
+    return height if height == width else f"{height}x{width}"
+
+
+parse_image_size.yaml_values = (
+    True  # config.py: YAML's own values (a [height, width] list) go in as is
+)
+
+
+def image_shape(size: int | str | Sequence[int]) -> ImageShape:
+    """(height, width) of an --image-size value."""
+    value = parse_image_size(size)
+    if isinstance(value, int):
+        return value, value
+    height, width = value.split("x")
+    return int(height), int(width)
+
+
+def _reduced_flag(width: int, height: int, shape: ImageShape) -> int:
+    """The smallest OpenCV DCT scale (1, 1/2, 1/4, 1/8) whose output is still >= the target."""
+    for scale, flag in REDUCED_FLAGS:
+        if -(-height // scale) >= shape[0] and -(-width // scale) >= shape[1]:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
+def _turns(width: int, height: int, shape: ImageShape) -> bool:
+    """A portrait photo for a landscape size (or the other way round) is turned, not squashed."""
+    return shape[0] != shape[1] and height != width and (height > width) != (shape[0] > shape[1])
+
+
+def _decode_opencv(data: bytes, width: int, height: int, shape: ImageShape) -> np.ndarray | None:
+    """A plain RGB JPEG: OpenCV's DCT-scaled decode, then torch's antialiased bilinear resize.
+
+    The resize is PIL's BILINEAR filter (the same output to about 0.001 of 255) at a third of
+    the time of PIL's or of cv2.INTER_AREA, and like the decode it runs without the GIL, so
+    the loader's threads scale. None when OpenCV cannot decode the file: PIL then tries, and
+    reports the error.
+    """
+    turn = _turns(width, height, shape)
+    stored = shape[::-1] if turn else shape  # the target in the file's own orientation
+    flags = _reduced_flag(width, height, stored) | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None:
+        return None
+    if bgr.shape[:2] != stored:
+        chw = torch.from_numpy(bgr).permute(2, 0, 1).unsqueeze(0)
+        chw = F.interpolate(chw, size=stored, mode="bilinear", antialias=True)
+        bgr = chw[0].permute(1, 2, 0).numpy()
+    if turn:
+        bgr = cv2.rotate(bgr, cv2.ROTATE_90_COUNTERCLOCKWISE)  # as PIL's ROTATE_90
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # on the small image: cheaper than before
+
+
+def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[np.ndarray, str]:
+    """Decode to an RGB uint8 array, EXIF orientation applied, resized to `size`.
+
+    `size`: an --image-size value (512, "480x768" = height x width); None keeps the full size.
+    A photo whose orientation (after EXIF) is not the size's, a portrait one for a landscape
+    size, is turned 90 degrees counter-clockwise first rather than squashed; square sizes
+    squash as before. A plain RGB JPEG (the common case) goes through OpenCV
+    (`_decode_opencv`). Anything else (CMYK, grayscale, palette, an EXIF turn to apply, a file
+    cut short, another format under a .jpg name, a full-size decode) goes through PIL: `draft`
+    picks libjpeg's DCT scale the same way, then exif_transpose, convert and the same bilinear
+    filter. Returns the array and the file's original mode ("RGB", "CMYK", ...).
+    """
+    shape = None if size is None else image_shape(size)
     try:
-        with Image.open(path) as image:
-            if size is not None:
-                image.draft("RGB", (size, size))
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             mode = image.mode
             # exif_transpose copies even when there is nothing to turn: ask first.
-            if image.getexif().get(0x0112, 1) != 1:
+            exif_turned = image.getexif().get(0x0112, 1) != 1
+            if (
+                shape is not None
+                and image.format == "JPEG"
+                and mode == "RGB"
+                and not exif_turned
+                and data.rstrip(b"\0").endswith(b"\xff\xd9")  # else PIL says it is truncated
+            ):
+                array = _decode_opencv(data, *image.size, shape)
+                if array is not None:
+                    return array, mode
+            if shape is not None:
+                # A photo that turns: both sides at least the larger target side.
+                turning = exif_turned or _turns(*image.size, shape)
+                image.draft("RGB", (max(shape), max(shape)) if turning else shape[::-1])
+            if exif_turned:
                 image = ImageOps.exif_transpose(image)
             if image.mode != "RGB":
                 image = image.convert("RGB")
-            if size is not None and image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            if shape is not None:
+                if _turns(*image.size, shape):
+                    image = image.transpose(Image.Transpose.ROTATE_90)
+                if image.size != shape[::-1]:
+                    image = image.resize(shape[::-1], Image.Resampling.BILINEAR)
             return np.asarray(image), mode
     except DECODE_ERRORS as err:
         reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,21 +1,24 @@
 """The host input pipeline: decode (or read the resize cache), augment, batch as uint8.
 
 On a TPU VM the host, not the TPU, usually limits training on big JPEGs, so:
-- JPEGs are decoded with DCT scaling to about the target size (data.decode), or read from a
-  pre-resized cache (`python -m leaf_xla.prepare`) kept fresh by file size and mtime;
-- decoding runs in threads (PIL and numpy release the GIL), no worker processes to fork;
+- JPEGs are decoded with DCT scaling to about the target size (data.decode) only once: the
+  first epoch that decodes an image also writes its resized copy into the resize cache, which
+  later epochs and later runs at that size read (`python -m leaf_xla.prepare` fills it ahead);
+  while the host has memory to spare, the resized images also stay in RAM after the first epoch;
+- decoding runs in threads (OpenCV, torch and numpy release the GIL), no worker processes;
 - batches leave as uint8 NCHW: a quarter of the bytes of float32 to copy to the device, where
   the compiled step converts and normalises them;
 - every batch has the same shape: training drops the ragged tail, evaluation pads the last
   batch and carries a mask, so nothing recompiles and no sample is lost.
 Augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the thread
-timing, and a resumed run sees exactly the batches the killed one would have.
+timing, and a resumed run sees exactly the batches the killed one would have. A cached image is
+the decoded array itself, so where an image comes from never changes a batch.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -27,11 +30,21 @@ import numpy as np
 import torch
 
 from leaf_xla.cli import UserError
-from leaf_xla.data import DecodeError, Problems, decode, mode_warning
-from leaf_xla.files import atomic_path, atomic_write_text
+from leaf_xla.data import (
+    DecodeError,
+    Problems,
+    decode,
+    image_shape,
+    mode_warning,
+    parse_image_size,
+)
 
-MANIFEST = "manifest.json"
-SAVE_EVERY = 1000  # images between manifest writes while building
+# Resized images stay in RAM while the host has more than this share of its memory available
+# (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it).
+RAM_FLOOR = 0.5
+RAM_RECHECK = 256 << 20  # bytes kept between two looks at /proc/meminfo
+
+Stamp = tuple[int, int]
 
 
 # --- the resize cache -----------------------------------------------------------------------
@@ -47,42 +60,72 @@ def default_cache_root(data_dir: Path) -> Path:
     )
 
 
-def _stamp(path: Path) -> list[int]:
+def _stamp(path: Path) -> Stamp:
     stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    return stat.st_size, stat.st_mtime_ns
 
 
 class ResizeCache:
-    """Pre-resized uint8 arrays (`.npy`), one per source image, valid while size+mtime match."""
+    """Resized uint8 arrays (`.npy`), one per source image and size, written as they are decoded.
 
-    def __init__(self, root: Path, size: int):
-        self.dir = root / f"{size}px"
+    An entry is `<size>px/<folder>/<file name>/<bytes>-<mtime_ns>.npy` (`512px` for a square,
+    `480x768px` for height x width): named by its source's
+    size and modification time, so a changed image never matches its old entry, and no manifest
+    has to be shared by the processes that fill the cache at once. Each entry is written to a
+    temp file and renamed into place: a reader (another process, another host on a shared disk)
+    sees a whole entry or none, and two writers of one entry write the same bytes.
+    """
+
+    def __init__(self, root: Path, size: int | str):
+        self.dir = root / f"{parse_image_size(size)}px"
         self.size = size
-        manifest = self.dir / MANIFEST
-        self.entries: dict[str, list[int]] = (
-            json.loads(manifest.read_text()) if manifest.is_file() else {}
-        )
-
-    @property
-    def exists(self) -> bool:
-        return (self.dir / MANIFEST).is_file()
+        self.shape = image_shape(size)
 
     @staticmethod
     def key(path: Path) -> str:
         # With its folder: train_images/ and test_images/ may hold files of the same name.
         return f"{path.parent.name}/{path.name}"
 
-    def entry(self, path: Path) -> Path:
-        return self.dir / f"{self.key(path)}.npy"
+    def entry(self, path: Path, stamp: Stamp | None = None) -> Path:
+        size, mtime = stamp or _stamp(path)
+        return self.dir / self.key(path) / f"{size}-{mtime}.npy"
 
     def is_fresh(self, path: Path) -> bool:
         try:
-            return self.entries.get(self.key(path)) == _stamp(path) and self.entry(path).is_file()
+            return self.entry(path).is_file()
         except FileNotFoundError:
             return False
 
     def stale(self, paths: Sequence[Path]) -> list[Path]:
         return [p for p in paths if not self.is_fresh(p)]
+
+    def read(self, path: Path) -> tuple[np.ndarray | None, Stamp]:
+        """(the entry of `path` or None, the stamp it was looked up by: stat before decoding,
+        so that a file changed meanwhile stays stale). FileNotFoundError: no source file."""
+        stamp = _stamp(path)
+        try:
+            array = np.load(self.entry(path, stamp))
+        except (OSError, ValueError):  # missing, or cut short by a crash before it reached disk
+            return None, stamp
+        if array.shape != (*self.shape, 3) or array.dtype != np.uint8:
+            return None, stamp
+        return array, stamp
+
+    def write(self, path: Path, array: np.ndarray, stamp: Stamp) -> None:
+        final = self.entry(path, stamp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Unique per writer; no fsync: a lost entry is only decoded again.
+        tmp = final.with_name(f".{os.getpid()}-{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        for old in final.parent.glob("*.npy"):  # the entry of the image before it changed
+            if old != final:
+                old.unlink(missing_ok=True)
 
     def build(
         self,
@@ -98,39 +141,34 @@ class ResizeCache:
         """
         todo = self.stale(paths)
 
-        def one(path: Path) -> tuple[list[int] | None, str | None, str | None]:
+        def one(path: Path) -> tuple[str | None, str | None]:
             try:
                 stamp = _stamp(path)  # before decoding: a file changed meanwhile stays stale
                 array, mode = decode(path, self.size)
             except DecodeError as err:
-                return None, str(err), None
+                return str(err), None
             except FileNotFoundError:
-                return None, f"{path}: missing image file", None
-            with atomic_path(self.entry(path)) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, array)
-            return stamp, None, mode_warning(path, mode)
+                return f"{path}: missing image file", None
+            self.write(path, array, stamp)
+            return None, mode_warning(path, mode)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for done, (path, (stamp, error, warning)) in enumerate(
-                zip(todo, pool.map(one, todo)), start=1
-            ):
-                if stamp is None:
-                    problems.errors.append(error)
-                    problems.bad_files.add(path)
-                    self.entries.pop(self.key(path), None)
-                else:
-                    self.entries[self.key(path)] = stamp
-                if warning:
-                    problems.warnings.append(warning)
+            for path, (error, warning) in zip(todo, pool.map(one, todo)):
+                problems.add(path, error, warning)
                 if progress:
                     progress(1)
-                if done % SAVE_EVERY == 0:
-                    self.save()  # a build killed half way keeps what it made
-        self.save()
         return len(todo)
 
-    def save(self) -> None:
-        atomic_write_text(self.dir / MANIFEST, json.dumps(self.entries))
+
+def ram_room() -> int:
+    """Bytes the host can give before its available memory falls to RAM_FLOOR of the total
+    (0 where /proc/meminfo is missing)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return 0
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.endswith("kB")}
+    return max(0, kib.get("MemAvailable", 0) - int(RAM_FLOOR * kib.get("MemTotal", 0))) << 10
 
 
 # --- samples and batches --------------------------------------------------------------------
@@ -140,43 +178,85 @@ class LeafImages:
     """Images by `(position, aug_seed)`, as uint8 CHW, written straight into a batch array.
 
     Positions past the end are padding: a zero image, masked out, so an evaluation batch keeps
-    its shape. `aug_seed` None means no augmentation (evaluation, prediction). With `skip_bad`,
-    a training image that cannot be decoded becomes a masked zero image too; an evaluation
-    image never does (its score or prediction would be invented).
+    its shape. `aug_seed` None means no augmentation (evaluation, prediction). With a `cache`,
+    each image is read from it, or decoded and written to it; `in_ram` also keeps the resized
+    images in this process's memory while the host has RAM to spare (see RAM_FLOOR). With
+    `skip_bad`, a training image that cannot be decoded becomes a masked zero image too; an
+    evaluation image never does (its score or prediction would be invented).
     """
 
     def __init__(
         self,
         paths: Sequence[Path],
         targets: np.ndarray | None,
-        size: int,
+        size: int | str,
         transform_factory: Callable | None = None,
         cache: ResizeCache | None = None,
         num_classes: int = 0,
         skip_bad: bool = False,
+        in_ram: bool = False,
     ):
         self.paths = list(paths)
         self.skip_bad = skip_bad
         self.targets = targets
         self.size = size
+        self.shape = image_shape(size)
         self.num_classes = num_classes if targets is None else targets.shape[1]
         self.transform_factory = transform_factory
-        self.cache = cache if cache is not None and cache.size == size else None
-        self.fresh = (
-            set()
-            if self.cache is None
-            else {i for i, p in enumerate(self.paths) if self.cache.is_fresh(p)}
-        )
+        self.cache = cache if cache is not None and cache.shape == self.shape else None
+        self.writing = self.cache is not None  # until a write fails (read-only, full disk)
+        self.in_ram = in_ram
+        self.kept: dict[int, np.ndarray] = {}
+        self._credit = 0  # bytes that may still be kept before the next look at meminfo
+        self._lock = threading.Lock()
         self._local = threading.local()  # one albumentations Compose per thread: it has RNG state
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, position: int) -> np.ndarray:
-        """The resized HWC image, from the cache when its entry is fresh."""
-        if position in self.fresh:
-            return np.load(self.cache.entry(self.paths[position]))
-        return decode(self.paths[position], self.size)[0]
+        """The resized HWC image: from RAM, from the cache, or decoded (and then cached)."""
+        kept = self.kept.get(position)
+        if kept is not None:
+            return kept
+        path, array, stamp = self.paths[position], None, None
+        if self.cache is not None:
+            try:
+                array, stamp = self.cache.read(path)
+            except FileNotFoundError:
+                pass  # decode names the missing file
+        if array is None:
+            array = decode(path, self.size)[0]
+            if stamp is not None and self.writing:
+                self._write(path, array, stamp)
+        if self.in_ram:
+            self._keep(position, array)
+        return array
+
+    def _write(self, path: Path, array: np.ndarray, stamp: Stamp) -> None:
+        """Fill the cache; a cache that cannot be written is only slower: warn once, go on."""
+        try:
+            self.cache.write(path, array, stamp)
+        except OSError as err:
+            with self._lock:
+                if self.writing:
+                    self.writing = False
+                    print(
+                        f"warning: resize cache {self.cache.dir}: cannot write "
+                        f"({err.strerror or err}); images are decoded every epoch",
+                        file=sys.stderr,
+                    )
+
+    def _keep(self, position: int, array: np.ndarray) -> None:
+        with self._lock:
+            if self._credit < array.nbytes:
+                self._credit = min(ram_room(), RAM_RECHECK)
+                if self._credit < array.nbytes:
+                    self.in_ram = False  # the host is short of memory: keep no more
+                    return
+            self._credit -= array.nbytes
+            array.setflags(write=False)  # shared by every later epoch: no transform may edit it
+            self.kept[position] = array
 
     def image(self, position: int, aug_seed: int | None) -> np.ndarray:
         """The HWC image at `position`, augmented with the transform seeded by `aug_seed`."""
@@ -187,10 +267,16 @@ class LeafImages:
                 transform = self._local.transform = self.transform_factory()
             transform.set_random_seed(aug_seed)
             image = transform(image=image)["image"]
+            if image.shape[:2] != self.shape:
+                raise UserError(
+                    f"augment: the transforms turned a {self.shape[0]}x{self.shape[1]} image "
+                    f"into {image.shape[0]}x{image.shape[1]}; every batch has one shape, so "
+                    "use transforms that keep the image size"
+                )
         return image
 
     def fill(self, key: tuple[int, int | None], out: np.ndarray) -> bool:
-        """Write sample `key` into `out` (3, size, size): one copy, HWC to CHW. False: the
+        """Write sample `key` into `out` (3, height, width): one copy, HWC to CHW. False: the
         sample is padding or was skipped as unreadable (a zero image)."""
         position, aug_seed = key
         if position >= len(self.paths):
@@ -281,8 +367,7 @@ class BatchLoader:
         return len(self.batches)
 
     def _submit(self, pool: ThreadPoolExecutor, keys: list) -> tuple[list, np.ndarray, list]:
-        size = self.dataset.size
-        images = np.empty((len(keys), 3, size, size), np.uint8)
+        images = np.empty((len(keys), 3, *self.dataset.shape), np.uint8)
         futures = [pool.submit(self.dataset.fill, k, images[j]) for j, k in enumerate(keys)]
         return keys, images, futures
 

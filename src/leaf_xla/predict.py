@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="per replica")
     parser.add_argument("--workers", type=int, default=4, help="decoding threads")
+    parser.add_argument(
+        "--cache",
+        choices=("auto", "off"),
+        default="auto",
+        help="resize cache: read it, and fill it with the images decoded / never",
+    )
     parser.add_argument("--cache-dir", type=Path, help="resize cache (default: the data's)")
     parser.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
     runtime.add_launch_options(parser)
@@ -120,12 +126,11 @@ def predict_worker(job: Job) -> None:
         )
         size = state["image_size"]
         root = args.cache_dir or default_cache_root(data.data_dir)
-        cache = ResizeCache(root, size)
         images = LeafImages(
             [split.paths[position[i]] for i in ids],
             None,
             size,
-            cache=cache if cache.exists else None,
+            cache=ResizeCache(root, size) if args.cache == "auto" else None,
             num_classes=len(data.classes),
         )
         batch = args.batch_size * (rt.replicas // rt.loaders)

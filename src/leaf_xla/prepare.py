@@ -2,10 +2,11 @@
 
     python -m leaf_xla.prepare --data-dir data/plant-pathology-2020-fgvc7 --size 512
 
-Training and prediction then read small arrays instead of decoding big JPEGs. They find the
-cache on their own (<data-dir>/.leaf_xla_cache/<size>px, or --cache-dir), and an entry whose
-image has changed since (size or modification time) is rebuilt, never trusted. Running this
-again only redoes what is missing or stale.
+Training and prediction fill the same cache themselves as they decode (`--cache auto`); this
+fills it ahead, and decodes every image once, which also finds the files that do not decode.
+They find the cache on their own (<data-dir>/.leaf_xla_cache/<size>px, or --cache-dir), and an
+entry whose image has changed since (size or modification time) is rebuilt, never trusted.
+Running this again only redoes what is missing or stale.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from leaf_xla.cli import UserError
-from leaf_xla.data import LABEL_FORMATS, Problems, print_warnings, read_dataset
+from leaf_xla.data import (
+    LABEL_FORMATS,
+    Problems,
+    parse_image_size,
+    print_warnings,
+    read_dataset,
+)
 from leaf_xla.loader import ResizeCache, default_cache_root
 
 
@@ -42,14 +49,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m leaf_xla.prepare", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
-    parser.add_argument("--size", type=int, required=True, help="square size, e.g. 512")
+    parser.add_argument(
+        "--size",
+        type=parse_image_size,
+        required=True,
+        help="the training --image-size: 512, or HEIGHTxWIDTH such as 512x768",
+    )
     parser.add_argument("--cache-dir", type=Path, help="default: <data-dir>/.leaf_xla_cache")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads")
     parser.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
     parser.add_argument("--classes", nargs="+", help="class names (default: from the data)")
     args = parser.parse_args(argv)
-    if args.size < 8:
-        raise UserError(f"--size must be at least 8 pixels, got {args.size}")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
 

@@ -28,7 +28,7 @@ import pandas as pd
 from leaf_xla import runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
-from leaf_xla.data import read_dataset
+from leaf_xla.data import parse_image_size, read_dataset
 from leaf_xla.files import atomic_write_text
 from leaf_xla.rundir import check_name, hold_lock
 from leaf_xla.tta import TTA_FLIPS
@@ -54,6 +54,8 @@ def _as_options(overrides: dict) -> list[str]:
         flag = f"--{str(key).replace('_', '-')}"
         if isinstance(value, bool):
             options.append(flag if value else f"--no-{flag[2:]}")
+        elif flag == "--image-size":  # [480, 768] is one value: 480x768
+            options += [flag, str(parse_image_size(value))]
         elif isinstance(value, list):
             options += [flag, *map(str, value)]
         else:

@@ -208,7 +208,7 @@ def resume_identity(
     args: argparse.Namespace,
     *,
     classes: Sequence[str],
-    image_size: int,
+    image_size: int | str,
     fold_digest: str,
     replicas: int | None = None,
 ) -> dict[str, Any]:
@@ -220,7 +220,7 @@ def resume_identity(
     identity = {
         "classes": list(classes),
         "model": args.model,
-        "image_size": int(image_size),
+        "image_size": image_size,  # 512 as before for a square, "480x768" otherwise
         **{k: getattr(args, k) for k in OPTION_KEYS},
         "fold_digest": fold_digest,
     }

@@ -28,7 +28,15 @@ import torch
 from leaf_xla import checkpoint, folds, rundir, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
-from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, print_warnings, read_dataset
+from leaf_xla.data import (
+    LABEL_FORMATS,
+    DataSet,
+    Problems,
+    image_shape,
+    parse_image_size,
+    print_warnings,
+    read_dataset,
+)
 from leaf_xla.engine import Trainer, create_optimizer
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import (
@@ -69,12 +77,18 @@ def build_parser(
     data.add_argument("--fold", type=int, default=0, help="the fold used for validation")
     data.add_argument("--holdout", type=float, help="validate on this fraction instead of folds")
     data.add_argument("--fold-seed", type=int, default=42)
-    data.add_argument("--image-size", type=int, help="square input size (default: the model's)")
+    data.add_argument(
+        "--image-size",
+        type=parse_image_size,
+        help="input size: 512 (square) or HEIGHTxWIDTH, e.g. 512x768 for landscape photos "
+        "(portrait ones are turned to landscape); default: the model's",
+    )
     data.add_argument(
         "--cache",
         choices=("auto", "build", "off"),
         default="auto",
-        help="resize cache: use when present / build first / never",
+        help="resize cache (and images kept in RAM): filled by the first epoch that decodes "
+        "each image / built for every image before training / never",
     )
     data.add_argument("--cache-dir", type=Path, help="default: <data-dir>/.leaf_xla_cache")
     data.add_argument("--workers", type=int, default=4, help="decoding threads per process")
@@ -175,7 +189,7 @@ class Plan:
     train_index: np.ndarray
     val_index: np.ndarray
     run_dir: Path
-    image_size: int
+    image_size: int | str  # 512, or "480x768" (height x width)
     cache_root: Path | None
     layout: runtime.Launch
 
@@ -195,7 +209,10 @@ def prepare(args: argparse.Namespace) -> Plan:
 
     resolve_name(args.model)
     from_args(args)  # schedule values checked now, not after compiling
-    create_transform(args.hflip, args.vflip, args.augment)  # a bad --augment fails here
+    image_size = args.image_size or default_image_size(args.model)
+    height, width = image_shape(image_size)
+    # A bad --augment fails here, not after compiling.
+    create_transform(args.hflip, args.vflip, args.augment, square=height == width)
     layout = runtime.launch_from_args(args)
     data = read_dataset(args.data_dir, args.label_format, args.classes)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
@@ -204,22 +221,20 @@ def prepare(args: argparse.Namespace) -> Plan:
     )
     if args.fold not in set(fold_of.tolist()) or args.fold < 0:
         raise UserError(f"--fold {args.fold}: {folds_file} has folds 0..{fold_of.max()}")
-    image_size = args.image_size or default_image_size(args.model)
 
     cache_root = None
     if args.cache != "off":
-        root = args.cache_dir or default_cache_root(data.data_dir)
-        cache = ResizeCache(root, image_size)
-        if args.cache == "build" or cache.exists:
-            problems = Problems()
-            built = cache.build(data.train.paths, args.workers, problems)
-            problems.raise_if_any(
-                f"{data.data_dir} (while building the {image_size}px cache)", data.data_dir
-            )
-            data.warnings.extend(problems.warnings)
-            if built:
-                print(f"cache: {built} image(s) resized into {cache.dir}")
-            cache_root = root
+        cache_root = args.cache_dir or default_cache_root(data.data_dir)
+    if args.cache == "build":
+        cache = ResizeCache(cache_root, image_size)
+        problems = Problems()
+        built = cache.build(data.train.paths, args.workers, problems)
+        problems.raise_if_any(
+            f"{data.data_dir} (while building the {image_size}px cache)", data.data_dir
+        )
+        data.warnings.extend(problems.warnings)
+        if built:
+            print(f"cache: {built} image(s) resized into {cache.dir}")
 
     print_warnings(data)
 
@@ -348,6 +363,7 @@ def build(plan: Plan) -> Run:
         lambda: create_transform(args.hflip, args.vflip, args.augment),
         cache,
         skip_bad=args.skip_bad_images,
+        in_ram=cache is not None,
     )
     val_set = LeafImages(
         [data.train.paths[i] for i in plan.val_index],
@@ -355,6 +371,7 @@ def build(plan: Plan) -> Run:
         plan.image_size,
         cache=cache,
         skip_bad=args.skip_bad_images,
+        in_ram=cache is not None,
     )
     # A loader feeds all devices of its process: one under spawn and ddp, a host's under SPMD.
     per_loader = rt.replicas // rt.loaders

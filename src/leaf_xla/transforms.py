@@ -24,6 +24,9 @@ import albumentations as A  # noqa: E402
 
 from leaf_xla.cli import UserError  # noqa: E402
 
+# Transforms that may turn an image by 90 degrees: a batch of HEIGHTxWIDTH images has one shape.
+SWAP_SIDES = {"Transpose", "RandomRotate90", "D4", "SquareSymmetry"}
+
 
 def _extra(spec: Any) -> A.BasicTransform:
     if isinstance(spec, str):
@@ -43,13 +46,22 @@ def _extra(spec: Any) -> A.BasicTransform:
 
 
 def create_transform(
-    hflip: float = 0.5, vflip: float = 0.5, augment: list | None = None
+    hflip: float = 0.5, vflip: float = 0.5, augment: list | None = None, square: bool = True
 ) -> A.Compose:
-    """The training transform: flips with the given probabilities, then `augment` in order."""
+    """The training transform: flips with the given probabilities, then `augment` in order.
+
+    `square` False (a HEIGHTxWIDTH image size): transforms that swap the sides are refused.
+    """
     steps: list[A.BasicTransform] = []
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
     if vflip > 0:
         steps.append(A.VerticalFlip(p=vflip))
     steps.extend(_extra(spec) for spec in augment or [])
+    for step in steps:
+        if not square and type(step).__name__ in SWAP_SIDES:
+            raise UserError(
+                f"augment: {type(step).__name__} swaps height and width, so it needs a square "
+                "--image-size"
+            )
     return A.Compose(steps)
