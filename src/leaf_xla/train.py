@@ -42,7 +42,7 @@ from leaf_xla.loader import (
 from leaf_xla.metrics import column_auc
 from leaf_xla.models import ModelSpec, create_model, data_config, default_image_size
 from leaf_xla.schedule import Schedule, add_schedule_options, from_args
-from leaf_xla.transforms import create_transform
+from leaf_xla.transforms import PRESETS, create_transform, describe_preset
 
 
 def build_parser(
@@ -102,10 +102,17 @@ def build_parser(
     aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     aug.add_argument("--vflip", type=float, default=0.5, help="vertical flip probability")
     aug.add_argument(
+        "--augment-preset",
+        choices=list(PRESETS),
+        default="seed",
+        help="transforms after the flips; "
+        + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
+    )
+    aug.add_argument(
         "--augment",
         type=yaml_value,
         default=[],
-        help="more albumentations transforms, a YAML list (see transforms.py)",
+        help="more albumentations transforms after the preset's, a YAML list (see transforms.py)",
     )
 
     opt = parser.add_argument_group("optimisation")
@@ -168,6 +175,12 @@ class Plan:
     layout: runtime.Launch
 
 
+def train_transform(args: argparse.Namespace) -> Any:
+    return create_transform(
+        hflip=args.hflip, vflip=args.vflip, augment=args.augment, preset=args.augment_preset
+    )
+
+
 def prepare(args: argparse.Namespace) -> Plan:
     """Checks, folds, cache and run folder: fail here, before any compilation."""
     if not args.model:
@@ -181,7 +194,7 @@ def prepare(args: argparse.Namespace) -> Plan:
 
     resolve_name(args.model)
     from_args(args)  # schedule values checked now, not after compiling
-    create_transform(args.hflip, args.vflip, args.augment)  # a bad --augment fails here
+    train_transform(args)  # a bad --augment or --augment-preset fails here
     layout = runtime.launch_from_args(args)
     data = read_dataset(args.data_dir, args.label_format, args.classes)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
@@ -331,7 +344,7 @@ def build(plan: Plan) -> Run:
         [data.train.paths[i] for i in plan.train_index],
         targets[plan.train_index],
         plan.image_size,
-        lambda: create_transform(args.hflip, args.vflip, args.augment),
+        lambda: train_transform(args),
         cache,
     )
     val_set = LeafImages(
