@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from leaf_xla import mix
 from leaf_xla.cli import UserError
 from leaf_xla.runtime import Runtime
 from leaf_xla.tta import TTA_FLIPS
@@ -48,6 +49,7 @@ class Trainer:
         label_smoothing: float = 0.0,
         tta: Sequence[str] = ("none",),
         seed: int = 0,
+        mixing: mix.MixSpec | None = None,
     ):
         self.rt = rt
         self.seed = seed
@@ -55,6 +57,8 @@ class Trainer:
         self.optimizer = optimizer
         self.multilabel = multilabel
         self.label_smoothing = label_smoothing
+        # Fixed for the trainer's life: with it off the step traces exactly as before.
+        self.mixing = mixing
         self.tta = [TTA_FLIPS[name] for name in tta]
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -83,6 +87,8 @@ class Trainer:
         """Per-sample loss in fp32: softmax cross-entropy, or sigmoid BCE for multi-label data."""
         logits = logits.float()
         if self.multilabel:
+            if self.label_smoothing:  # towards 0.5, as timm's mixup_target smooths multi-label
+                targets = targets * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
             return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
         return F.cross_entropy(
             logits, targets, label_smoothing=self.label_smoothing, reduction="none"
@@ -90,11 +96,15 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        targets = batch["target"]
         with self.rt.autocast():
-            logits = self.model(self.normalize(batch["image"]))
+            images = self.normalize(batch["image"])
+            if self.mixing is not None:  # element-wise ops: autocast leaves them fp32
+                images, targets = mix.apply(images, targets, batch, self.rt.batch_shards)
+            logits = self.model(images)
         # Masked mean: a sample skipped as unreadable (--skip-bad-images) weighs nothing.
         mask = batch["mask"]
-        loss = (self.loss(logits, batch["target"]) * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = (self.loss(logits, targets) * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
         self.rt.optimizer_step(self.optimizer)
         loss = loss.detach()
@@ -167,6 +177,15 @@ class Trainer:
         """
         self.model.train()
         self.reset_totals(start_step, loss_sum)
+        if self.mixing is not None:
+            loader = mix.MixParams(
+                loader,
+                self.mixing,
+                seed=self.seed,
+                epoch=epoch,
+                start_step=start_step,
+                rank=self.rt.loader_rank,
+            )
         bar = tqdm(
             total=steps,
             initial=start_step,

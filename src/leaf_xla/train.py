@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from leaf_xla import checkpoint, folds, rundir, runtime
+from leaf_xla import checkpoint, folds, mix, rundir, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, print_warnings, read_dataset
@@ -114,6 +114,7 @@ def build_parser(
         default=[],
         help="more albumentations transforms after the preset's, a YAML list (see transforms.py)",
     )
+    mix.add_mix_options(aug)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20)
@@ -195,6 +196,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     resolve_name(args.model)
     from_args(args)  # schedule values checked now, not after compiling
     train_transform(args)  # a bad --augment or --augment-preset fails here
+    mix.mix_from_args(args)
     layout = runtime.launch_from_args(args)
     data = read_dataset(args.data_dir, args.label_format, args.classes)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
@@ -337,6 +339,7 @@ def build(plan: Plan) -> Run:
         optimizer=optimizer,
         label_smoothing=args.label_smoothing,
         seed=args.seed,
+        mixing=mix.mix_from_args(args),
     )
     cache = ResizeCache(plan.cache_root, plan.image_size) if plan.cache_root else None
     targets = data.train.targets
@@ -470,7 +473,8 @@ def announce(run: Run) -> None:
             f"{run.steps} steps of {run.global_batch} per epoch ({args.batch_size} per replica) "
             f"on {rt.replicas} {rt.kind} replica(s) ({rt.parallel}); peak lr "
             f"{run.schedule.lr_max:.3g}{scaled} per {args.lr_update}; {run.plan.image_size}px, "
-            f"{args.precision}"
+            f"{args.precision}; augment {args.augment_preset}, mixing "
+            f"{mix.describe(run.trainer.mixing)}"
         )
 
 
