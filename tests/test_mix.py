@@ -1,5 +1,5 @@
 """Mixup / CutMix (mix.py) against timm's `Mixup`, drawn reproducibly on the host, applied with
-the same ops whatever was drawn."""
+the same ops whatever was drawn; the weights' moving average (ema.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from leaf_xla import mix
 from leaf_xla.cli import UserError
+from leaf_xla.ema import WeightEma
 from leaf_xla.train import build_parser
 
 B, C, H, W = 6, 4, 24, 40  # not square on purpose
@@ -143,3 +144,25 @@ def test_options_are_checked_and_off_by_default():
     ]:
         with pytest.raises(UserError, match=message):
             mix.mix_from_args(options(*argv))
+
+
+def test_the_moving_average_is_a_lerp_of_every_float_tensor():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEma(model, decay=0.75)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(torch.randn(8, 3))  # running statistics and num_batches_tracked move
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    for key, value in model.state_dict().items():
+        mine = ema.module.state_dict()[key]
+        if value.is_floating_point():
+            torch.testing.assert_close(mine, 0.75 * start[key] + 0.25 * value)
+        else:
+            assert torch.equal(mine, value), key
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    for decay in (0, 1, 1.5):
+        with pytest.raises(UserError, match=r"--ema-decay must be in \(0, 1\)"):
+            WeightEma(model, decay=decay)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from leaf_xla import mix
 from leaf_xla.cli import UserError
+from leaf_xla.ema import WeightEma
 from leaf_xla.runtime import Runtime
 from leaf_xla.tta import TTA_FLIPS
 
@@ -50,6 +51,7 @@ class Trainer:
         tta: Sequence[str] = ("none",),
         seed: int = 0,
         mixing: mix.MixSpec | None = None,
+        ema_decay: float | None = None,
     ):
         self.rt = rt
         self.seed = seed
@@ -57,8 +59,9 @@ class Trainer:
         self.optimizer = optimizer
         self.multilabel = multilabel
         self.label_smoothing = label_smoothing
-        # Fixed for the trainer's life: with it off the step traces exactly as before.
+        # Both fixed for the trainer's life: with them off the step traces exactly as before.
         self.mixing = mixing
+        self.ema = WeightEma(model, ema_decay) if ema_decay is not None else None
         self.tta = [TTA_FLIPS[name] for name in tta]
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -107,6 +110,8 @@ class Trainer:
         loss = (self.loss(logits, targets) * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
         self.rt.optimizer_step(self.optimizer)
+        if self.ema is not None:
+            self.ema.update(self.model)
         loss = loss.detach()
         finite = torch.isfinite(loss)
         first = (~finite) & (self.first_bad_step < 0)
@@ -115,12 +120,14 @@ class Trainer:
         self.step_counter = self.step_counter + 1
 
     @torch.no_grad()
-    def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_step(
+        self, batch: dict[str, torch.Tensor], model: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.normalize(batch["image"])
         probs, loss = None, None
         for dims in self.tta:
             with self.rt.autocast():
-                logits = self.model(torch.flip(images, dims) if dims else images).float()
+                logits = model(torch.flip(images, dims) if dims else images).float()
             if loss is None:
                 loss = (self.loss(logits, batch["target"]) * batch["mask"]).sum()
             p = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
@@ -228,12 +235,16 @@ class Trainer:
 
         self.rt.after_step(report, (self.loss_total, self.step_counter))
 
-    def evaluate(self, loader: Iterable[dict], n: int) -> tuple[np.ndarray, float]:
-        """Probabilities for samples 0..n-1 (each exactly once) and the mean loss."""
-        self.model.eval()
+    def evaluate(
+        self, loader: Iterable[dict], n: int, *, ema: bool = False
+    ) -> tuple[np.ndarray, float]:
+        """Probabilities for samples 0..n-1 (each exactly once) and the mean loss, of the model
+        or (`ema`) of its moving average."""
+        model = self.ema.module if ema else self.model
+        model.eval()
         probs, indices, losses = [], [], []
         for batch in self.rt.device_loader(loader):
-            p, loss = self._eval_step(batch)
+            p, loss = self._eval_step(batch, model)
             probs.append(p)
             indices.append(batch["index"])
             losses.append(loss)
