@@ -19,7 +19,7 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from leaf_xla.metrics import column_auc
 from leaf_xla.models import ModelSpec, create_model, data_config, default_image_size
 from leaf_xla.schedule import Schedule, add_schedule_options, from_args
 from leaf_xla.transforms import PRESETS, create_transform, describe_preset
+
+if TYPE_CHECKING:
+    import albumentations
 
 
 def build_parser(
@@ -184,7 +187,7 @@ class Plan:
     layout: runtime.Launch
 
 
-def train_transform(args: argparse.Namespace) -> Any:
+def train_transform(args: argparse.Namespace) -> albumentations.Compose:
     return create_transform(
         hflip=args.hflip, vflip=args.vflip, augment=args.augment, preset=args.augment_preset
     )
