@@ -107,6 +107,33 @@ def test_replicas_share_the_data_once_and_end_bitwise_equal(tmp_path, pp2020, np
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
 
 
+def test_mixing_and_ema_keep_the_replicas_equal(tmp_path, pp2020):
+    """Each replica mixes its own batch with its own draws; the weights stay equal after the
+    reduced step, so do the moving averages (their BatchNorm statistics averaged as the
+    model's), bitwise on every replica at every save."""
+    record = tmp_path / "record"
+    result = train(
+        pp2020,
+        tmp_path,
+        *ddp(2, 4),
+        *("--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9", "--checkpoint-every", "3"),
+        env=hooked(record),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixing mixup 0.4 + cutmix 1 (p 1, switch 0.5), EMA 0.9" in result.stdout
+    emas = [torch.load(record / f"last.pt-ema-rank{r}.pt") for r in range(2)]
+    assert any(k.endswith("running_var") for k in emas[0])
+    for key, tensor in emas[0].items():
+        assert torch.equal(emas[1][key], tensor), key
+    run_dir = tmp_path / "test_resnet-fold0"
+    saved = torch.load(run_dir / "last.pt", weights_only=True)
+    assert all(torch.equal(saved["ema"][k], v) for k, v in emas[0].items())
+    assert any(not torch.equal(saved["ema"][k], saved["model"][k]) for k in emas[0])
+    history = pd.read_csv(run_dir / "history.csv")
+    assert np.isfinite(history[["ema_val_loss", "ema_val_auc"]].to_numpy()).all()
+    assert (run_dir / "best_ema.pt").is_file() and (run_dir / "oof_ema.csv").is_file()
+
+
 def test_two_replicas_train_like_one_process_with_the_same_global_batch(tmp_path, pp2020):
     """GroupNorm model, SGD, no dropout: replicas of 6 match one process of 12 up to float
     summation order (weights within 1e-4 of their largest value, as in

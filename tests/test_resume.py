@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -132,3 +133,64 @@ def test_without_a_readable_last_checkpoint_resume_tells_the_truth(
         "--overwrite",
     )
     assert best.read_bytes() == best_bytes
+
+
+# The strong preset, mixup and CutMix (not every batch), and the weights' moving average.
+MIXED = [
+    *("--augment-preset", "strong", "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.8"),
+    *("--ema-decay", "0.9"),
+]
+
+
+def test_resume_with_strong_augmentation_mixing_and_ema_is_bitwise(tmp_path, pp2020):
+    reference = tmp_path / "reference"
+    result = run_cli(*train_args(pp2020, reference, *MIXED))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "augment strong, mixing mixup 0.4 + cutmix 1 (p 0.8, switch 0.5), EMA 0.9" in (
+        result.stdout
+    )
+    ref_dir = reference / RUN
+    history = pd.read_csv(ref_dir / "history.csv")
+    # Another lambda and box (or none) every step, and the average's evaluation: no new graph.
+    assert history["compiles"][0] > 0 and list(history["compiles"][1:]) == [0, 0]
+    assert np.isfinite(history[["ema_val_loss", "ema_val_auc"]].to_numpy()).all()
+
+    out = tmp_path / "out"
+    killed = kill_mid_epoch(train_args(pp2020, out, *MIXED), out / RUN)
+    assert "ema" in killed
+    other = run_cli(*train_args(pp2020, out, *MIXED, "--resume", "--ema-decay", "0.5"))
+    assert_user_error(other, "ema-decay: 0.9 -> 0.5")
+    resumed = run_cli(*train_args(pp2020, out, *MIXED, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    mine = torch.load(out / RUN / "last.pt", weights_only=True)
+    theirs = torch.load(ref_dir / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for name, tensor in theirs[part].items():
+            assert torch.equal(mine[part][name], tensor), (part, name)
+    for index, state in theirs["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(mine["optimizer"]["state"][index][key], tensor), (index, key)
+    timing = ["images_per_sec", "seconds", "compiles"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / RUN / "history.csv").drop(columns=timing), history.drop(columns=timing)
+    )
+    for name in ("oof.csv", "oof_ema.csv", "best.pt", "best_ema.pt"):
+        assert (out / RUN / name).is_file(), name
+    for name in ("oof.csv", "oof_ema.csv"):
+        assert (out / RUN / name).read_bytes() == (ref_dir / name).read_bytes(), name
+
+    # best_ema.pt: the average of the epoch whose average scored best, loadable as best.pt is.
+    best_ema = torch.load(ref_dir / "best_ema.pt", weights_only=True)
+    assert "optimizer" not in best_ema and "ema" not in best_ema
+    assert best_ema["best_auc"] == pytest.approx(history["ema_val_auc"].max())
+    assert best_ema["epoch"] == int(history["ema_val_auc"].idxmax()) + 1
+    predicted = tmp_path / "ema_oof.csv"
+    result = run_cli(
+        *("leaf_xla.predict", "--checkpoint", str(ref_dir / "best_ema.pt"), "--split", "train"),
+        *("--data-dir", str(pp2020), "--out", str(predicted), "--device", "cpu"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    oof_ema = pd.read_csv(ref_dir / "oof_ema.csv")
+    again = pd.read_csv(predicted).set_index("image_id").loc[oof_ema["image_id"]]
+    np.testing.assert_allclose(again.to_numpy(), oof_ema.iloc[:, 1:].to_numpy(), atol=1e-4)

@@ -63,3 +63,26 @@ def test_spmd_matches_one_device_with_the_same_global_batch(tmp_path, pp2020):
             assert error <= 1e-4 * scale + 1e-7, (name, error, scale)
         else:
             assert torch.equal(mine[name], tensor), name
+
+
+def test_spmd_with_mixing_and_ema_compiles_once(tmp_path, pp2020):
+    """Mixing pairs images within each device's shard and the average is updated in the
+    sharded step: after the first epoch nothing compiles, and the average is saved."""
+    args = train_args(pp2020, tmp_path, "--parallel", "spmd", "--batch-size", "4")
+    result = run_cli(
+        *args,
+        *("--eval-batch-size", "3", "--epochs", "2", "--checkpoint-every", "0"),
+        *("--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9"),
+        env={"CPU_NUM_DEVICES": "4"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 4 xla replica(s) (spmd)" in result.stdout
+    run_dir = tmp_path / "test_resnet-fold0"
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["compiles"][1:]) == [0]
+    assert np.isfinite(history[["train_loss", "ema_val_loss", "ema_val_auc"]].to_numpy()).all()
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    moved = [k for k, v in last["ema"].items() if v.is_floating_point()]
+    assert moved and all(torch.isfinite(last["ema"][k]).all() for k in moved)
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in moved)
+    assert (run_dir / "best_ema.pt").is_file()

@@ -131,11 +131,13 @@ def test_logs_tensorboard_and_plots(reference):
 def test_spawn_bf16_and_early_stopping(tmp_path, pp2020):
     """One spawned process (multi-process collectives hang on XLA:CPU: pytorch/xla #9089),
     bf16 autocast, and --patience: a GroupNorm model (no BatchNorm statistics to drift) at a
-    learning rate too small to move fp32 weights scores the same AUC every epoch."""
+    learning rate too small to move fp32 weights scores the same AUC every epoch, and so does
+    its moving average (mixup, CutMix and EMA on: they compile once too)."""
     result = run_cli(
         *train_args(pp2020, tmp_path, "--parallel", "spawn", "--precision", "bf16"),
         *("--model", "test_efficientnet_gn", "--epochs", "4", "--patience", "1"),
         *("--lr-start", "1e-20", "--lr", "1e-20", "--lr-min", "1e-20", "--drop-rate", "0"),
+        *("--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9"),
         env={"LEAF_XLA_SINGLE_PROCESS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,6 +147,9 @@ def test_spawn_bf16_and_early_stopping(tmp_path, pp2020):
     run_dir = tmp_path / "test_efficientnet_gn-fold0"
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == 2 and history["val_auc"][0] == history["val_auc"][1]
+    assert history["ema_val_auc"][0] == history["ema_val_auc"][1] == history["val_auc"][0]
+    assert history["compiles"][1] == 0
+    assert (run_dir / "best_ema.pt").is_file() and (run_dir / "oof_ema.csv").is_file()
     assert np.isfinite(history[["train_loss", "val_loss"]]).all().all()
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())

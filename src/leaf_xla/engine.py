@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from leaf_xla import mix
 from leaf_xla.cli import UserError
+from leaf_xla.ema import WeightEma
 from leaf_xla.runtime import Runtime
 from leaf_xla.tta import TTA_FLIPS
 
@@ -48,6 +50,8 @@ class Trainer:
         label_smoothing: float = 0.0,
         tta: Sequence[str] = ("none",),
         seed: int = 0,
+        mixing: mix.MixSpec | None = None,
+        ema_decay: float | None = None,
     ):
         self.rt = rt
         self.seed = seed
@@ -55,6 +59,9 @@ class Trainer:
         self.optimizer = optimizer
         self.multilabel = multilabel
         self.label_smoothing = label_smoothing
+        # Both fixed for the trainer's life: with them off the step traces exactly as before.
+        self.mixing = mixing
+        self.ema = WeightEma(model, ema_decay) if ema_decay is not None else None
         self.tta = [TTA_FLIPS[name] for name in tta]
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -83,6 +90,8 @@ class Trainer:
         """Per-sample loss in fp32: softmax cross-entropy, or sigmoid BCE for multi-label data."""
         logits = logits.float()
         if self.multilabel:
+            if self.label_smoothing:  # towards 0.5, as timm's mixup_target smooths multi-label
+                targets = targets * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
             return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
         return F.cross_entropy(
             logits, targets, label_smoothing=self.label_smoothing, reduction="none"
@@ -90,13 +99,19 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        targets = batch["target"]
         with self.rt.autocast():
-            logits = self.model(self.normalize(batch["image"]))
+            images = self.normalize(batch["image"])
+            if self.mixing is not None:  # element-wise ops: autocast leaves them fp32
+                images, targets = mix.apply(images, targets, batch, self.rt.batch_shards)
+            logits = self.model(images)
         # Masked mean: a sample skipped as unreadable (--skip-bad-images) weighs nothing.
         mask = batch["mask"]
-        loss = (self.loss(logits, batch["target"]) * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = (self.loss(logits, targets) * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
         self.rt.optimizer_step(self.optimizer)
+        if self.ema is not None:
+            self.ema.update(self.model)
         loss = loss.detach()
         finite = torch.isfinite(loss)
         first = (~finite) & (self.first_bad_step < 0)
@@ -107,12 +122,14 @@ class Trainer:
         self.step_counter = self.step_counter + 1
 
     @torch.no_grad()
-    def eval_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_step(
+        self, batch: dict[str, torch.Tensor], model: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.normalize(batch["image"])
         probs, loss = None, None
         for dims in self.tta:
             with self.rt.autocast():
-                logits = self.model(torch.flip(images, dims) if dims else images).float()
+                logits = model(torch.flip(images, dims) if dims else images).float()
             if loss is None:
                 loss = (self.loss(logits, batch["target"]) * batch["mask"]).sum()
             p = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
@@ -177,6 +194,15 @@ class Trainer:
         """
         self.model.train()
         self.reset_totals(start_step, loss_sum)
+        if self.mixing is not None:
+            loader = mix.MixParams(
+                loader,
+                self.mixing,
+                seed=self.seed,
+                epoch=epoch,
+                start_step=start_step,
+                rank=self.rt.loader_rank,
+            )
         bar = tqdm(
             total=steps,
             initial=start_step,
@@ -219,12 +245,16 @@ class Trainer:
 
         self.rt.after_step(report, (self.loss_total, self.step_counter))
 
-    def evaluate(self, loader: Iterable[dict], n: int) -> tuple[np.ndarray, float]:
-        """Probabilities for samples 0..n-1 (each exactly once) and the mean loss."""
-        self.model.eval()
+    def evaluate(
+        self, loader: Iterable[dict], n: int, *, ema: bool = False
+    ) -> tuple[np.ndarray, float]:
+        """Probabilities for samples 0..n-1 (each exactly once) and the mean loss, of the model
+        or (`ema`) of its moving average."""
+        model = self.ema.module if ema else self.model
+        model.eval()
         probs, indices, losses = [], [], []
         for batch in self.rt.device_loader(loader):
-            p, loss = self._eval_step(batch)
+            p, loss = self._eval_step(batch, model)
             probs.append(p)
             indices.append(batch["index"])
             losses.append(loss)

@@ -246,6 +246,12 @@ class Runtime:
         """This replica's part in the per-step device seed (dropout masks differ by replica)."""
         return self.loader_rank
 
+    @property
+    def batch_shards(self) -> int:
+        """Replicas' shards in the batch a step sees: the step's whole batch is one replica's,
+        except under SPMD (every replica's, in order)."""
+        return 1
+
     # graphs and transfers
 
     def sync(self) -> None:
@@ -523,6 +529,10 @@ class XlaSpmdRuntime(XlaRuntime):
     def seed_rank(self) -> int:
         return 0  # one program for the whole slice: every host must feed it the same seed
 
+    @property
+    def batch_shards(self) -> int:
+        return self.replicas
+
     def _parallel_loader(self, relay: _Relay) -> Iterable[dict]:
         import torch_xla.distributed.parallel_loader as pl
         import torch_xla.distributed.spmd as xs
@@ -533,6 +543,7 @@ class XlaSpmdRuntime(XlaRuntime):
             return xs.ShardingSpec(self.mesh, ("data",) + (None,) * (rank - 1), minibatch=True)
 
         sharding = {"image": spec(4), "target": spec(2), "index": spec(1), "mask": spec(1)}
+        sharding.update(mix_lam=spec(1), mix_box=spec(2))  # --mixup, --cutmix (mix.py)
         return pl.MpDeviceLoader(relay, self.device, input_sharding=sharding)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

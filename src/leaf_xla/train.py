@@ -19,13 +19,13 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from leaf_xla import checkpoint, folds, rundir, runtime
+from leaf_xla import checkpoint, folds, mix, rundir, runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import (
@@ -37,6 +37,7 @@ from leaf_xla.data import (
     print_warnings,
     read_dataset,
 )
+from leaf_xla.ema import check_decay
 from leaf_xla.engine import Trainer, create_optimizer
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import (
@@ -50,7 +51,10 @@ from leaf_xla.loader import (
 from leaf_xla.metrics import column_auc
 from leaf_xla.models import ModelSpec, create_model, data_config, default_image_size
 from leaf_xla.schedule import Schedule, add_schedule_options, from_args
-from leaf_xla.transforms import create_transform
+from leaf_xla.transforms import PRESETS, create_transform, describe_preset
+
+if TYPE_CHECKING:
+    import albumentations
 
 
 def build_parser(
@@ -128,11 +132,19 @@ def build_parser(
     aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     aug.add_argument("--vflip", type=float, default=0.5, help="vertical flip probability")
     aug.add_argument(
+        "--augment-preset",
+        choices=list(PRESETS),
+        default="seed",
+        help="transforms after the flips; "
+        + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
+    )
+    aug.add_argument(
         "--augment",
         type=yaml_value,
         default=[],
-        help="more albumentations transforms, a YAML list (see transforms.py)",
+        help="more albumentations transforms after the preset's, a YAML list (see transforms.py)",
     )
+    mix.add_mix_options(aug)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20)
@@ -141,6 +153,13 @@ def build_parser(
     opt.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--label-smoothing", type=float, default=0.0)
+    opt.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="also keep an exponential moving average of the weights, decay D per optimizer "
+        "step (e.g. 0.999), evaluated every epoch: its best is best_ema.pt (default: off)",
+    )
     add_schedule_options(parser)
 
     opt.add_argument(
@@ -194,6 +213,17 @@ class Plan:
     layout: runtime.Launch
 
 
+def train_transform(args: argparse.Namespace, image_size: int | str) -> albumentations.Compose:
+    height, width = image_shape(image_size)
+    return create_transform(
+        hflip=args.hflip,
+        vflip=args.vflip,
+        augment=args.augment,
+        preset=args.augment_preset,
+        square=height == width,
+    )
+
+
 def prepare(args: argparse.Namespace) -> Plan:
     """Checks, folds, cache and run folder: fail here, before any compilation."""
     if not args.model:
@@ -210,9 +240,9 @@ def prepare(args: argparse.Namespace) -> Plan:
     resolve_name(args.model)
     from_args(args)  # schedule values checked now, not after compiling
     image_size = args.image_size or default_image_size(args.model)
-    height, width = image_shape(image_size)
-    # A bad --augment fails here, not after compiling.
-    create_transform(args.hflip, args.vflip, args.augment, square=height == width)
+    train_transform(args, image_size)  # a bad --augment or --augment-preset fails here
+    mix.mix_from_args(args)
+    check_decay(args.ema_decay)
     layout = runtime.launch_from_args(args)
     data = read_dataset(args.data_dir, args.label_format, args.classes)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
@@ -282,6 +312,7 @@ class RunState:
     step: int = 0  # steps of `epoch` done
     epoch_loss_sum: float = 0.0  # their summed loss, for the epoch's history row
     best_auc: float = -math.inf
+    best_ema_auc: float = -math.inf  # --ema-decay: the moving average's, for best_ema.pt
     flat_epochs: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -353,6 +384,8 @@ def build(plan: Plan) -> Run:
         optimizer=optimizer,
         label_smoothing=args.label_smoothing,
         seed=args.seed,
+        mixing=mix.mix_from_args(args),
+        ema_decay=args.ema_decay,
     )
     cache = ResizeCache(plan.cache_root, plan.image_size) if plan.cache_root else None
     targets = data.train.targets
@@ -360,7 +393,7 @@ def build(plan: Plan) -> Run:
         [data.train.paths[i] for i in plan.train_index],
         targets[plan.train_index],
         plan.image_size,
-        lambda: create_transform(args.hflip, args.vflip, args.augment),
+        lambda: train_transform(args, plan.image_size),
         cache,
         skip_bad=args.skip_bad_images,
         in_ram=cache is not None,
@@ -422,12 +455,18 @@ def restore(run: Run) -> RunState:
     rundir.check_resume(state, run.meta["resume_identity"], last, force=args.force_resume)
     checkpoint.load_model_state(run.model, state, last)
     run.optimizer.load_state_dict(state["optimizer"])
+    ema = run.trainer.ema
+    if ema is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
+    elif ema is not None:  # --ema-decay added by --force-resume: the average starts here
+        ema.set(run.model)
     run.rt.set_rng_state(checkpoint.restore_rng_state(state["rng"]))
     return RunState(
         epoch=state["epoch"],
         step=state["step"],
         epoch_loss_sum=state["epoch_loss_sum"],
         best_auc=state["best_auc"],
+        best_ema_auc=state.get("best_ema_auc", -math.inf),
         flat_epochs=state["flat_epochs"],
         history=state["history"],
     )
@@ -442,6 +481,8 @@ def check_replicas_agree(run: Run, state: RunState) -> None:
     if run.rt.loaders == 1:
         return
     values = [state.epoch, state.step, *run.rt.module_digest(run.model)]
+    if run.trainer.ema is not None:
+        values += run.rt.module_digest(run.trainer.ema.module)
     try:
         run.rt.check_agree(values, "the run's state")
     except UserError:
@@ -455,20 +496,40 @@ def check_replicas_agree(run: Run, state: RunState) -> None:
 def snapshot(run: Run, state: RunState) -> dict[str, Any]:
     """A checkpoint of `state`, with the run's weights, optimizer and generators."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.plan.args).items()}
+    ema = run.trainer.ema
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
+        **({"ema": ema.module.state_dict()} if ema is not None else {}),
         "epoch": state.epoch,
         "step": state.step,
         "epoch_loss_sum": state.epoch_loss_sum,
         "rng": checkpoint.plain_rng_state(run.rt.rng_state()),
         "best_auc": state.best_auc,
+        "best_ema_auc": state.best_ema_auc,
         "history": state.history,
         "flat_epochs": state.flat_epochs,
         "steps_per_epoch": run.steps,
         "config": config,
         **run.meta,
     }
+
+
+def weights_only(state: dict[str, Any], *, ema: bool = False) -> dict[str, Any]:
+    """What prediction needs of a snapshot: the model's weights, or the moving average's as
+    the model of a checkpoint of its own (best_ema.pt loads like best.pt)."""
+    best = {k: v for k, v in state.items() if k not in ("optimizer", "ema")}
+    if ema:
+        best["model"] = state["ema"]
+        best["best_auc"] = state["best_ema_auc"]
+    return best
+
+
+def average_buffers(run: Run) -> None:
+    """BatchNorm statistics of the model (and its moving average) averaged over replicas."""
+    run.rt.average_buffers(run.model)
+    if run.trainer.ema is not None:
+        run.rt.average_buffers(run.trainer.ema.module)
 
 
 def announce(run: Run) -> None:
@@ -490,8 +551,19 @@ def announce(run: Run) -> None:
             f"{run.steps} steps of {run.global_batch} per epoch ({args.batch_size} per replica) "
             f"on {rt.replicas} {rt.kind} replica(s) ({rt.parallel}); peak lr "
             f"{run.schedule.lr_max:.3g}{scaled} per {args.lr_update}; {run.plan.image_size}px, "
-            f"{args.precision}"
+            f"{args.precision}; augment {args.augment_preset}, mixing "
+            f"{mix.describe(run.trainer.mixing)}, EMA {args.ema_decay or 'off'}"
         )
+
+
+def _score(auc: float) -> float:
+    return auc if math.isfinite(auc) else -math.inf
+
+
+def _improves(auc: float, best: float) -> bool:
+    """A NaN AUC (no class has both labels in the fold) scores -inf: until a finite score
+    appears, the latest epoch is the best, so best.pt and oof.csv always exist."""
+    return _score(auc) > best or best == -math.inf
 
 
 def train_epoch(run: Run, state: RunState) -> None:
@@ -507,7 +579,7 @@ def train_epoch(run: Run, state: RunState) -> None:
             run.trainer.check_finite(epoch)  # never save a state that went non-finite
             loss_sum = float(run.trainer.epoch_totals()[0].item())
             mid = replace(state, step=step, epoch_loss_sum=loss_sum)
-            rt.average_buffers(run.model)
+            average_buffers(run)
             checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, mid))
 
     # Called from a closure thread, possibly after the loop has moved on: epoch is bound.
@@ -530,18 +602,23 @@ def train_epoch(run: Run, state: RunState) -> None:
     )
     train_seconds = time.time() - started
     check_skipped(run, loader.skipped, epoch, samples=(run.steps - first) * run.global_batch)
-    rt.average_buffers(run.model)  # every replica evaluates (and saves) the same model
-    probs, val_loss = run.trainer.evaluate(
-        BatchLoader(
-            run.val_set,
-            eval_batches(len(run.val_set), run.eval_batch, rt.loaders, rt.loader_rank),
-            args.workers,
-        ),
-        len(run.val_set),
-    )
+    average_buffers(run)  # every replica evaluates (and saves) the same model
     val_targets = plan.data.train.targets[plan.val_index]
-    aucs = column_auc(val_targets, probs)
-    auc = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+
+    def validate(ema: bool) -> tuple[np.ndarray, float, np.ndarray, float]:
+        probs, loss = run.trainer.evaluate(
+            BatchLoader(
+                run.val_set,
+                eval_batches(len(run.val_set), run.eval_batch, rt.loaders, rt.loader_rank),
+                args.workers,
+            ),
+            len(run.val_set),
+            ema=ema,
+        )
+        aucs = column_auc(val_targets, probs)
+        return probs, loss, aucs, float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan
+
+    probs, val_loss, aucs, auc = validate(ema=False)
     row = {
         "epoch": epoch,
         "lr": run.lr_at(epoch),
@@ -549,30 +626,36 @@ def train_epoch(run: Run, state: RunState) -> None:
         "val_loss": val_loss,
         "val_auc": auc,
         **{f"auc_{c}": float(a) for c, a in zip(plan.data.classes, aucs)},
-        "images_per_sec": (run.steps - first) * run.global_batch / train_seconds,
-        "seconds": time.time() - started,
-        "compiles": rt.compile_count() - run.compiles_counted,
     }
+    if run.trainer.ema is not None:
+        ema_probs, row["ema_val_loss"], _, row["ema_val_auc"] = validate(ema=True)
+    row["images_per_sec"] = (run.steps - first) * run.global_batch / train_seconds
+    row["seconds"] = time.time() - started
+    row["compiles"] = rt.compile_count() - run.compiles_counted
     run.compiles_counted += row["compiles"]
     state.history.append(row)
-    # A NaN AUC (no class has both labels in the fold) scores -inf: until a finite score
-    # appears, the latest epoch is the best, so best.pt and oof.csv always exist.
-    score = auc if math.isfinite(auc) else -math.inf
-    improved = score > state.best_auc or state.best_auc == -math.inf
-    state.best_auc = score if improved else state.best_auc
-    state.flat_epochs = 0 if improved else state.flat_epochs + 1
+    improved = _improves(auc, state.best_auc)
+    state.best_auc = _score(auc) if improved else state.best_auc
+    improved_ema = run.trainer.ema is not None and _improves(row["ema_val_auc"], state.best_ema_auc)
+    state.best_ema_auc = _score(row["ema_val_auc"]) if improved_ema else state.best_ema_auc
+    # --patience: epochs in which neither the model nor its moving average improved.
+    state.flat_epochs = 0 if improved or improved_ema else state.flat_epochs + 1
     state.epoch, state.step, state.epoch_loss_sum = epoch + 1, 0, 0.0
-    write_epoch(run, state, improved)
-    if improved:
-        best = snapshot(run, state)
-        best.pop("optimizer")  # prediction needs the weights only
-        checkpoint.save(rt, plan.run_dir / "best.pt", best)
+    write_epoch(run, state, improved, improved_ema)
+    val_ids = [plan.data.train.ids[i] for i in plan.val_index]
+    for better, ema, name, oof_name in [
+        (improved, False, "best.pt", "oof.csv"),
+        (improved_ema, True, "best_ema.pt", "oof_ema.csv"),
+    ]:
+        if not better:
+            continue
+        checkpoint.save(rt, plan.run_dir / name, weights_only(snapshot(run, state), ema=ema))
         if rt.is_host_writer:
-            rundir.commit_overwrite(plan.run_dir)  # the old run --overwrite kept is not needed
-            val_ids = [plan.data.train.ids[i] for i in plan.val_index]
-            oof = pd.DataFrame(probs, columns=plan.data.classes)
+            if not ema:
+                rundir.commit_overwrite(plan.run_dir)  # the old run --overwrite kept can go
+            oof = pd.DataFrame(ema_probs if ema else probs, columns=plan.data.classes)
             oof.insert(0, "image_id", val_ids)
-            atomic_to_csv(oof, plan.run_dir / "oof.csv")
+            atomic_to_csv(oof, plan.run_dir / oof_name)
     checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, state))
 
 
@@ -601,19 +684,26 @@ def check_skipped(run: Run, mine: list[int], epoch: int, samples: int) -> None:
         print(f"warning: epoch {epoch}: skipped {count} unreadable training images: {names}")
 
 
-def write_epoch(run: Run, state: RunState, improved: bool) -> None:
+def write_epoch(run: Run, state: RunState, improved: bool, improved_ema: bool) -> None:
     """history.csv and TensorBoard on each host, the epoch's line on the master."""
     row = state.history[-1]
     if run.rt.is_host_writer:
         atomic_to_csv(pd.DataFrame(state.history), run.plan.run_dir / "history.csv")
-        for key in ("train_loss", "val_loss", "val_auc", "images_per_sec"):
-            run.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
+        for key in ("train_loss", "val_loss", "val_auc", "ema_val_loss", "ema_val_auc"):
+            if key in row:
+                run.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
+        run.writer.add_scalar("epoch/images_per_sec", row["images_per_sec"], row["epoch"])
         run.writer.flush()
     if run.rt.is_master:
+        ema = (
+            f"  EMA val AUC {row['ema_val_auc']:.4f}{'  (best)' if improved_ema else ''}"
+            if "ema_val_auc" in row
+            else ""
+        )
         print(
             f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
             f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.4f}"
-            f"{'  (best)' if improved else ''}  {row['images_per_sec']:.1f} img/s  "
+            f"{'  (best)' if improved else ''}{ema}  {row['images_per_sec']:.1f} img/s  "
             f"{row['compiles']} compile(s)"
         )
 
@@ -636,6 +726,8 @@ def report(run: Run, state: RunState) -> None:
     if run.rt.is_master:
         best = state.best_auc
         shown = f"{best:.4f}" if math.isfinite(best) else "n/a (no class had both labels)"
+        if run.trainer.ema is not None and math.isfinite(state.best_ema_auc):
+            shown += f" (EMA {state.best_ema_auc:.4f}: best_ema.pt)"
         print(f"best val AUC {shown}; run directory: {run.plan.run_dir}")
 
 

@@ -1,12 +1,18 @@
 """Training augmentation with albumentations, on uint8 images already resized by the loader.
 
-The seed's random horizontal and vertical flips are the default; more transforms are named in
-the config's `augment` list, e.g.
+A run's transform is: the flips (`--hflip`, `--vflip`), then its preset (`--augment-preset`,
+one entry of `PRESETS` below), then the config's `augment` list in order, e.g.
 
+    augment_preset: strong
     augment:
       - Transpose: {p: 0.5}
-      - ShiftScaleRotate: {shift_limit: 0.05, scale_limit: 0.1, rotate_limit: 30, p: 0.5}
-      - RandomBrightnessContrast: {p: 0.3}
+      - OneOf: {transforms: [MotionBlur, {GaussNoise: {p: 1.0}}], p: 0.3}
+
+Each entry is a transform name, or {Name: {arg: value}}; the compositions (OneOf, SomeOf,
+Sequential) take their `transforms` as such a list. Every transform draws from the Compose's
+generator, seeded per sample by the loader: the same sample seed gives the same image on any
+thread, and a resumed run replays its augmentations exactly. Nothing here assumes square
+images: the geometric transforms keep each image's height and width.
 
 Normalisation is not here: it runs on the device inside the compiled step (see engine.py).
 """
@@ -21,42 +27,121 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
 
 from leaf_xla.cli import UserError  # noqa: E402
 
 # Transforms that may turn an image by 90 degrees: a batch of HEIGHTxWIDTH images has one shape.
 SWAP_SIDES = {"Transpose", "RandomRotate90", "D4", "SquareSymmetry"}
 
+# The presets, after the flips, in the `augment` list format: every probability in one place.
+# `strong` is the augmentation of the 1st place of Plant Pathology 2020 (alipay's
+# cvpr2020-plant-pathology, its generate_transforms): flips 0.5 each, then brightness or
+# contrast +-10% (p 0.5), one of three 3-px blurs (p 0.5), and shift +-20%, scale +-20%,
+# rotate +-20 degrees with reflected borders on every image. Its ShiftScaleRotate is written as
+# the Affine that albumentations 2 turns it into (ShiftScaleRotate itself warns it is deprecated);
+# RandomBrightness/RandomContrast, gone from albumentations 2, are RandomBrightnessContrast with
+# one of the two limits at 0; the blurs keep their 3x3 kernels.
+PRESETS: dict[str, list[Any]] = {
+    "seed": [],  # the seed kernel's flips only
+    "strong": [
+        {
+            "OneOf": {
+                "transforms": [
+                    {"RandomBrightnessContrast": {"brightness_limit": 0.1, "contrast_limit": 0.0}},
+                    {"RandomBrightnessContrast": {"brightness_limit": 0.0, "contrast_limit": 0.1}},
+                ],
+                "p": 0.5,
+            }
+        },
+        {
+            "OneOf": {
+                "transforms": [
+                    {"MotionBlur": {"blur_limit": 3}},
+                    {"MedianBlur": {"blur_limit": 3}},
+                    {"GaussianBlur": {"blur_limit": [3, 3]}},  # 3 alone: 0..3 in albumentations 2
+                ],
+                "p": 0.5,
+            }
+        },
+        {
+            "Affine": {
+                "translate_percent": [-0.2, 0.2],
+                "scale": [0.8, 1.2],
+                "rotate": [-20, 20],
+                "border_mode": cv2.BORDER_REFLECT_101,
+                "p": 1.0,
+            }
+        },
+    ],
+}
 
-def _extra(spec: Any) -> A.BasicTransform:
+
+def _extra(spec: Any, where: str = "augment") -> A.BasicTransform:
     if isinstance(spec, str):
         name, kwargs = spec, {}
     elif isinstance(spec, dict) and len(spec) == 1:
         name, kwargs = next(iter(spec.items()))
-        kwargs = kwargs or {}
+        kwargs = dict(kwargs or {})
     else:
-        raise UserError(f"augment: each entry is a name or {{Name: {{arg: value}}}}, got {spec!r}")
+        raise UserError(f"{where}: each entry is a name or {{Name: {{arg: value}}}}, got {spec!r}")
     transform = getattr(A, str(name), None)
-    if not isinstance(transform, type) or not issubclass(transform, A.BasicTransform):
-        raise UserError(f"augment: {name!r} is not an albumentations transform")
+    composition = isinstance(transform, type) and issubclass(transform, A.BaseCompose)
+    if not isinstance(transform, type) or not (
+        issubclass(transform, A.BasicTransform) or composition
+    ):
+        raise UserError(f"{where}: {name!r} is not an albumentations transform")
+    if composition:
+        inner = kwargs.get("transforms")
+        if not isinstance(inner, list) or not inner:
+            raise UserError(f"{where}: {name} needs `transforms`, a list of transforms")
+        kwargs["transforms"] = [_extra(s, f"{where}: {name}") for s in inner]
     try:
         return transform(**kwargs)
     except (TypeError, ValueError) as err:
-        raise UserError(f"augment: {name}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{where}: {name}: {str(err).splitlines()[0]}") from None
+
+
+def describe_preset(name: str) -> str:
+    """The preset's transforms and probabilities in one line (for --help and the run's start)."""
+
+    def one(spec: Any) -> str:
+        if isinstance(spec, str):
+            return spec
+        name, kwargs = next(iter(spec.items()))
+        kwargs = dict(kwargs or {})
+        inner = kwargs.pop("transforms", None)
+        p = kwargs.pop("p", None)
+        args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        if inner is not None:
+            args = " | ".join(one(s) for s in inner)
+        return f"{name}({args})" + ("" if p is None else f" p={p:g}")
+
+    return ", ".join(["flips (--hflip, --vflip)", *(one(spec) for spec in PRESETS[name])])
 
 
 def create_transform(
-    hflip: float = 0.5, vflip: float = 0.5, augment: list | None = None, square: bool = True
+    hflip: float = 0.5,
+    vflip: float = 0.5,
+    augment: list | None = None,
+    preset: str = "seed",
+    square: bool = True,
 ) -> A.Compose:
-    """The training transform: flips with the given probabilities, then `augment` in order.
+    """The training transform: flips with the given probabilities, the preset's transforms,
+    then `augment` in order.
 
     `square` False (a HEIGHTxWIDTH image size): transforms that swap the sides are refused.
     """
+    if preset not in PRESETS:
+        raise UserError(f"--augment-preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if augment is not None and not isinstance(augment, list):
+        raise UserError(f"augment: expected a list of transforms, got {augment!r}")
     steps: list[A.BasicTransform] = []
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
     if vflip > 0:
         steps.append(A.VerticalFlip(p=vflip))
+    steps.extend(_extra(spec, f"--augment-preset {preset}") for spec in PRESETS[preset])
     steps.extend(_extra(spec) for spec in augment or [])
     for step in steps:
         if not square and type(step).__name__ in SWAP_SIDES:

@@ -5,7 +5,8 @@ process and in every replica it spawns. Nothing happens unless a variable asks f
 
 - LEAF_XLA_TEST_RECORD=DIR: each replica appends the images it loads to DIR/seen-rank<R>.txt
   ("<file name> <augmentation seed or None>") and, at every checkpoint save, writes its own copy
-  of the model state to DIR/<checkpoint name>-rank<R>.pt (all replicas, not only the writer).
+  of the model state to DIR/<checkpoint name>-rank<R>.pt (all replicas, not only the writer),
+  and of its moving average (--ema-decay) to DIR/<checkpoint name>-ema-rank<R>.pt.
 - LEAF_XLA_TEST_FAULT=RANK:KIND:N: on replica RANK only, KIND=enospc makes the N-th write of a
   last.pt fail with ENOSPC; KIND=nan makes the loss of its N-th training step NaN.
 """
@@ -43,6 +44,9 @@ def _install_record(folder: str) -> None:
     def recording_save(rt, path, state):
         mine = rt.to_cpu(state["model"])
         torch.save(mine, os.path.join(folder, f"{path.name}-rank{_rank()}.pt"))
+        if "ema" in state:  # --ema-decay: the moving average, as this replica holds it
+            ema = rt.to_cpu(state["ema"])
+            torch.save(ema, os.path.join(folder, f"{path.name}-ema-rank{_rank()}.pt"))
         save(rt, path, state)
 
     loader.LeafImages.fill = recording_fill
