@@ -330,3 +330,28 @@ def test_soft_targets_from_the_ensemble_use_its_weights(pp2020: Path, tmp_path: 
     soft = pd.read_csv(path)[CLASSES].to_numpy()
     np.testing.assert_allclose(soft, 0.5 * teacher + 0.5 * data.train.targets, rtol=0, atol=1e-12)
     np.testing.assert_allclose(soft.sum(1), 1, atol=1e-9)
+
+
+def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) -> None:
+    import argparse
+
+    from leaf_xla.config import find_config
+    from leaf_xla.recipe import check_every_fold, distilled_models, plan_runs
+
+    path = find_config("pp2020_winner")
+    config = load_recipe(path)
+    args = argparse.Namespace(data_dir=tmp_path, out_dir=tmp_path / "runs", device="auto")
+    args.__dict__.update(parallel="auto", nprocs=None, nnodes=1, node_rank=0)
+    args.__dict__.update(master_addr="127.0.0.1", master_port=None, dist_timeout=600.0)
+    runs = plan_runs(config["models"], config["folds"], args, [])
+    check_every_fold(path, config, runs, config["folds"])  # distillation is allowed
+    soft = tmp_path / "soft.csv"
+    students = plan_runs(distilled_models(config, soft), config["folds"], args, [])
+    assert [r.dir.name for r in students] == [
+        f"seresnext50_32x4d-distill-fold{k}" for k in range(5)
+    ]
+    for run in runs + students:
+        assert run.options.model == "seresnext50_32x4d" and run.options.n_folds == 5
+        assert run.options.pretrained_tag == "racm_in1k" and run.options.vflip == 0.5
+    assert all(r.options.soft_targets == soft for r in students)
+    assert config["distill"]["alpha"] == 0.3 and config["tta"] == ["none", "hflip", "vflip"]
