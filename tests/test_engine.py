@@ -214,3 +214,56 @@ def test_mixup_cutmix_and_ema_compile_once_and_match_eager_pytorch():
     )
     loss = plain.train_one_epoch(data, epoch=0, steps=steps, start_step=0, lr_at=lr_at)
     assert abs(loss - first["loss"]) > 1e-3
+
+
+def soft_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`batches` with random probability rows as targets (distributions: softmax of noise)."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    out = batches(n, seed)
+    for batch in out:
+        batch["target"] = torch.softmax(3 * torch.randn(BATCH, CLASSES, generator=gen), 1)
+    return out
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_soft_targets_loss_by_hand_and_no_new_graph(multilabel: bool) -> None:
+    """Soft target rows train with the same compiled step as one-hot rows (same shape and
+    dtype: nothing compiles), and the loss is the hand-written soft cross-entropy (softmax) or
+    soft binary cross-entropy (sigmoid). lr 0: the weights stay those of the reference."""
+    steps = 3
+    rt = runtime.setup("xla", "none", "fp32")
+    model = tiny_model().to(rt.device)
+    trainer = Trainer(
+        model,
+        rt,
+        multilabel=multilabel,
+        mean=MEAN,
+        std=STD,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+    )
+    trainer.train_one_epoch(batches(steps, seed=5), epoch=0, steps=steps, start_step=0, lr_at=lr0)
+    soft = soft_batches(steps, seed=6)
+    before = compiles()
+    loss = trainer.train_one_epoch(soft, epoch=1, steps=steps, start_step=0, lr_at=lr0)
+    assert compiles() == before, "soft targets compiled another graph"
+
+    reference = tiny_model()
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    expected = 0.0
+    with torch.no_grad():
+        for batch in soft:
+            z = reference((batch["image"].float() / 255.0 - mean) / std)
+            q = batch["target"]
+            if multilabel:
+                p = torch.sigmoid(z)
+                per_image = -(q * torch.log(p) + (1 - q) * torch.log(1 - p)).mean(1)
+            else:
+                per_image = -(q * torch.log_softmax(z, 1)).sum(1)
+            expected += float(per_image.mean())
+    assert loss == pytest.approx(expected / steps, rel=1e-5)
+
+
+def lr0(epoch: float) -> float:
+    del epoch
+    return 0.0

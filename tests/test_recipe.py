@@ -134,3 +134,224 @@ def test_recipe_checks_tta_names_without_the_engine() -> None:
     code = "import sys, leaf_xla.recipe; assert 'leaf_xla.engine' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+DISTILL_RECIPE = """\
+folds: [0, 1]
+tta: [none, hflip]
+distill: {alpha: 0.3, from: a, weight: 2}
+models:
+  - name: a
+    config: demo
+    args: {model: test_resnet, n_folds: 2}
+"""
+
+
+@pytest.mark.slow
+def test_distill_end_to_end_targets_folds_submission_and_resume(
+    pp2020: Path, tmp_path: Path
+) -> None:
+    from leaf_xla.data import read_dataset
+    from leaf_xla.ensemble import read_predictions
+    from leaf_xla.soft_targets import digest, read_soft_targets
+
+    config = tmp_path / "distill.yaml"
+    config.write_text(DISTILL_RECIPE)
+    out = tmp_path / "runs"
+    first = recipe(config, pp2020, out)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+
+    # Every training image's target is 0.3 x the OOF prediction of the run whose fold held
+    # it out (never a model trained on it) + 0.7 x its label, exactly.
+    data = read_dataset(pp2020)
+    fold_of = pd.read_csv(out / "folds.csv").set_index("image_id")["fold"]
+    soft_csv = out / "distill" / "soft_targets.csv"
+    soft = pd.read_csv(soft_csv).set_index("image_id")
+    assert soft.index.tolist() == data.train.ids
+    oof = {k: read_predictions(out / f"a-fold{k}" / "oof.csv", CLASSES) for k in (0, 1)}
+    for image_id, label in zip(data.train.ids, data.train.targets):
+        k = fold_of[image_id]
+        assert image_id not in oof[1 - k].index  # the other fold's model trained on it
+        expected = 0.3 * oof[k].loc[image_id].to_numpy() + 0.7 * label.astype(np.float64)
+        assert (soft.loc[image_id, CLASSES].to_numpy() == expected).all(), image_id
+
+    # The distilled members trained on exactly those rows (their resume identity's digest).
+    rows = read_soft_targets(
+        soft_csv, train_ids=data.train.ids, needed=[], classes=CLASSES, multilabel=False
+    )
+    for k in (0, 1):
+        state = torch.load(out / f"a-distill-fold{k}" / "last.pt", weights_only=True)
+        trained = [i for i in data.train.ids if fold_of[i] != k]
+        assert state["resume_identity"]["soft_targets"] == digest(rows, trained)
+        assert state["config"]["soft_targets"] == str(soft_csv)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"a-fold0", "a-fold1", "a-distill-fold0", "a-distill-fold1"}
+    assert summary["weights"] == {"a": pytest.approx(1 / 3), "a-distill": pytest.approx(2 / 3)}
+    assert summary["validation_images"] == 64  # every image, out of fold
+    a, d = (pd.read_csv(out / "predictions" / f"{n}.csv")[CLASSES] for n in ("a", "a-distill"))
+    values = pd.read_csv(out / "submission.csv")[CLASSES].to_numpy()
+    np.testing.assert_allclose(values, (a.to_numpy() + 2 * d.to_numpy()) / 3, atol=1e-6)
+
+    # Resumed: every run finished, the soft targets kept (their bytes checked), not rewritten.
+    before = soft_csv.stat().st_mtime_ns
+    resumed = recipe(config, pp2020, out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert resumed.stdout.count("nothing to resume") == 4
+    assert f"soft targets: {soft_csv} is up to date" in resumed.stdout
+    assert soft_csv.stat().st_mtime_ns == before
+    # Targets that the first round does not give are refused, not trained on.
+    soft_csv.write_text(soft_csv.read_text().replace("0.7", "0.6", 1))
+    changed = recipe(config, pp2020, out, "--resume")
+    assert_user_error(changed, str(soft_csv), "differs from the targets", "--overwrite")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("folds: [0]\ndistill: {alpha: 0.3}\nmodels: [{name: a, config: demo}]", "folds [0]"),
+        (
+            "folds: [0, 1, 2, 3]\ndistill: {alpha: 0.3, from: b}\n"
+            "models: [{name: a, config: demo}, {name: b, config: demo, args: {n_folds: 5}}]",
+            "every fold of b must train",
+        ),
+        (
+            "folds: [0]\ndistill: {alpha: 0.3}\n"
+            "models: [{name: a, config: demo, args: {holdout: 0.2}}]",
+            "not a --holdout split",
+        ),
+    ],
+)
+def test_distill_refuses_without_every_fold(
+    pp2020: Path, tmp_path: Path, text: str, fragment: str
+) -> None:
+    config = tmp_path / "distill.yaml"
+    config.write_text(text)
+    result = recipe(config, pp2020, tmp_path / "runs")
+    assert_user_error(result, "out-of-fold prediction for every training image", fragment)
+    assert not list((tmp_path / "runs").glob("*-fold*"))
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("distill: 0.3\nmodels: [{name: a}]", "distill needs alpha"),
+        ("distill: {alpha: 0}\nmodels: [{name: a}]", "alpha must be a number in (0, 1]"),
+        ("distill: {alpha: 0.3, from: c}\nmodels: [{name: a}]", "from must be ensemble"),
+        ("distill: {alpha: 0.3, members: [c]}\nmodels: [{name: a}]", "members must be a list"),
+        ("distill: {alpha: 0.3, weight: -1}\nmodels: [{name: a}]", "weight must be a number"),
+        ("distill: {alpha: 0.3}\nmodels: [{name: a}, {name: a-distill}]", "named a-distill"),
+    ],
+)
+def test_bad_distill_configs(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        load_recipe(path)
+
+
+def fake_first_round(pp2020: Path, out: Path, names: list[str], n_folds: int = 2):
+    """Round-1 run folders as train leaves them (folds.csv, oof.csv of each fold's held-out
+    images, random probabilities), without training: (runs, folds)."""
+    import argparse
+
+    from leaf_xla.data import read_dataset
+    from leaf_xla.folds import load_or_create
+    from leaf_xla.recipe import Run
+
+    data = read_dataset(pp2020)
+    fold_of = load_or_create(out / "folds.csv", data.train.ids, data.train.targets, n_folds, 42)
+    rng = np.random.default_rng(0)
+    runs = []
+    for name in names:
+        for k in range(n_folds):
+            options = argparse.Namespace(
+                folds_file=None,
+                out_dir=out,
+                n_folds=n_folds,
+                fold_seed=42,
+                holdout=None,
+                label_format="auto",
+                classes=None,
+                overwrite=False,
+            )
+            run = Run(name, k, out / f"{name}-fold{k}", [], options)
+            held_out = [i for i, f in zip(data.train.ids, fold_of) if f == k]
+            probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(held_out))
+            frame = pd.DataFrame(probs, columns=CLASSES)
+            frame.insert(0, "image_id", held_out)
+            run.dir.mkdir(parents=True)
+            frame.to_csv(run.dir / "oof.csv", index=False)
+            runs.append(run)
+    return runs, pd.Series(fold_of, index=data.train.ids)
+
+
+def test_out_of_fold_rows_come_from_the_fold_that_held_each_image_out(
+    pp2020: Path, tmp_path: Path
+) -> None:
+    from leaf_xla.data import read_dataset
+    from leaf_xla.ensemble import read_predictions
+    from leaf_xla.recipe import out_of_fold
+
+    runs, fold_of = fake_first_round(pp2020, tmp_path, ["a"])
+    data = read_dataset(pp2020)
+    oof = out_of_fold(runs, data)
+    for row, image_id in zip(oof, data.train.ids):
+        held_out_by = runs[fold_of[image_id]]
+        assert held_out_by.fold == fold_of[image_id]
+        own = read_predictions(held_out_by.dir / "oof.csv", CLASSES).loc[image_id].to_numpy()
+        np.testing.assert_array_equal(row, own)
+
+    # An oof.csv holding an image its model trained on (one of the other fold's) is refused.
+    path = runs[0].dir / "oof.csv"
+    frame = pd.read_csv(path)
+    trained_on = fold_of.index[fold_of == 1][0]
+    frame.loc[0, "image_id"] = trained_on
+    frame.to_csv(path, index=False)
+    with pytest.raises(UserError, match=r"a-fold0/oof.csv: its images are not fold 0's"):
+        out_of_fold(runs, data)
+
+
+def test_soft_targets_from_the_ensemble_use_its_weights(pp2020: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from leaf_xla.data import read_dataset
+    from leaf_xla.recipe import out_of_fold, write_soft_targets
+
+    runs, _ = fake_first_round(pp2020, tmp_path, ["a", "b"])
+    data = read_dataset(pp2020)
+    models = [{"name": "a", "weight": 3}, {"name": "b", "weight": 1}]
+    recipe_dict = {"models": models, "distill": {"alpha": 0.5}}
+    path = tmp_path / "distill" / "soft_targets.csv"
+    args = argparse.Namespace(data_dir=pp2020)
+    write_soft_targets(recipe_dict, runs, [], args, False, path)
+    a, b = out_of_fold(runs[:2], data), out_of_fold(runs[2:], data)
+    teacher = 0.75 * a + 0.25 * b
+    soft = pd.read_csv(path)[CLASSES].to_numpy()
+    np.testing.assert_allclose(soft, 0.5 * teacher + 0.5 * data.train.targets, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(soft.sum(1), 1, atol=1e-9)
+
+
+def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) -> None:
+    import argparse
+
+    from leaf_xla.config import find_config
+    from leaf_xla.recipe import check_every_fold, distilled_models, plan_runs
+
+    path = find_config("pp2020_winner")
+    config = load_recipe(path)
+    args = argparse.Namespace(data_dir=tmp_path, out_dir=tmp_path / "runs", device="auto")
+    args.__dict__.update(parallel="auto", nprocs=None, nnodes=1, node_rank=0)
+    args.__dict__.update(master_addr="127.0.0.1", master_port=None, dist_timeout=600.0)
+    runs = plan_runs(config["models"], config["folds"], args, [])
+    check_every_fold(path, config, runs, config["folds"])  # distillation is allowed
+    soft = tmp_path / "soft.csv"
+    students = plan_runs(distilled_models(config, soft), config["folds"], args, [])
+    assert [r.dir.name for r in students] == [
+        f"seresnext50_32x4d-distill-fold{k}" for k in range(5)
+    ]
+    for run in runs + students:
+        assert run.options.model == "seresnext50_32x4d" and run.options.n_folds == 5
+        assert run.options.pretrained_tag == "racm_in1k" and run.options.vflip == 0.5
+    assert all(r.options.soft_targets == soft for r in students)
+    assert config["distill"]["alpha"] == 0.3 and config["tta"] == ["none", "hflip", "vflip"]

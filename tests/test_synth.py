@@ -6,8 +6,10 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
+from leaf_xla.cli import SettingError
 from leaf_xla.synth import PP2020_CLASSES, write_dataset
 
 
@@ -53,3 +55,43 @@ def test_classes_carry_visual_signal(tmp_path) -> None:
     rust = [orange_fraction(i) for i in train.loc[train.rust == 1, "image_id"]]
     healthy = [orange_fraction(i) for i in train.loc[train.healthy == 1, "image_id"]]
     assert min(rust) > max(healthy)
+
+
+def orange(path) -> float:
+    rgb = np.asarray(Image.open(path)).astype(int)
+    return float(((rgb[..., 0] > 180) & (rgb[..., 1] > 90) & (rgb[..., 2] < 80)).mean())
+
+
+def test_label_noise_flips_train_labels_only_and_test_labels_are_true(tmp_path) -> None:
+    classes = list(PP2020_CLASSES)
+    clean = write_dataset(tmp_path / "clean", 80, 40, seed=2, size=(96, 64))
+    hidden = tmp_path / "hidden" / "test_labels.csv"
+    noisy = write_dataset(
+        tmp_path / "noisy", 80, 40, seed=2, size=(96, 64), label_noise=0.25, test_labels=hidden
+    )
+    # The same images; a quarter of the train labels replaced by another class.
+    assert digest(clean / "images") == digest(noisy / "images")
+    before = pd.read_csv(clean / "train.csv")[classes].to_numpy()
+    after = pd.read_csv(noisy / "train.csv")[classes].to_numpy()
+    assert (after.sum(1) == 1).all()
+    assert (before != after).any(1).sum() == 20
+    # The hidden labels are the test images' true classes: rust images are the orange ones.
+    labels = pd.read_csv(hidden)
+    assert labels["image_id"].tolist() == pd.read_csv(noisy / "test.csv")["image_id"].tolist()
+    assert (labels[classes].sum(axis=1) == 1).all() and not list(noisy.rglob("test_labels*"))
+    score = labels["image_id"].map(lambda i: orange(noisy / "images" / f"{i}.jpg"))
+    assert score[labels.rust == 1].min() > score[labels.healthy == 1].max()
+
+
+def test_weaker_signal_fades_the_spots_and_labels_stay_outside(tmp_path) -> None:
+    strong = write_dataset(tmp_path / "s", 12, 2, seed=3, size=(96, 64))
+    faint = write_dataset(tmp_path / "f", 12, 2, seed=3, size=(96, 64), signal=0.4)
+    rust = pd.read_csv(strong / "train.csv").query("rust == 1")["image_id"]
+    for image_id in rust:
+        assert orange(faint / "images" / f"{image_id}.jpg") < orange(
+            strong / "images" / f"{image_id}.jpg"
+        )
+    with pytest.raises(SettingError, match="inside"):
+        write_dataset(tmp_path / "x", 12, 2, test_labels=tmp_path / "x" / "labels.csv")
+    with pytest.raises(SettingError, match="signal"):
+        write_dataset(tmp_path / "y", 12, 2, signal=0)

@@ -5,17 +5,27 @@ set, ensemble, and print a summary. Each step is a subprocess running the same C
         --out-dir runs [--fit-weights] [--resume] [-- --epochs 10 ...extra train options]
 
 Ensemble config keys: `folds` (list), `tta` (list), `fit_weights` (bool), `models`: a list of
-{name, config (a training config), weight, args (training option overrides)}. Options after
-`--` go to every train run. `--resume` continues interrupted runs (train says which are finished);
-prediction and the ensemble always run again.
+{name, config (a training config), weight, args (training option overrides)}, and `distill`
+(optional): {alpha, from, members, weight}. Options after `--` go to every train run. `--resume`
+continues interrupted runs (train says which are finished); prediction and the ensemble always
+run again.
+
+Self-distillation (`distill`): once every fold of the first round has trained, each training
+image gets the target `alpha * OOF + (1 - alpha) * label`, where OOF is the out-of-fold
+prediction of `from` (a member's name, or `ensemble`: the members' OOF predictions with the
+ensemble's weights). Each member of `members` (default: all) then trains again on those targets
+with the same folds and options, as `<name>-distill`, and joins the ensemble (weight: `weight`,
+default its member's). An image's OOF prediction comes from the run of the fold that holds it
+out, the one model that never trained on it; every fold must be listed.
 Outputs: <out-dir>/<name>-fold<k>/ runs, <out-dir>/predictions/<name>.csv,
 <out-dir>/submission.csv, submission.json (weights, out-of-fold AUCs), submission_roc.png,
-summary.json.
+summary.json; with `distill`: <out-dir>/distill/soft_targets.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,18 +33,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from leaf_xla import folds as folds_module
 from leaf_xla import runtime
 from leaf_xla.cli import UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
-from leaf_xla.data import parse_image_size, read_dataset
+from leaf_xla.data import DataSet, parse_image_size, read_dataset
 from leaf_xla.files import atomic_write_text
 from leaf_xla.rundir import check_name, hold_lock
+from leaf_xla.soft_targets import mix
 from leaf_xla.tta import TTA_FLIPS
 
 MODEL_KEYS = {"name", "config", "weight", "args"}
-RECIPE_KEYS = {"folds", "tta", "fit_weights", "models"}
+RECIPE_KEYS = {"folds", "tta", "fit_weights", "models", "distill"}
+DISTILL_KEYS = {"alpha", "from", "members", "weight"}
+TEACHER_ENSEMBLE = "ensemble"
 
 
 @dataclass
@@ -100,7 +115,57 @@ def load_recipe(path: Path) -> dict:
     names = [str(m["name"]) for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: model names must differ (they name the run folders): {names}")
+    if "distill" in recipe:
+        _check_distill(path, recipe["distill"], names)
     return recipe
+
+
+def _check_distill(path: Path, distill: object, names: list[str]) -> None:
+    where = f"{path}: distill"
+    if not isinstance(distill, dict) or set(distill) - DISTILL_KEYS or "alpha" not in distill:
+        raise UserError(
+            f"{where} needs alpha and may have {', '.join(sorted(DISTILL_KEYS - {'alpha'}))}"
+        )
+    alpha = distill["alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise UserError(f"{where} alpha must be a number in (0, 1], got {alpha!r}")
+    teacher = str(distill.get("from", TEACHER_ENSEMBLE))
+    if teacher not in (TEACHER_ENSEMBLE, *names) or TEACHER_ENSEMBLE in names:
+        raise UserError(
+            f"{where} from must be {TEACHER_ENSEMBLE} or a model's name ({', '.join(names)}), "
+            f"got {teacher!r}"
+        )
+    members = distill.get("members", names)
+    if not isinstance(members, list) or not members or not set(map(str, members)) <= set(names):
+        raise UserError(f"{where} members must be a list of model names, got {members!r}")
+    weight = distill.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise UserError(f"{where} weight must be a number >= 0, got {weight!r}")
+    clash = sorted(set(names) & {distilled_name(str(m)) for m in members})
+    if clash:
+        raise UserError(f"{where}: a model is named {clash[0]}, the name of a distilled member")
+
+
+def distilled_name(name: str) -> str:
+    return f"{name}-distill"
+
+
+def distilled_models(recipe: dict, soft_csv: Path) -> list[dict]:
+    """The second round's models: each distilled member's entry, renamed, on the soft targets."""
+    distill = recipe["distill"]
+    members = [str(m) for m in distill.get("members", [m["name"] for m in recipe["models"]])]
+    models = []
+    for model in recipe["models"]:
+        if str(model["name"]) in members:
+            models.append(
+                {
+                    **model,
+                    "name": distilled_name(str(model["name"])),
+                    "weight": distill.get("weight", model.get("weight", 1.0)),
+                    "args": {**model.get("args", {}), "soft_targets": str(soft_csv)},
+                }
+            )
+    return models
 
 
 def _whole(value: object) -> bool:
@@ -118,13 +183,15 @@ def _run(command: list[str]) -> None:
         sys.exit(code)
 
 
-def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[Run]:
+def plan_runs(
+    models: list[dict], fold_list: list[int], args: argparse.Namespace, extra: list[str]
+) -> list[Run]:
     """Every model x fold train command, parsed as train will parse it (bad options fail here,
     not after the first model has trained)."""
     from leaf_xla.train import build_parser
 
     runs = []
-    for model in recipe["models"]:
+    for model in models:
         name = str(model["name"])
         overrides = model.get("args", {})
         train_config = {}
@@ -134,7 +201,7 @@ def plan_runs(recipe: dict, args: argparse.Namespace, extra: list[str]) -> list[
             train_config = load_yaml(path)
             config_args = ["--config", str(path)]
         arch = overrides.get("model") or train_config.get("model") or name
-        for fold in recipe.get("folds", [0]):
+        for fold in fold_list:
             run_name = f"{name}-fold{fold}"
             train_args = [
                 *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
@@ -183,51 +250,177 @@ def main(argv: Sequence[str] | None = None) -> None:
     tta = [str(t) for t in recipe.get("tta", ["none"])]
     fit = args.fit_weights or bool(recipe.get("fit_weights", False))
     read_dataset(args.data_dir, need_test=True)  # fail on bad data before the first compile
-    runs = plan_runs(recipe, args, extra)
+    fold_list = [int(f) for f in recipe.get("folds", [0])]
+    models = recipe["models"]
+    runs = plan_runs(models, fold_list, args, extra)
+    students, soft_csv = [], args.out_dir / "distill" / "soft_targets.csv"
+    if "distill" in recipe:
+        check_every_fold(recipe_path, recipe, runs, fold_list)
+        students = plan_runs(distilled_models(recipe, soft_csv), fold_list, args, extra)
     if not args.resume:
-        started = [r.dir for r in runs if not r.options.overwrite and any(r.dir.glob("*.pt"))]
+        started = [
+            r.dir for r in runs + students if not r.options.overwrite and any(r.dir.glob("*.pt"))
+        ]
         if started:
             raise UserError(
                 f"{started[0]} already holds checkpoints: pass --resume to skip finished runs "
                 "and continue the others, or -- --overwrite to train them again"
             )
 
-    python = [sys.executable, "-m"]
-    predictions, oofs, weights = [], [], []
-    for model in recipe["models"]:
-        name = str(model["name"])
-        mine = [r for r in runs if r.model == name]
-        for run in mine:
-            # Train decides whether a run is finished, together with every other host (a pod's
-            # hosts each read their own disk, and must not part ways here).
-            resume = args.resume and (run.dir / "last.pt").is_file()
-            _run(run.command + (["--resume"] if resume else []))
-        out = args.out_dir / "predictions" / f"{name}.csv"
-        _run(
-            [
-                *python,
-                "leaf_xla.predict",
-                "--checkpoint",
-                *[str(r.dir / "best.pt") for r in mine],
-                *("--data-dir", str(args.data_dir), "--out", str(out), "--tta", *tta),
-                *runtime.launch_options(runtime.launch_from_args(args)),
-                "--overwrite",
-            ]
-        )
-        predictions.append(str(out))
-        oofs.append(",".join(str(r.dir / "oof.csv") for r in mine))
-        weights.append(str(float(model.get("weight", 1.0))))
+    members = [train_and_predict(m, runs, args, tta) for m in models]
+    if students:
+        write_soft_targets(recipe, runs, students, args, fit, soft_csv)
+        distilled = distilled_models(recipe, soft_csv)
+        members += [train_and_predict(m, students, args, tta) for m in distilled]
 
+    predictions, oofs, weights = (list(column) for column in zip(*members))
     submission = args.out_dir / "submission.csv"
     command = [
-        *python,
-        "leaf_xla.ensemble",
+        *(sys.executable, "-m", "leaf_xla.ensemble"),
         *predictions,
         *("--data-dir", str(args.data_dir), "--out", str(submission), "--overwrite"),
     ]
     command += ["--fit-weights", *oofs] if fit else ["--weights", *weights, "--oof", *oofs]
     _run(command)
-    summarize(args.out_dir, runs, submission)
+    summarize(args.out_dir, runs + students, submission)
+
+
+def train_and_predict(
+    model: dict, runs: list[Run], args: argparse.Namespace, tta: list[str]
+) -> tuple[str, str, str]:
+    """Train a model's runs, predict the test set with them; (predictions CSV, its
+    comma-separated OOF files, weight) for the ensemble."""
+    name = str(model["name"])
+    mine = [r for r in runs if r.model == name]
+    for run in mine:
+        # Train decides whether a run is finished, together with every other host (a pod's
+        # hosts each read their own disk, and must not part ways here).
+        resume = args.resume and (run.dir / "last.pt").is_file()
+        _run(run.command + (["--resume"] if resume else []))
+    out = args.out_dir / "predictions" / f"{name}.csv"
+    _run(
+        [
+            *(sys.executable, "-m", "leaf_xla.predict"),
+            "--checkpoint",
+            *[str(r.dir / "best.pt") for r in mine],
+            *("--data-dir", str(args.data_dir), "--out", str(out), "--tta", *tta),
+            *runtime.launch_options(runtime.launch_from_args(args)),
+            "--overwrite",
+        ]
+    )
+    oofs = ",".join(str(r.dir / "oof.csv") for r in mine)
+    return str(out), oofs, str(float(model.get("weight", 1.0)))
+
+
+def _teachers(recipe: dict) -> list[str]:
+    teacher = str(recipe["distill"].get("from", TEACHER_ENSEMBLE))
+    return [str(m["name"]) for m in recipe["models"]] if teacher == TEACHER_ENSEMBLE else [teacher]
+
+
+def check_every_fold(path: Path, recipe: dict, runs: list[Run], fold_list: list[int]) -> None:
+    """Distillation needs an out-of-fold prediction for every training image: every fold of
+    each teacher model trains (refused before anything trains)."""
+    for name in _teachers(recipe):
+        options = next(r.options for r in runs if r.model == name)
+        every = list(range(options.n_folds))
+        if options.holdout is not None or sorted(fold_list) != every:
+            split = "a --holdout split" if options.holdout is not None else f"folds {fold_list}"
+            raise UserError(
+                f"{path}: distill needs an out-of-fold prediction for every training image, so "
+                f"every fold of {name} must train, not {split}: list folds: {every} (or set "
+                "n_folds to match)"
+            )
+
+
+def out_of_fold(runs: list[Run], data: DataSet) -> np.ndarray:
+    """One model's out-of-fold predictions in train.csv's order: each image's row comes from the
+    run of the fold that holds it out, the one model of its folds that never trained on it.
+
+    Each run's oof.csv must list exactly its fold's validation images in the folds file; with
+    every fold listed, that is every training image once.
+    """
+    from leaf_xla.ensemble import read_predictions
+
+    options = runs[0].options
+    folds_file = options.folds_file or options.out_dir / "folds.csv"
+    fold_of = folds_module.load_or_create(
+        folds_file,
+        data.train.ids,
+        data.train.targets,
+        options.n_folds,
+        options.fold_seed,
+        options.holdout,
+    )
+    frames = []
+    for run in runs:
+        path = run.dir / "oof.csv"
+        oof = read_predictions(path, data.classes)
+        held_out = [i for i, f in zip(data.train.ids, fold_of) if f == run.fold]
+        if sorted(oof.index) != sorted(held_out):
+            raise UserError(
+                f"{path}: its images are not fold {run.fold}'s validation images in "
+                f"{folds_file}; train the run again (-- --overwrite)"
+            )
+        frames.append(oof)
+    frame = pd.concat(frames)
+    missing = sorted(set(data.train.ids) - set(frame.index))
+    if missing:
+        raise UserError(
+            f"{runs[0].model}: no out-of-fold prediction for {len(missing)} training image(s) "
+            f"({', '.join(missing[:3])}): every fold must train"
+        )
+    return frame.loc[data.train.ids].to_numpy(np.float64)
+
+
+def write_soft_targets(
+    recipe: dict,
+    runs: list[Run],
+    students: list[Run],
+    args: argparse.Namespace,
+    fit: bool,
+    path: Path,
+) -> None:
+    """`alpha * OOF + (1 - alpha) * label` for every training image, written once, atomically.
+
+    Every host computes it from its own run folders (each host's writer wrote every oof.csv)
+    and so holds its own copy; train checks that the hosts' copies agree. A resumed recipe
+    keeps an existing file when its bytes are what the first round gives now, and refuses a
+    different one unless the distilled runs are trained again (-- --overwrite).
+    """
+    from leaf_xla.ensemble_fit import combine, fit_weights
+
+    distill, names = recipe["distill"], _teachers(recipe)
+    options = next(r.options for r in runs if r.model == names[0])
+    data = read_dataset(args.data_dir, options.label_format, options.classes)
+    labels = data.train.targets.astype(np.float64)
+    stack = np.stack([out_of_fold([r for r in runs if r.model == n], data) for n in names])
+    weights = np.array([float(m.get("weight", 1.0)) for m in recipe["models"]])
+    if len(names) > 1 and fit:
+        weights, _ = fit_weights(stack, labels)
+    if len(names) > 1 and weights.sum() <= 0:
+        raise UserError("distill from the ensemble: the models' weights are all 0")
+    teacher = stack[0] if len(names) == 1 else combine(stack, weights / weights.sum(), "mean")
+    frame = pd.DataFrame(mix(teacher, labels, float(distill["alpha"])), columns=data.classes)
+    frame.insert(0, "image_id", data.train.ids)
+    text = frame.to_csv(index=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if path.is_file():
+        if hashlib.sha256(path.read_bytes()).hexdigest()[:16] == digest:
+            print(f"soft targets: {path} is up to date (sha256 {digest})")
+            return
+        if not all(r.options.overwrite for r in students):
+            raise UserError(
+                f"{path} differs from the targets the first round's out-of-fold predictions "
+                "give now (was a first-round run trained again?): pass -- --overwrite to "
+                "train the distilled members again, or delete the file and their runs"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    teacher_name = distill.get("from", TEACHER_ENSEMBLE)
+    print(
+        f"soft targets: wrote {path} ({len(frame)} images, alpha {distill['alpha']} x "
+        f"out-of-fold {teacher_name} + (1 - alpha) x label; sha256 {digest})"
+    )
 
 
 def summarize(out_dir: Path, runs: list[Run], submission: Path) -> dict:

@@ -47,7 +47,15 @@ SCHEDULE_KEYS = (
     "scale_lr",
 )
 OPTION_KEYS = (*TRAINING_KEYS, *SCHEDULE_KEYS, "fold")
-IDENTITY_KEYS = ("classes", "model", "image_size", *OPTION_KEYS, "fold_digest", "global_batch")
+IDENTITY_KEYS = (
+    "classes",
+    "model",
+    "image_size",
+    *OPTION_KEYS,
+    "fold_digest",
+    "soft_targets",
+    "global_batch",
+)
 # Options whose change says nothing about the run (how this process was asked to start).
 NOT_RECORDED = {"resume", "force_resume", "overwrite", "config"}
 
@@ -211,10 +219,12 @@ def resume_identity(
     classes: Sequence[str],
     image_size: int | str,
     fold_digest: str,
+    soft_targets: str | None = None,
     replicas: int | None = None,
 ) -> dict[str, Any]:
     """What a resume must not change (store it in checkpoints as `resume_identity`).
 
+    `soft_targets`: the digest of the `--soft-targets` rows trained on (None: the labels).
     `replicas`: None where the replica count is not known yet (before the runtime starts):
     the global batch is then left out.
     """
@@ -224,6 +234,7 @@ def resume_identity(
         "image_size": image_size,  # 512 as before for a square, "480x768" otherwise
         **{k: getattr(args, k) for k in OPTION_KEYS},
         "fold_digest": fold_digest,
+        "soft_targets": soft_targets,
     }
     if replicas is not None:
         identity["global_batch"] = args.batch_size * replicas
@@ -251,6 +262,8 @@ def resume_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if key in saved and key in new and saved[key] != new[key]:
             if key == "fold_digest":
                 diff.append("fold assignment: other validation images (the folds file changed)")
+            elif key == "soft_targets":
+                diff.append("soft targets: other training targets (--soft-targets changed)")
             else:
                 diff.append(f"{key.replace('_', '-')}: {saved[key]!r} -> {new[key]!r}")
     return diff

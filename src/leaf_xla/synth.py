@@ -5,6 +5,11 @@ scab dark olive blotches, `multiple_diseases` both, healthy neither (other forma
 disease class its own colour and spot shape). Deterministic per seed; no network. Layouts: the
 three leaf competitions' and a generic `image_id,label` one with class names.
 
+Harder data for benchmarks: `--signal` below 1 blends the spots into the leaf (their opacity),
+`--label-noise` replaces that fraction of train.csv's labels by another class (the images keep
+their true class's spots), and `--test-labels FILE` writes the test images' true labels to a
+file outside the data folder, where no training command looks.
+
     python -m leaf_xla.synth --out data/demo --n-train 240 --n-test 60
 """
 
@@ -84,8 +89,9 @@ def draw_leaf(
     size: tuple[int, int],
     diseases: Sequence[str],
     disease_order: dict[str, int],
+    signal: float = 1.0,
 ) -> Image.Image:
-    """One leaf on a noisy background with the spots of `diseases` on it."""
+    """One leaf on a noisy background with the spots of `diseases` on it, at opacity `signal`."""
     width, height = size
     background = rng.integers(60, 140, size=3)
     noise = rng.normal(0, 12, size=(height, width, 3))
@@ -109,6 +115,7 @@ def draw_leaf(
     draw.line(rib, fill=(150, 190, 90), width=max(1, width // 100))
 
     scale = min(width, height)
+    unspotted = image.copy() if signal < 1 else None
     for disease in diseases:
         fill, rim, radius, (low, high), blotchy = _style(disease, disease_order[disease])
         for _ in range(int(rng.integers(low, high + 1))):
@@ -122,6 +129,8 @@ def draw_leaf(
                 ox, oy = rng.normal(0, spot * 0.5, 2) if blotchy else (0.0, 0.0)
                 box = [sx + ox - spot, sy + oy - spot, sx + ox + spot, sy + oy + spot]
                 draw.ellipse(box, fill=fill, outline=rim, width=max(1, int(spot / 3)) if rim else 0)
+    if unspotted is not None:
+        image = Image.blend(unspotted, image, signal)
     brightness = rng.uniform(0.8, 1.2)
     image = Image.fromarray(np.clip(np.asarray(image) * brightness, 0, 255).astype(np.uint8))
     return image.filter(ImageFilter.GaussianBlur(radius=0.6))
@@ -177,12 +186,27 @@ def write_dataset(
     size: tuple[int, int] = (320, 213),
     fmt: str = "pp2020",
     quality: int = 90,
+    signal: float = 1.0,
+    label_noise: float = 0.0,
+    test_labels: Path | None = None,
 ) -> Path:
-    """Write a data set in the Kaggle layout `fmt`; return `out`."""
+    """Write a data set in the Kaggle layout `fmt`; return `out`.
+
+    `signal`: the spots' opacity (1: as drawn); `label_noise`: the fraction of train labels
+    replaced by another class; `test_labels`: a CSV (outside `out`) for the test images' labels.
+    """
     if n_train < 8:
         raise SettingError("n_train", f"must be at least 8 (got {n_train}): folds need every class")
     if n_test < 1:
         raise SettingError("n_test", f"must be at least 1 (got {n_test})")
+    if not 0 < signal <= 1:
+        raise SettingError("signal", f"must be in (0, 1], got {signal}")
+    if not 0 <= label_noise < 1:
+        raise SettingError("label_noise", f"must be in [0, 1), got {label_noise}")
+    if test_labels is not None and out.resolve() in test_labels.resolve().parents:
+        raise SettingError(
+            "test_labels", f"{test_labels} is inside {out}: the hidden labels go outside it"
+        )
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -249,8 +273,12 @@ def write_dataset(
         id_column, with_test_csv, sample_class = "image_id", True, "healthy"
     else:
         raise SettingError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    clean = label_sets
+    if label_noise:
+        label_sets = _flip_labels(np.random.default_rng([seed, 1]), clean, classes, label_noise)
+    label_format = formats.get(LAYOUT_FORMATS[fmt])
     tables = _tables(
-        formats.get(LAYOUT_FORMATS[fmt]),
+        label_format,
         list(classes),
         id_column=id_column,
         train_ids=train_ids,
@@ -263,14 +291,37 @@ def write_dataset(
     train_dir.mkdir(parents=True, exist_ok=True)
     test_dir.mkdir(parents=True, exist_ok=True)
     for name, spots in zip(train_files, spot_lists):
-        draw_leaf(rng, size, spots, order).save(train_dir / name, quality=quality)
-    # Test images follow the training distribution; their labels are not written anywhere.
-    test_spots = [spot_lists[int(i)] for i in rng.integers(0, n_train, n_test)]
-    for name, spots in zip(test_files, test_spots):
-        draw_leaf(rng, size, spots, order).save(test_dir / name, quality=quality)
+        draw_leaf(rng, size, spots, order, signal).save(train_dir / name, quality=quality)
+    # Test images follow the training distribution; their labels are written only to
+    # `test_labels`, clean (the noise is the training labels').
+    drawn_like = rng.integers(0, n_train, n_test)
+    for name, i in zip(test_files, drawn_like):
+        draw_leaf(rng, size, spot_lists[int(i)], order, signal).save(
+            test_dir / name, quality=quality
+        )
     for name, frame in tables.items():
         atomic_to_csv(frame, out / name)
+    if test_labels is not None:
+        index = {c: k for k, c in enumerate(classes)}
+        targets = np.zeros((n_test, len(classes)))
+        for row, i in enumerate(drawn_like):
+            targets[row, [index[n] for n in clean[int(i)]]] = 1
+        frame = label_format.label_frame(targets, list(classes))
+        frame.insert(0, id_column, test_ids)
+        test_labels.parent.mkdir(parents=True, exist_ok=True)
+        atomic_to_csv(frame, test_labels)
     return out
+
+
+def _flip_labels(
+    rng: np.random.Generator, label_sets: list[list[str]], classes: Sequence[str], fraction: float
+) -> list[list[str]]:
+    """`round(fraction * N)` label sets, chosen at random, replaced by one other class each."""
+    flipped = [list(s) for s in label_sets]
+    for i in rng.choice(len(flipped), size=round(fraction * len(flipped)), replace=False):
+        others = [c for c in classes if [c] != flipped[i]]
+        flipped[i] = [str(rng.choice(others))]
+    return flipped
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -290,9 +341,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         "generic image_id,label with class names",
     )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    parser.add_argument(
+        "--signal", type=float, default=1.0, help="opacity of the disease spots, in (0, 1]"
+    )
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="fraction of train.csv's labels replaced by another class (test labels stay clean)",
+    )
+    parser.add_argument(
+        "--test-labels",
+        type=Path,
+        help="CSV to write the test images' true labels to (outside --out)",
+    )
     args = parser.parse_args(argv)
     out = write_dataset(
-        args.out, args.n_train, args.n_test, args.seed, args.size, args.format, args.quality
+        args.out,
+        args.n_train,
+        args.n_test,
+        seed=args.seed,
+        size=args.size,
+        fmt=args.format,
+        quality=args.quality,
+        signal=args.signal,
+        label_noise=args.label_noise,
+        test_labels=args.test_labels,
     )
     print(f"wrote {args.n_train} train and {args.n_test} test images ({args.format}) to {out}")
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from leaf_xla import checkpoint, folds, mix, rundir, runtime
+from leaf_xla import checkpoint, folds, mix, rundir, runtime, soft_targets
 from leaf_xla.cli import UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import (
@@ -86,6 +86,13 @@ def build_parser(
         type=parse_image_size,
         help="input size: 512 (square) or HEIGHTxWIDTH, e.g. 512x768 for landscape photos "
         "(portrait ones are turned to landscape); default: the model's",
+    )
+    data.add_argument(
+        "--soft-targets",
+        type=Path,
+        help="CSV of per-image training targets (image_id, one column per class) replacing "
+        "the labels of the training images: distributions for single-label data, per-class "
+        "probabilities for multi-label; validation AUC stays on the true labels",
     )
     data.add_argument(
         "--cache",
@@ -207,6 +214,8 @@ class Plan:
     data: DataSet
     train_index: np.ndarray
     val_index: np.ndarray
+    train_targets: np.ndarray  # (len(train_index), C): the labels, or the --soft-targets rows
+    soft_digest: str | None  # digest of the --soft-targets rows trained on
     run_dir: Path
     image_size: int | str  # 512, or "480x768" (height x width)
     cache_root: Path | None
@@ -269,6 +278,19 @@ def prepare(args: argparse.Namespace) -> Plan:
     print_warnings(data)
 
     val_index = np.flatnonzero(fold_of == args.fold)
+    train_index = np.flatnonzero(fold_of != args.fold)
+    train_targets, soft_digest = data.train.targets[train_index], None
+    if args.soft_targets:
+        train_ids = [data.train.ids[i] for i in train_index]
+        soft = soft_targets.read_soft_targets(
+            args.soft_targets,
+            train_ids=data.train.ids,
+            needed=train_ids,
+            classes=data.classes,
+            multilabel=data.multilabel,
+        )
+        train_targets = soft.loc[train_ids].to_numpy(np.float32)
+        soft_digest = soft_targets.digest(soft, train_ids)
     run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
     rundir.lock_run(run_dir)  # until this process ends: no other run touches the folder
     rundir.recover_overwrite(run_dir)
@@ -280,6 +302,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             classes=data.classes,
             image_size=image_size,
             fold_digest=rundir.fold_digest(data.train.ids, val_index),
+            soft_targets=soft_digest,
         )
         rundir.prepare_resume(run_dir, args, identity)
         rundir.remove_stale_temps(run_dir)  # safe: the lock says no live run writes them
@@ -294,8 +317,10 @@ def prepare(args: argparse.Namespace) -> Plan:
     return Plan(
         args=args,
         data=data,
-        train_index=np.flatnonzero(fold_of != args.fold),
+        train_index=train_index,
         val_index=val_index,
+        train_targets=train_targets,
+        soft_digest=soft_digest,
         run_dir=run_dir,
         image_size=image_size,
         cache_root=cache_root,
@@ -388,10 +413,9 @@ def build(plan: Plan) -> Run:
         ema_decay=args.ema_decay,
     )
     cache = ResizeCache(plan.cache_root, plan.image_size) if plan.cache_root else None
-    targets = data.train.targets
     train_set = LeafImages(
         [data.train.paths[i] for i in plan.train_index],
-        targets[plan.train_index],
+        plan.train_targets,
         plan.image_size,
         lambda: train_transform(args, plan.image_size),
         cache,
@@ -400,7 +424,7 @@ def build(plan: Plan) -> Run:
     )
     val_set = LeafImages(
         [data.train.paths[i] for i in plan.val_index],
-        targets[plan.val_index],
+        data.train.targets[plan.val_index],  # the true labels, also with --soft-targets
         plan.image_size,
         cache=cache,
         skip_bad=args.skip_bad_images,
@@ -421,6 +445,7 @@ def build(plan: Plan) -> Run:
             classes=data.classes,
             image_size=plan.image_size,
             fold_digest=rundir.fold_digest(data.train.ids, plan.val_index),
+            soft_targets=plan.soft_digest,
             replicas=rt.replicas,
         ),
     }
@@ -483,13 +508,17 @@ def check_replicas_agree(run: Run, state: RunState) -> None:
     values = [state.epoch, state.step, *run.rt.module_digest(run.model)]
     if run.trainer.ema is not None:
         values += run.rt.module_digest(run.trainer.ema.module)
+    # Each host reads --soft-targets from its own disk: a differing copy would train another
+    # model on that host's shard.
+    soft = run.plan.soft_digest or ""
+    values += [int(soft[i : i + 7] or "0", 16) for i in (0, 7)]
     try:
         run.rt.check_agree(values, "the run's state")
     except UserError:
         raise UserError(
-            f"the replicas start from different states of {run.plan.run_dir} (epoch, step or "
-            "weights differ between hosts): give every host the same run folder (copy host "
-            "0's), then --resume again"
+            f"the replicas start from different states of {run.plan.run_dir} (epoch, step, "
+            "weights or --soft-targets rows differ between hosts): give every host the same "
+            "run folder (copy host 0's) and soft-target CSV, then --resume again"
         ) from None
 
 
