@@ -67,16 +67,19 @@ def test_spmd_matches_one_device_with_the_same_global_batch(tmp_path, pp2020):
 
 def test_spmd_with_mixing_and_ema_compiles_once(tmp_path, pp2020):
     """Mixing pairs images within each device's shard and the average is updated in the
-    sharded step: after the first epoch nothing compiles, and the average is saved."""
+    sharded step: after the first epoch nothing compiles, and the average is saved. At a
+    non-square size with the strong preset, so that those run sharded too."""
     args = train_args(pp2020, tmp_path, "--parallel", "spmd", "--batch-size", "4")
     result = run_cli(
         *args,
         *("--eval-batch-size", "3", "--epochs", "2", "--checkpoint-every", "0"),
         *("--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9"),
+        *("--image-size", "32x48", "--augment-preset", "strong"),
         env={"CPU_NUM_DEVICES": "4"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 4 xla replica(s) (spmd)" in result.stdout
+    assert "32x48px" in result.stdout
     run_dir = tmp_path / "test_resnet-fold0"
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["compiles"][1:]) == [0]
