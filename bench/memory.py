@@ -5,7 +5,7 @@ in one forward pass at batch 1 (an upper bound: XLA fuses and rematerialises som
 scaled to the config's per-core batch; bf16 halves them. Weights, gradients and Adam's two
 moments are 16 bytes a parameter in fp32.
 
-    python bench/memory.py [--configs tf_efficientnet_b7 ...]
+    python bench/memory.py [--configs tf_efficientnet_b7 ... seresnext50_32x4d]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from leaf_xla.config import parse_args
+from leaf_xla.data import image_shape
 from leaf_xla.models import ModelSpec, count_parameters, create_model
 from leaf_xla.train import build_parser
 
@@ -26,7 +27,8 @@ SEED_CONFIGS = [
 ]
 
 
-def activation_elements(model: torch.nn.Module, size: int) -> int:
+def activation_elements(model: torch.nn.Module, size: int | str) -> int:
+    """Elements output by the leaf modules for one image of `size` (512 or "480x768")."""
     total = 0
 
     def count(_module, _inputs, output) -> None:
@@ -36,7 +38,7 @@ def activation_elements(model: torch.nn.Module, size: int) -> int:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, 3, *image_shape(size)))
     for hook in hooks:
         hook.remove()
     return total

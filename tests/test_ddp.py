@@ -159,7 +159,10 @@ def test_two_replicas_train_like_one_process_with_the_same_global_batch(tmp_path
     )
     history = {n: pd.read_csv(runs[n] / "history.csv") for n in runs}
     np.testing.assert_allclose(history["ddp"]["val_auc"], history["one"]["val_auc"], atol=1e-6)
-    np.testing.assert_allclose(history["ddp"]["val_loss"], history["one"]["val_loss"], rtol=1e-5)
+    # The weights' tolerance (1e-4): the second epoch's loss of this diverging model amplifies
+    # rounding, whose size depends on the CPU (1.6e-5 relative on one machine, under 1e-5 on
+    # another, the same with and without this step's non-finite guard).
+    np.testing.assert_allclose(history["ddp"]["val_loss"], history["one"]["val_loss"], rtol=1e-4)
 
 
 def kill_job_mid_epoch(args: list[str], run_dir: Path) -> None:
@@ -286,6 +289,47 @@ def test_skip_bad_images_never_skips_a_validation_image(one_epoch, tmp_path):
     assert last.read_bytes() == before
 
 
+def spoil_images(one_epoch, tmp_path, validation: bool = False) -> tuple[Path, list[Path]]:
+    """A private copy of the data with three images of fold 0's training (or validation)
+    part spoiled three ways: cut in half, deleted, and a broken Huffman table (whose file
+    looks whole until it is decoded, as when the resize cache is built)."""
+    data, broken = break_image(one_epoch, tmp_path, validation)
+    folds = pd.read_csv(one_epoch[1] / "folds.csv")
+    part = folds["fold"] == 0 if validation else folds["fold"] != 0
+    cut, gone = (data / "images" / f"{folds.loc[part, 'image_id'].iloc[k]}.jpg" for k in (1, 2))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    gone.unlink()
+    return data, [cut, gone, broken]
+
+
+def test_skip_bad_images_covers_missing_cut_and_cache_built_images(one_epoch, tmp_path):
+    data, victims = spoil_images(one_epoch, tmp_path)
+    cache = ["--cache", "build", "--cache-dir", str(tmp_path / "cache")]
+    result, _, last, before = resume_with(
+        one_epoch, tmp_path, "--skip-bad-images", "--max-bad-fraction", "0.1", *cache, data=data
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("3 training image(s) cannot be read and are skipped") == 1, output
+    assert all(v.name in output for v in victims)
+    assert result.stdout.count("warning: epoch 1: skipped 3 unreadable training images") == 1
+    assert last.read_bytes() != before
+
+
+def test_skip_bad_images_checks_the_fraction_before_training(one_epoch, tmp_path):
+    data, victims = spoil_images(one_epoch, tmp_path)
+    result, _, last, before = resume_with(one_epoch, tmp_path, "--skip-bad-images", data=data)
+    assert_user_error(result, "2 of 48 training images cannot be read", victims[0].name)
+    assert last.read_bytes() == before
+
+
+def test_skip_bad_images_refuses_a_missing_validation_image(one_epoch, tmp_path):
+    data, victims = spoil_images(one_epoch, tmp_path, validation=True)
+    result, _, last, before = resume_with(one_epoch, tmp_path, "--skip-bad-images", data=data)
+    assert_user_error(result, "validation image of this fold", "skips training images only")
+    assert last.read_bytes() == before
+
+
 def test_a_failed_write_on_the_writer_stops_every_replica(one_epoch, tmp_path):
     result, seconds, last, before = resume_with(
         one_epoch, tmp_path, "--epochs", "2", env=hooked(fault="0:enospc:1")
@@ -296,11 +340,25 @@ def test_a_failed_write_on_the_writer_stops_every_replica(one_epoch, tmp_path):
     assert not list(last.parent.glob(".*.tmp"))
 
 
-def test_a_non_finite_loss_on_one_replica_stops_every_replica(one_epoch, tmp_path):
+def test_a_non_finite_step_on_one_replica_is_skipped_by_every_replica(one_epoch, tmp_path):
+    record = tmp_path / "record"
+    env = hooked(record, fault="1:nan:3")
+    result, _, last, before = resume_with(one_epoch, tmp_path, "--epochs", "2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = "warning: epoch 1: skipped 1 step(s) with a non-finite loss or gradients"
+    assert result.stdout.count(warning) == 1, result.stdout
+    state = torch.load(last, weights_only=True)
+    assert [row["nonfinite_steps"] for row in state["history"]][-1] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    mine, other = (torch.load(record / f"last.pt-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(mine[k], other[k]) for k in mine)  # both replicas skipped it
+
+
+def test_non_finite_steps_in_a_row_on_one_replica_stop_every_replica(one_epoch, tmp_path):
     result, seconds, last, before = resume_with(
-        one_epoch, tmp_path, "--epochs", "2", env=hooked(fault="1:nan:3")
+        one_epoch, tmp_path, "--epochs", "2", env=hooked(fault="1:nan:3:3")
     )
-    assert_user_error(result, "non-finite loss at epoch 1 step 2")
+    assert_user_error(result, "non-finite loss or gradients at epoch 1 steps 2 to 4", "3 in a row")
     assert seconds < 60
     assert last.read_bytes() == before
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from leaf_xla import runtime
-from leaf_xla.engine import NonFiniteLoss, Trainer
+from leaf_xla.engine import NonFiniteLoss, Trainer, create_optimizer, optimizer_tensors
 from leaf_xla.loader import eval_batches
 from leaf_xla.mix import MixSpec
 
@@ -109,13 +109,57 @@ def test_bf16_keeps_fp32_master_weights():
 
 
 def test_non_finite_loss_names_epoch_and_step():
-    """A huge lr overflows the weights after the first update; the step counts from the
-    epoch's start step (a resumed epoch starts mid-way)."""
+    """A huge lr makes the weights overflow the logits after the first update, and every
+    later step is skipped; steps count from the epoch's start step (a resumed epoch starts
+    mid-way)."""
     trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch 2 step 4:"):
+    with pytest.raises(NonFiniteLoss, match=r"gradients at epoch 2 steps 4 to 6"):
         trainer.train_one_epoch(
-            batches(3, seed=3), epoch=2, steps=6, start_step=3, lr_at=lambda e: 1e38
+            batches(4, seed=3), epoch=2, steps=7, start_step=3, lr_at=lambda e: 1e38
         )
+
+
+def everything(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Weights, BatchNorm statistics, optimizer state and moving average, on the CPU."""
+    state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    state |= {f"ema.{k}": v for k, v in trainer.ema.module.state_dict().items()}
+    state |= {f"opt.{k}": v for k, v in optimizer_tensors(trainer.optimizer).items()}
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("device", ["xla", "cpu"])
+def test_a_non_finite_step_changes_nothing_and_is_counted(device):
+    """A NaN target makes the loss and the gradients NaN: that step leaves the weights,
+    BatchNorm statistics, Adam's moments and step count and the moving average bitwise as they
+    were, in the same compiled graph as a good step; three in a row stop training."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+        torch.nn.Linear(4 * (SIZE - 2) ** 2, CLASSES),
+    )  # fmt: skip
+    rt = runtime.setup(device, "none")
+    model = model.to(rt.device)
+    trainer = Trainer(
+        model, rt, multilabel=False, mean=MEAN, std=STD, ema_decay=0.9,
+        optimizer=create_optimizer(model, "adam", 0.0),
+    )  # fmt: skip
+    good, bad = batches(2, seed=5), batches(3, seed=6)
+    for batch in bad:
+        batch["target"][0, 0] = float("nan")
+    lr = {"lr_at": lambda e: 1e-2, "start_step": 0}
+    trainer.train_one_epoch(good, epoch=0, steps=2, **lr)
+    before, graphs = everything(trainer), compiles()
+    trainer.train_one_epoch(bad[:2], epoch=1, steps=2, **lr)  # two in a row: below 3
+    assert trainer.nonfinite_steps() == 2
+    assert compiles() == graphs  # a skipped step runs the graph of a good one
+    after = everything(trainer)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "a skipped step changed state"
+    trainer.train_one_epoch(good[:1], epoch=2, steps=1, **lr)
+    assert trainer.nonfinite_steps() == 0
+    assert not torch.equal(everything(trainer)["model.0.weight"], before["model.0.weight"])
+    with pytest.raises(NonFiniteLoss, match=r"at epoch 3 steps 0 to 2 \(3 in a row"):
+        trainer.train_one_epoch(bad, epoch=3, steps=3, **lr)
 
 
 def test_evaluate_returns_every_sample_once_in_order():

@@ -133,6 +133,10 @@ def test_transforms_that_swap_the_sides_need_a_square_size() -> None:
         create_transform(augment=["Transpose"], square=False)
     with pytest.raises(UserError, match="RandomRotate90"):
         create_transform(augment=[{"RandomRotate90": {"p": 0.5}}], square=False)
+    nested = {"OneOf": {"transforms": ["Blur", {"SomeOf": {"transforms": ["D4"], "n": 1}}]}}
+    create_transform(augment=[nested], square=True)
+    with pytest.raises(UserError, match="D4 swaps height and width"):
+        create_transform(augment=[nested], square=False)
 
 
 def test_a_transform_that_changes_the_size_is_named(tmp_path) -> None:

@@ -246,6 +246,16 @@ def test_other_settings_are_refused_with_a_diff_unless_forced():
     assert len(forced) == 3
 
 
+def test_augmentation_and_mixing_are_part_of_the_identity():
+    state = saved(options())
+    new = identity(options("--mixup", "0.4", "--mix-prob", "0.5", "--augment-preset", "strong"))
+    with pytest.raises(UserError) as caught:
+        rundir.check_resume(state, new, Path("last.pt"), force=False)
+    message = str(caught.value)
+    assert "mixup: 0.0 -> 0.4" in message and "mix-prob: 1.0 -> 0.5" in message
+    assert "augment-preset: 'seed' -> 'strong'" in message
+
+
 def test_another_class_count_cannot_be_forced():
     state = saved(options())
     new = identity(options(), classes=("a", "b", "c", "d"))

@@ -158,20 +158,21 @@ def test_spawn_bf16_and_early_stopping(tmp_path, pp2020):
     )
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path, reference, pp2020):
-    """Resume a copy of the finished reference run for one more epoch at lr 1e38: Adam moves
-    every weight by about the lr, so the next forward pass overflows."""
+def test_non_finite_steps_stop_and_keep_checkpoints(tmp_path, reference, pp2020):
+    """Resume a copy of the finished reference run for one more epoch at lr 1e38: Adam's first
+    update (lr / its bias correction 0.1) overflows the weights, so the step is undone, and so
+    is every later one; two in a row stop the run before the checkpoint after step 2."""
     out = tmp_path / "out"
     shutil.copytree(reference.parent, out)
     run_dir = out / reference.name
     before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt", "oof.csv")}
     result = run_cli(
         *train_args(pp2020, out, "--resume", "--epochs", "4", "--force-resume"),
-        *("--lr-start", "1e38", "--lr", "1e38", "--lr-min", "1e38"),
+        *("--lr-start", "1e38", "--lr", "1e38", "--lr-min", "1e38", "--max-nonfinite-steps", "2"),
     )
-    # The first update makes the weights huge; step 1 is the first non-finite loss, caught
-    # before the checkpoint after step 2.
-    assert_user_error(result, "non-finite loss at epoch 3 step 1", "last.pt and best.pt")
+    assert_user_error(
+        result, "non-finite loss or gradients at epoch 3 steps 0 to 1 (2 in a row", "last.pt"
+    )
     for name, data in before.items():
         assert (run_dir / name).read_bytes() == data, f"{name} changed"
 

@@ -103,14 +103,24 @@ class Problems:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     bad_files: set[Path] = field(default_factory=set)  # already an error: not decoded again
+    file_errors: dict[Path, str] = field(default_factory=dict)  # an image file's own error
 
     def add(self, path: Path, error: str | None, warning: str | None) -> None:
         """Record one file's outcome; a file with an error is not decoded again."""
         if error:
             self.errors.append(error)
             self.bad_files.add(path)
+            self.file_errors[path] = error
         if warning:
             self.warnings.append(warning)
+
+    def take_file_errors(self, paths: Iterable[Path]) -> dict[Path, str]:
+        """Remove the errors of these image files (missing, empty, undecodable) and return
+        them: the caller decides (`--skip-bad-images` skips training images)."""
+        taken = {p: self.file_errors.pop(p) for p in paths if p in self.file_errors}
+        dropped = set(taken.values())
+        self.errors = [e for e in self.errors if e not in dropped]
+        return taken
 
     def raise_if_any(self, what: str, data_dir: Path | str = "DIR") -> None:
         if len(self.errors) == 1:

@@ -6,8 +6,15 @@ it is given (runtime.py), so this module imports no backend.
 
 XLA discipline: batches have fixed shapes (loader.py); the step keeps no Python state that
 changes per step, so it traces to the same graph every time; loss totals and the non-finite
-check live in device tensors that the host reads only at log points (asynchronously) and at
-epoch end (an intended sync).
+counters live in device tensors that the host reads only at log points (asynchronously), at
+mid-epoch checkpoints and at epoch end (intended syncs).
+
+A non-finite step changes nothing: the step checks the averaged gradients, every replica's
+loss and the updated weights for finiteness, and where any is not finite it puts back the
+weights, BatchNorm statistics, optimizer state (Adam's step count included) and moving average
+with `torch.where`, all inside the compiled graph. The averaged gradients are the same on every
+replica, so every replica takes the same decision. `max_nonfinite_steps` such steps in a row
+stop training.
 
 Determinism: the device generator (dropout, drop path) is seeded from (seed, epoch, step,
 replica) before every step. XLA advances its seed at every graph cut, and a resumed run cuts
@@ -35,6 +42,45 @@ class NonFiniteLoss(UserError):
     pass
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One 0-d bool on the device: every element of every tensor is finite."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
+    """The optimizer's state tensors (moments, Adam's step), by (parameter id, name)."""
+    return {
+        (id(p), name): value
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for name, value in optimizer.state.get(p, {}).items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def steps_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Adam's step count on the device (`capturable`), where torch keeps it on the host by
+    default: a skipped step can then put it back inside the graph. On the CPU it is there
+    already, and torch refuses `capturable` there. Also for a state loaded from a checkpoint
+    of another device: after the first step, a no-op."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = device.type != "cpu"
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor) and step.device != p.device:
+                    optimizer.state[p]["step"] = step.to(p.device, torch.float32)
+
+
+@torch.no_grad()
+def keep_unless(ok: torch.Tensor, live: list[torch.Tensor], kept: list[torch.Tensor | None]):
+    """Where `ok` is false, put `kept` back into `live` (None: state the step created, whose
+    value before it was zeros). Selected in the graph: no host sync."""
+    for now, before in zip(live, kept):
+        before = torch.zeros_like(now) if before is None else before
+        now.copy_(torch.where(ok, now, before))
+
+
 class Trainer:
     """Train and evaluate one model on one device."""
 
@@ -52,6 +98,7 @@ class Trainer:
         seed: int = 0,
         mixing: mix.MixSpec | None = None,
         ema_decay: float | None = None,
+        max_nonfinite_steps: int = 3,
     ):
         self.rt = rt
         self.seed = seed
@@ -59,6 +106,7 @@ class Trainer:
         self.optimizer = optimizer
         self.multilabel = multilabel
         self.label_smoothing = label_smoothing
+        self.max_nonfinite_steps = max_nonfinite_steps
         # Both fixed for the trainer's life: with them off the step traces exactly as before.
         self.mixing = mixing
         self.ema = WeightEma(model, ema_decay) if ema_decay is not None else None
@@ -72,14 +120,13 @@ class Trainer:
         self._eval_step = rt.compile(self.eval_step, name="eval_step")
         self.reset_totals()
 
-    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Mean over replicas of the summed finite losses, first non-finite step of any
-        replica: -1 for none) of this epoch so far."""
-        never = torch.full_like(self.first_bad_step, torch.iinfo(torch.int32).max)
-        bad = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
-        bad = self.rt.all_reduce(bad, "min")
+    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This epoch so far: (mean over replicas of the summed losses of the steps taken,
+        non-finite steps skipped, the step at which `max_nonfinite_steps` in a row were reached:
+        -1 for none). The counts are the same on every replica: max taken to make sure."""
         loss = self.rt.all_reduce(self.loss_total, "mean")
-        return loss, torch.where(bad == never, torch.full_like(bad, -1), bad)
+        bad_steps = self.rt.all_reduce(self.bad_steps, "max")
+        return loss, bad_steps, self.rt.all_reduce(self.stop_step, "max")
 
     # --- the compiled steps -----------------------------------------------------------------
 
@@ -99,6 +146,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        buffers = list(self.model.buffers())
+        kept_buffers = [b.clone() for b in buffers]  # the forward pass updates BatchNorm's
         targets = batch["target"]
         with self.rt.autocast():
             images = self.normalize(batch["image"])
@@ -109,17 +158,43 @@ class Trainer:
         mask = batch["mask"]
         loss = (self.loss(logits, targets) * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
-        self.rt.optimizer_step(self.optimizer)
-        if self.ema is not None:
-            self.ema.update(self.model)
         loss = loss.detach()
-        finite = torch.isfinite(loss)
-        first = (~finite) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(first, self.step_counter, self.first_bad_step)
-        self.loss_total = self.loss_total + torch.where(finite, loss, torch.zeros_like(loss))
+        ok = self.guarded_update(loss, buffers, kept_buffers)
+        self.loss_total = self.loss_total + torch.where(ok, loss, torch.zeros_like(loss))
+        self.bad_steps = self.bad_steps + (~ok).int()
+        self.bad_run = torch.where(ok, torch.zeros_like(self.bad_run), self.bad_run + 1)
+        stop = (self.bad_run >= self.max_nonfinite_steps) & (self.stop_step < 0)
+        self.stop_step = torch.where(stop, self.step_counter, self.stop_step)
         # Training batches hold no padding: a masked sample is one skipped as unreadable.
         self.skipped_total = self.skipped_total + (mask == 0).sum(dtype=torch.int32)
         self.step_counter = self.step_counter + 1
+
+    def guarded_update(
+        self, loss: torch.Tensor, buffers: list[torch.Tensor], kept_buffers: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Average the gradients and step; undo the step (in the graph) unless the averaged
+        gradients, every replica's loss and the new weights are finite. Returns that verdict."""
+        self.rt.reduce_gradients(self.optimizer)
+        steps_on_device(self.optimizer, self.rt.device)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        loss_ok = self.rt.all_reduce(torch.isfinite(loss).float(), "min") > 0
+        ok = all_finite(grads) & loss_ok
+        state_before = {k: v.clone() for k, v in optimizer_tensors(self.optimizer).items()}
+        kept_params = [p.detach().clone() for p in params]
+        ema = list(self.ema.module.state_dict().values()) if self.ema is not None else []
+        kept_ema = [v.clone() for v in ema]
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        floats = [b for b in buffers if b.is_floating_point()]
+        ok = ok & all_finite([*params, *floats])  # never weights that are not finite
+        keep_unless(ok, params, kept_params)
+        keep_unless(ok, buffers, kept_buffers)
+        state = optimizer_tensors(self.optimizer)
+        keep_unless(ok, list(state.values()), [state_before.get(k) for k in state])
+        keep_unless(ok, ema, kept_ema)
+        return ok
 
     @torch.no_grad()
     def eval_step(
@@ -141,15 +216,18 @@ class Trainer:
     def reset_totals(self, start_step: int = 0, loss_sum: float = 0.0) -> None:
         """Start the epoch's totals at `start_step` (a resumed epoch: with its loss so far)."""
         # Uploaded as data, not computed: no graph to compile, whatever the values.
-        self.loss_total, self.step_counter, self.first_bad_step, self.skipped_total = (
-            self.rt.upload(
-                [
-                    torch.tensor(loss_sum, dtype=torch.float32),
-                    torch.tensor(start_step, dtype=torch.int32),
-                    torch.tensor(-1, dtype=torch.int32),
-                    torch.tensor(0, dtype=torch.int32),
-                ]
-            )
+        (
+            self.loss_total,
+            self.step_counter,
+            self.bad_steps,
+            self.bad_run,
+            self.stop_step,
+            self.skipped_total,
+        ) = self.rt.upload(
+            [
+                torch.tensor(loss_sum, dtype=torch.float32),
+                *(torch.tensor(v, dtype=torch.int32) for v in (start_step, 0, 0, -1, 0)),
+            ]
         )
 
     def skipped_images(self) -> int:
@@ -157,16 +235,24 @@ class Trainer:
         call between steps, on every replica)."""
         return int(self.rt.all_reduce(self.skipped_total, "sum").item())
 
-    def check_finite(self, epoch: int) -> None:
-        """Raise if any step so far had a non-finite loss (a host sync: call between steps).
+    def nonfinite_steps(self) -> int:
+        """Non-finite steps skipped this epoch so far (a host sync: call between steps, on
+        every replica)."""
+        return int(self.epoch_totals()[1].item())
 
-        Every replica must call it: under spawn it is a collective, so that all stop together.
+    def check_finite(self, epoch: int) -> None:
+        """Raise if `max_nonfinite_steps` steps in a row were non-finite (a host sync: call
+        between steps). Every replica must call it: it is a collective, so all stop together.
         """
-        bad = int(self.epoch_totals()[1].item())
-        if bad >= 0:
+        stop = int(self.epoch_totals()[2].item())
+        if stop >= 0:
+            first = stop - self.max_nonfinite_steps + 1
+            steps = f"step {stop}" if first == stop else f"steps {first} to {stop}"
             raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch} step {bad}: training stopped, "
-                "last.pt and best.pt hold the last good state; lower --lr or use fp32"
+                f"non-finite loss or gradients at epoch {epoch} {steps} "
+                f"({self.max_nonfinite_steps} in a row, --max-nonfinite-steps; none changed "
+                "the weights): training stopped, last.pt and best.pt hold the last good state; "
+                "lower --lr or use fp32"
             )
 
     def step_seed(self, epoch: int, step: int) -> int:
@@ -228,7 +314,8 @@ class Trainer:
         if step + 1 != steps:  # never an epoch that ends early in silence
             raise RuntimeError(f"epoch {epoch}: the loader stopped at step {step + 1} of {steps}")
         self.check_finite(epoch)
-        return float(self.epoch_totals()[0].item()) / steps  # epoch end: intended sync
+        loss_total, skipped, _ = self.epoch_totals()  # epoch end: intended sync
+        return float(loss_total.item()) / max(1, steps - int(skipped.item()))
 
     def _log_later(
         self,
@@ -237,13 +324,13 @@ class Trainer:
         bar: tqdm,
         log: Callable[[int, float, float], None] | None,
     ) -> None:
-        def report(loss_total: torch.Tensor, counter: torch.Tensor) -> None:
-            mean = float(loss_total.item()) / max(1, int(counter.item()))
+        def report(loss_total: torch.Tensor, counter: torch.Tensor, bad: torch.Tensor) -> None:
+            mean = float(loss_total.item()) / max(1, int(counter.item()) - int(bad.item()))
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
             if log is not None:
                 log(step, mean, lr)
 
-        self.rt.after_step(report, (self.loss_total, self.step_counter))
+        self.rt.after_step(report, (self.loss_total, self.step_counter, self.bad_steps))
 
     def evaluate(
         self, loader: Iterable[dict], n: int, *, ema: bool = False

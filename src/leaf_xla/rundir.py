@@ -36,7 +36,18 @@ from leaf_xla.files import atomic_write_text, fsync_path
 RESUMES = "config.resumes.yaml"
 # What decides the weights a run ends with; a resume that changes one is refused by default
 # (ema_decay too: a resume that turns the average on would start it at the resumed weights).
-TRAINING_KEYS = ("seed", "optimizer", "weight_decay", "label_smoothing", "ema_decay")
+TRAINING_KEYS = (
+    "seed",
+    "optimizer",
+    "weight_decay",
+    "label_smoothing",
+    "ema_decay",
+    "augment_preset",
+    "mixup",
+    "cutmix",
+    "mix_prob",
+    "mixup_switch_prob",
+)
 SCHEDULE_KEYS = (
     "lr_start",
     "lr_max",

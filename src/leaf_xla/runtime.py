@@ -310,9 +310,8 @@ class Runtime:
         """Mean of the floating-point buffers (BatchNorm statistics) over the replicas, as
         Keras' TPUStrategy aggregates them: before every evaluation and every save."""
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Average the gradients over the replicas, then step."""
-        optimizer.step()
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average the gradients over the replicas, in place (the step is the engine's)."""
 
     def barrier(self, tag: str) -> None:
         """Wait for every replica."""
@@ -490,7 +489,7 @@ class XlaSpawnRuntime(XlaRuntime):
         import torch_xla.core.xla_model as xm
 
         # Threads of one v2/v3 process share torch's CPU generator, so their random heads
-        # differ; xm.optimizer_step only averages gradients and would never bring them together.
+        # differ; xm.reduce_gradients only averages gradients and would never bring them together.
         xm.broadcast_master_param(module)  # parameters and buffers, then a sync
 
     def average_buffers(self, module: torch.nn.Module) -> None:
@@ -500,10 +499,10 @@ class XlaSpawnRuntime(XlaRuntime):
         if buffers:
             xm.all_reduce(xm.REDUCE_SUM, buffers, scale=1.0 / self.replicas)  # in place
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         import torch_xla.core.xla_model as xm
 
-        xm.optimizer_step(optimizer)  # all-reduces (averages) the gradients, then steps
+        xm.reduce_gradients(optimizer)  # what xm.optimizer_step does before its step
 
     def barrier(self, tag: str) -> None:
         import torch_xla.core.xla_model as xm
@@ -594,7 +593,7 @@ class DdpRuntime(Runtime):
         with torch.no_grad():
             self._reduce([b for b in module.buffers() if b.is_floating_point()], "mean")
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -604,7 +603,6 @@ class DdpRuntime(Runtime):
             self._reduce([flat], "mean")
             for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 grad.copy_(averaged)
-        optimizer.step()
 
     def barrier(self, tag: str) -> None:
         import torch.distributed as dist

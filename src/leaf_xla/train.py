@@ -35,7 +35,7 @@ from leaf_xla.data import (
     image_shape,
     parse_image_size,
     print_warnings,
-    read_dataset,
+    scan,
 )
 from leaf_xla.ema import check_decay
 from leaf_xla.engine import Trainer, create_optimizer
@@ -161,6 +161,13 @@ def build_parser(
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--label-smoothing", type=float, default=0.0)
     opt.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=3,
+        help="a step with a non-finite loss or gradient changes nothing and is counted; stop "
+        "after this many in a row",
+    )
+    opt.add_argument(
         "--ema-decay",
         type=float,
         metavar="D",
@@ -239,7 +246,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise UserError("--model is required (a timm name or a Keras alias), or set it in --config")
     if not args.data_dir:
         raise UserError("--data-dir is required, or set data_dir in --config")
-    for name in ("epochs", "batch_size", "workers"):
+    for name in ("epochs", "batch_size", "workers", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.max_bad_fraction < 1:
@@ -253,7 +260,11 @@ def prepare(args: argparse.Namespace) -> Plan:
     mix.mix_from_args(args)
     check_decay(args.ema_decay)
     layout = runtime.launch_from_args(args)
-    data = read_dataset(args.data_dir, args.label_format, args.classes)
+    data, problems = scan(args.data_dir, args.label_format, args.classes)
+    unreadable = {}  # training images that --skip-bad-images will skip: checked once folds exist
+    if args.skip_bad_images and data is not None:
+        unreadable = problems.take_file_errors(data.train.paths)
+    problems.raise_if_any(str(args.data_dir), args.data_dir)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
     fold_of = folds.load_or_create(
         folds_file, data.train.ids, data.train.targets, args.n_folds, args.fold_seed, args.holdout
@@ -264,21 +275,25 @@ def prepare(args: argparse.Namespace) -> Plan:
     cache_root = None
     if args.cache != "off":
         cache_root = args.cache_dir or default_cache_root(data.data_dir)
+    val_index = np.flatnonzero(fold_of == args.fold)
+    train_index = np.flatnonzero(fold_of != args.fold)
     if args.cache == "build":
         cache = ResizeCache(cache_root, image_size)
         problems = Problems()
-        built = cache.build(data.train.paths, args.workers, problems)
+        readable = [p for p in data.train.paths if p not in unreadable]
+        built = cache.build(readable, args.workers, problems)
+        if args.skip_bad_images:
+            unreadable |= problems.take_file_errors(readable)
         problems.raise_if_any(
             f"{data.data_dir} (while building the {image_size}px cache)", data.data_dir
         )
         data.warnings.extend(problems.warnings)
         if built:
             print(f"cache: {built} image(s) resized into {cache.dir}")
-
+    if unreadable:
+        check_unreadable(unreadable, data, val_index, len(train_index), args.max_bad_fraction)
     print_warnings(data)
 
-    val_index = np.flatnonzero(fold_of == args.fold)
-    train_index = np.flatnonzero(fold_of != args.fold)
     train_targets, soft_digest = data.train.targets[train_index], None
     if args.soft_targets:
         train_ids = [data.train.ids[i] for i in train_index]
@@ -411,6 +426,7 @@ def build(plan: Plan) -> Run:
         seed=args.seed,
         mixing=mix.mix_from_args(args),
         ema_decay=args.ema_decay,
+        max_nonfinite_steps=args.max_nonfinite_steps,
     )
     cache = ResizeCache(plan.cache_root, plan.image_size) if plan.cache_root else None
     train_set = LeafImages(
@@ -605,7 +621,7 @@ def train_epoch(run: Run, state: RunState) -> None:
 
     def on_step(step: int) -> None:
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.steps:
-            run.trainer.check_finite(epoch)  # never save a state that went non-finite
+            run.trainer.check_finite(epoch)  # K non-finite steps in a row stop here
             loss_sum = float(run.trainer.epoch_totals()[0].item())
             mid = replace(state, step=step, epoch_loss_sum=loss_sum)
             average_buffers(run)
@@ -630,6 +646,12 @@ def train_epoch(run: Run, state: RunState) -> None:
         loss_sum=state.epoch_loss_sum,
     )
     train_seconds = time.time() - started
+    nonfinite = run.trainer.nonfinite_steps()
+    if nonfinite and rt.is_master:
+        print(
+            f"warning: epoch {epoch}: skipped {nonfinite} step(s) with a non-finite loss or "
+            "gradients (they changed no weights)"
+        )
     check_skipped(run, loader.skipped, epoch, samples=(run.steps - first) * run.global_batch)
     average_buffers(run)  # every replica evaluates (and saves) the same model
     val_targets = plan.data.train.targets[plan.val_index]
@@ -654,6 +676,7 @@ def train_epoch(run: Run, state: RunState) -> None:
         "train_loss": train_loss,
         "val_loss": val_loss,
         "val_auc": auc,
+        "nonfinite_steps": nonfinite,
         **{f"auc_{c}": float(a) for c, a in zip(plan.data.classes, aucs)},
     }
     if run.trainer.ema is not None:
@@ -686,6 +709,37 @@ def train_epoch(run: Run, state: RunState) -> None:
             oof.insert(0, "image_id", val_ids)
             atomic_to_csv(oof, plan.run_dir / oof_name)
     checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, state))
+
+
+def check_unreadable(
+    unreadable: dict[Path, str],
+    data: DataSet,
+    val_index: np.ndarray,
+    train_samples: int,
+    max_fraction: float,
+) -> None:
+    """Images found unreadable before training, under --skip-bad-images: a validation one is
+    an error (its score would be invented), training ones a warning up to the fraction."""
+    val_paths = {data.train.paths[i] for i in val_index}
+    in_val = [error for path, error in unreadable.items() if path in val_paths]
+    if in_val:
+        more = f" (and {len(in_val) - 1} more)" if len(in_val) > 1 else ""
+        raise UserError(
+            f"{in_val[0]}; a validation image of this fold{more}, and --skip-bad-images "
+            "skips training images only, so replace or remove it"
+        )
+    names = ", ".join(p.name for p in list(unreadable)[:5])
+    names += f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+    if len(unreadable) > max_fraction * train_samples:
+        raise UserError(
+            f"{len(unreadable)} of {train_samples} training images cannot be read ({names}), "
+            f"more than --max-bad-fraction {max_fraction:g}; replace or remove them "
+            f"(python -m leaf_xla.check --data-dir {data.data_dir} lists them all)"
+        )
+    data.warnings.append(
+        f"{len(unreadable)} training image(s) cannot be read and are skipped every epoch "
+        f"(--skip-bad-images): {names}"
+    )
 
 
 def check_skipped(run: Run, mine: list[int], epoch: int, samples: int) -> None:

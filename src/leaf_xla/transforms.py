@@ -20,6 +20,7 @@ Normalisation is not here: it runs on the device inside the compiled step (see e
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 # albumentations asks PyPI for a newer version on every import (every spawned TPU process):
@@ -143,10 +144,17 @@ def create_transform(
         steps.append(A.VerticalFlip(p=vflip))
     steps.extend(_extra(spec, f"--augment-preset {preset}") for spec in PRESETS[preset])
     steps.extend(_extra(spec) for spec in augment or [])
-    for step in steps:
+    for step in _all_transforms(steps):
         if not square and type(step).__name__ in SWAP_SIDES:
             raise UserError(
                 f"augment: {type(step).__name__} swaps height and width, so it needs a square "
                 "--image-size"
             )
     return A.Compose(steps)
+
+
+def _all_transforms(steps: list[Any]) -> Iterator[Any]:
+    """Every transform, those inside compositions (OneOf, SomeOf, Sequential, ...) too."""
+    for step in steps:
+        yield step
+        yield from _all_transforms(list(getattr(step, "transforms", [])))

@@ -7,8 +7,9 @@ process and in every replica it spawns. Nothing happens unless a variable asks f
   ("<file name> <augmentation seed or None>") and, at every checkpoint save, writes its own copy
   of the model state to DIR/<checkpoint name>-rank<R>.pt (all replicas, not only the writer),
   and of its moving average (--ema-decay) to DIR/<checkpoint name>-ema-rank<R>.pt.
-- LEAF_XLA_TEST_FAULT=RANK:KIND:N: on replica RANK only, KIND=enospc makes the N-th write of a
-  last.pt fail with ENOSPC; KIND=nan makes the loss of its N-th training step NaN.
+- LEAF_XLA_TEST_FAULT=RANK:KIND:N[:COUNT]: on replica RANK only, KIND=enospc makes the N-th
+  write of a last.pt fail with ENOSPC; KIND=nan makes the loss of its N-th training step NaN
+  (and of the COUNT - 1 steps after it: COUNT defaults to 1).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _install_fault(spec: str) -> None:
 
     from leaf_xla import engine
 
-    rank, kind, count = spec.split(":")
+    rank, kind, count, *repeat = spec.split(":")
+    last = int(count) + int(repeat[0] if repeat else 1) - 1
     calls = {"n": 0}
 
     def mine() -> bool:
@@ -84,7 +86,7 @@ def _install_fault(spec: str) -> None:
             value = loss(self, logits, targets)
             if mine() and self.model.training:
                 calls["n"] += 1
-                if calls["n"] == int(count):
+                if int(count) <= calls["n"] <= last:
                     return value + float("nan")
             return value
 
