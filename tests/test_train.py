@@ -160,8 +160,8 @@ def test_spawn_bf16_and_early_stopping(tmp_path, pp2020):
 
 def test_non_finite_steps_stop_and_keep_checkpoints(tmp_path, reference, pp2020):
     """Resume a copy of the finished reference run for one more epoch at lr 1e38: Adam's first
-    update (lr / its bias correction 0.1) overflows the weights, so the step is undone, and so
-    is every later one; two in a row stop the run before the checkpoint after step 2."""
+    update at that lr overflows some weights, so the step is undone, and so is every later
+    one; two in a row stop the run before the checkpoint after step 2."""
     out = tmp_path / "out"
     shutil.copytree(reference.parent, out)
     run_dir = out / reference.name
