@@ -256,10 +256,14 @@ def break_image(one_epoch, tmp_path, validation: bool = False) -> tuple[Path, Pa
 
 def test_a_decode_error_in_one_replicas_shard_stops_the_job(one_epoch, tmp_path):
     data, victim = break_image(one_epoch, tmp_path)
-    result, seconds, last, before = resume_with(one_epoch, tmp_path, data=data)
+    temp = tmp_path / "temp"  # where the replicas' failure reports go
+    temp.mkdir()
+    env = {"TMPDIR": str(temp)}
+    result, seconds, last, before = resume_with(one_epoch, tmp_path, data=data, env=env)
     assert_user_error(result, victim.name)
     assert seconds < 60
     assert last.read_bytes() == before
+    assert not list(temp.glob("leaf_xla-replicas-*")), "the reports' folder was left behind"
 
 
 def test_skip_bad_images_trains_on_and_names_the_image_once(one_epoch, tmp_path):

@@ -849,30 +849,30 @@ def _launch_ddp(fn: Callable[..., None], args: tuple, launch: Launch, kind: str)
     nprocs = launch.nprocs or (torch.cuda.device_count() if kind == "cuda" else 1)
     world = nprocs * launch.nnodes
     port = launch.master_port or (29500 if launch.nnodes > 1 else _free_port())
-    report_dir = tempfile.mkdtemp(prefix="leaf_xla-replicas-")
     context = mp.get_context("spawn")
-    procs = []
-    for local in range(nprocs):
-        rank = launch.node_rank * nprocs + local
-        env = {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(local),
-            "LOCAL_WORLD_SIZE": str(nprocs),
-            "MASTER_ADDR": launch.master_addr,
-            "MASTER_PORT": str(port),
-        }
-        proc = context.Process(target=_child, args=(fn, args, env, report_dir), daemon=False)
-        proc.start()
-        procs.append((rank, proc))
-    try:
-        codes = _wait(procs)
-    except KeyboardInterrupt:
-        for _, p in procs:
-            p.terminate()
-        raise
-    if any(codes.values()):
-        _raise_reported(report_dir, codes)
+    with tempfile.TemporaryDirectory(prefix="leaf_xla-replicas-") as report_dir:
+        procs = []
+        for local in range(nprocs):
+            rank = launch.node_rank * nprocs + local
+            env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(local),
+                "LOCAL_WORLD_SIZE": str(nprocs),
+                "MASTER_ADDR": launch.master_addr,
+                "MASTER_PORT": str(port),
+            }
+            proc = context.Process(target=_child, args=(fn, args, env, report_dir), daemon=False)
+            proc.start()
+            procs.append((rank, proc))
+        try:
+            codes = _wait(procs)
+        except KeyboardInterrupt:
+            for _, p in procs:
+                p.terminate()
+            raise
+        if any(codes.values()):
+            _raise_reported(report_dir, codes)
 
 
 def _xla_child(index: int, fn: Callable[..., None], args: tuple, report_dir: str) -> None:
@@ -914,11 +914,11 @@ def launch(fn: Callable[..., None], args: tuple, layout: Launch) -> None:
     elif parallel == "spawn" and os.environ.get("LEAF_XLA_SINGLE_PROCESS") != "1":
         import torch_xla
 
-        report_dir = tempfile.mkdtemp(prefix="leaf_xla-replicas-")
-        try:
-            torch_xla.launch(_xla_child, args=(fn, args, report_dir))
-        except Exception:  # the pool broke: a replica reported why before it left
-            _raise_reported(report_dir, {})
+        with tempfile.TemporaryDirectory(prefix="leaf_xla-replicas-") as report_dir:
+            try:
+                torch_xla.launch(_xla_child, args=(fn, args, report_dir))
+            except Exception:  # the pool broke: a replica reported why before it left
+                _raise_reported(report_dir, {})
     elif parallel == "spawn":
         import torch_xla
 
