@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import run_cli
 from PIL import Image
 
@@ -150,7 +153,7 @@ def big_leaf(tmp_path_factory):
     return path
 
 
-# Measured (OpenCV 5.1 DCT-scaled decode + torch's antialiased bilinear, against Pillow 13):
+# Measured (libjpeg-turbo DCT-scaled decode + torch's antialiased bilinear, against Pillow 13):
 # mean absolute difference 0.61 at 512 px, 0.65 at 256 px, 0.002 at 800 px (no DCT scale fits,
 # so only the resize differs), on 0..255; decoding one DCT scale too small gives 1.27 and 0.85.
 @pytest.mark.parametrize("size,bound", [(800, 0.05), (512, 1.0), (256, 1.0)])
@@ -163,15 +166,52 @@ def test_dct_scaled_decode_is_close_to_a_full_decode(big_leaf, size, bound):
     assert difference < bound, difference
 
 
-def test_plain_jpegs_take_the_opencv_path_and_match_pil(big_leaf, monkeypatch):
+def test_plain_jpegs_take_the_turbo_path_and_match_pil(big_leaf, monkeypatch):
     calls = []
-    fast_path = data_module._decode_opencv
+    fast_path = data_module._decode_turbo
     monkeypatch.setattr(
-        data_module, "_decode_opencv", lambda *a: calls.append(a[1:]) or fast_path(*a)
+        data_module, "_decode_turbo", lambda *a: calls.append(a[1:]) or fast_path(*a)
     )
     fast, _ = decode(big_leaf, 300)
     assert calls == [(2048, 1365, (300, 300))]
     # The PIL path (taken for CMYK, EXIF turns, ...) gives the same image: one resize filter.
-    monkeypatch.setattr(data_module, "_decode_opencv", lambda *a: None)
+    monkeypatch.setattr(data_module, "_decode_turbo", lambda *a: None)
     slow, _ = decode(big_leaf, 300)
     assert np.abs(fast.astype(float) - slow).mean() < 0.5
+
+
+@pytest.mark.parametrize("size,scale", [(800, 1), (512, 2), (300, 4), (160, 8)])
+def test_the_turbo_decode_gives_opencvs_pixels(big_leaf, size, scale):
+    """simplejpeg replaced OpenCV's decode for speed only: at every DCT scale the pixels are
+    OpenCV's (the accurate integer IDCT), and the resize is still F.interpolate's, bit for bit."""
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}.get(scale)
+    flag = flag or {4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[scale]
+    data = big_leaf.read_bytes()
+    opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flag), cv2.COLOR_BGR2RGB)
+    assert opencv.shape[:2] == (-(-1365 // scale), -(-2048 // scale))
+    chw = torch.from_numpy(opencv).permute(2, 0, 1).unsqueeze(0)
+    resized = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True)
+    assert np.array_equal(decode(big_leaf, size)[0], resized[0].permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (37, 90), (120, 200), (300, 20)])
+def test_resize_bilinear_is_f_interpolate_written_as_hwc(shape):
+    """The out= form of torch's private resize op: the public F.interpolate's pixels, down, up
+    and one side each way, in a C-contiguous HWC array (what the transforms and cache take)."""
+    image = np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    resized = data_module.resize_bilinear(image, shape)
+    chw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+    expected = F.interpolate(chw, size=shape, mode="bilinear", antialias=True)
+    assert resized.flags.c_contiguous and resized.shape == (*shape, 3)
+    assert np.array_equal(resized, expected[0].permute(1, 2, 0).numpy())
+
+
+def test_a_jpeg_libjpeg_turbo_refuses_goes_to_pil_and_names_the_file(big_leaf, tmp_path):
+    raw = bytearray(big_leaf.read_bytes())
+    table = raw.index(b"\xff\xc4")  # a broken Huffman table; the file's ends stay whole
+    raw[table + 5 : table + 21] = b"\xff" * 16
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(bytes(raw))
+    assert data_module._decode_turbo(bytes(raw), 2048, 1365, (512, 512)) is None
+    with pytest.raises(data_module.DecodeError, match="broken.jpg"):
+        decode(broken, 512)

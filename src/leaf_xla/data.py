@@ -27,8 +27,8 @@ from typing import TypeVar
 import cv2
 import numpy as np
 import pandas as pd
+import simplejpeg
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from leaf_xla import formats
@@ -55,14 +55,9 @@ VERIFY_SIZE = 64  # the decode check decodes at 1/8 scale: every byte parsed, fe
 MIN_SIZE = 8  # pixels per side of --image-size
 SHOWN = 5  # offenders listed in an error before "and N more"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-# OpenCV's DCT-scaled JPEG decodes, largest reduction first.
-REDUCED_FLAGS = (
-    (8, cv2.IMREAD_REDUCED_COLOR_8),
-    (4, cv2.IMREAD_REDUCED_COLOR_4),
-    (2, cv2.IMREAD_REDUCED_COLOR_2),
-)
-# The loader runs one decode per thread; OpenCV's own pool inside each call would only
-# compete with those threads for the same cores.
+DCT_SCALES = (8, 4, 2)  # libjpeg's reduced decodes (1/8, 1/4, 1/2), largest reduction first
+# The loader runs one decode per thread; OpenCV's own pool inside each call (the rotation of
+# a turned photo, the transforms) would only compete with those threads for the same cores.
 cv2.setNumThreads(1)
 T = TypeVar("T")
 
@@ -430,12 +425,12 @@ def image_shape(size: int | str | Sequence[int]) -> ImageShape:
     return int(height), int(width)
 
 
-def _reduced_flag(width: int, height: int, shape: ImageShape) -> int:
-    """The smallest OpenCV DCT scale (1, 1/2, 1/4, 1/8) whose output is still >= the target."""
-    for scale, flag in REDUCED_FLAGS:
+def _dct_scale(width: int, height: int, shape: ImageShape) -> int:
+    """The largest reduction (1, 2, 4, 8) whose DCT-scaled decode is still >= the target."""
+    for scale in DCT_SCALES:
         if -(-height // scale) >= shape[0] and -(-width // scale) >= shape[1]:
-            return flag
-    return cv2.IMREAD_COLOR
+            return scale
+    return 1
 
 
 def _turns(width: int, height: int, shape: ImageShape) -> bool:
@@ -443,27 +438,49 @@ def _turns(width: int, height: int, shape: ImageShape) -> bool:
     return shape[0] != shape[1] and height != width and (height > width) != (shape[0] > shape[1])
 
 
-def _decode_opencv(data: bytes, width: int, height: int, shape: ImageShape) -> np.ndarray | None:
-    """A plain RGB JPEG: OpenCV's DCT-scaled decode, then torch's antialiased bilinear resize.
+def _as_nchw(hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0)  # channels_last: no copy
 
-    The resize is PIL's BILINEAR filter (the same output to about 0.001 of 255) at a third of
-    the time of PIL's or of cv2.INTER_AREA, and like the decode it runs without the GIL, so
-    the loader's threads scale. None when OpenCV cannot decode the file: PIL then tries, and
+
+def resize_bilinear(rgb: np.ndarray, shape: ImageShape) -> np.ndarray:
+    """torch's antialiased bilinear resize of an HWC uint8 image: PIL's BILINEAR filter.
+
+    The out= form writes the HWC result straight into its array. F.interpolate returns NCHW
+    memory, and turning that back into HWC (what the transforms and the cache hold) costs half
+    as much again as the resize (bench/decode.py).
+    """
+    out = np.empty((*shape, rgb.shape[2]), np.uint8)
+    torch.ops.aten._upsample_bilinear2d_aa.out(
+        _as_nchw(rgb), list(shape), False, None, None, out=_as_nchw(out)
+    )
+    return out
+
+
+def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np.ndarray | None:
+    """A plain RGB JPEG: libjpeg-turbo's DCT-scaled decode (simplejpeg), then torch's
+    antialiased bilinear resize.
+
+    simplejpeg hands the whole image to libjpeg-turbo at once, straight to RGB: the same
+    pixels as OpenCV's or PIL's decode at the same scale, in less CPU time (see README,
+    "Performance"). The resize is PIL's BILINEAR filter (the same output to about 0.001 of
+    255) at a third of the time of PIL's or of cv2.INTER_AREA. Both run without the GIL, so
+    the loader's threads scale. None when libjpeg-turbo refuses the file: PIL then tries, and
     reports the error.
     """
     turn = _turns(width, height, shape)
     stored = shape[::-1] if turn else shape  # the target in the file's own orientation
-    flags = _reduced_flag(width, height, stored) | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if bgr is None:
+    scale = _dct_scale(width, height, stored)
+    try:
+        rgb = simplejpeg.decode_jpeg(
+            data, "rgb", min_height=-(-height // scale), min_width=-(-width // scale)
+        )
+    except ValueError:
         return None
-    if bgr.shape[:2] != stored:
-        chw = torch.from_numpy(bgr).permute(2, 0, 1).unsqueeze(0)
-        chw = F.interpolate(chw, size=stored, mode="bilinear", antialias=True)
-        bgr = chw[0].permute(1, 2, 0).numpy()
+    if rgb.shape[:2] != stored:
+        rgb = resize_bilinear(rgb, stored)
     if turn:
-        bgr = cv2.rotate(bgr, cv2.ROTATE_90_COUNTERCLOCKWISE)  # as PIL's ROTATE_90
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # on the small image: cheaper than before
+        rgb = cv2.rotate(rgb, cv2.ROTATE_90_COUNTERCLOCKWISE)  # as PIL's ROTATE_90
+    return rgb
 
 
 def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[np.ndarray, str]:
@@ -472,8 +489,8 @@ def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[n
     `size`: an --image-size value (512, "480x768" = height x width); None keeps the full size.
     A photo whose orientation (after EXIF) is not the size's, a portrait one for a landscape
     size, is turned 90 degrees counter-clockwise first rather than squashed; square sizes
-    squash as before. A plain RGB JPEG (the common case) goes through OpenCV
-    (`_decode_opencv`). Anything else (CMYK, grayscale, palette, an EXIF turn to apply, a file
+    squash as before. A plain RGB JPEG (the common case) goes through libjpeg-turbo
+    (`_decode_turbo`). Anything else (CMYK, grayscale, palette, an EXIF turn to apply, a file
     cut short, another format under a .jpg name, a full-size decode) goes through PIL: `draft`
     picks libjpeg's DCT scale the same way, then exif_transpose, convert and the same bilinear
     filter. Returns the array and the file's original mode ("RGB", "CMYK", ...).
@@ -492,7 +509,7 @@ def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[n
                 and not exif_turned
                 and data.rstrip(b"\0").endswith(b"\xff\xd9")  # else PIL says it is truncated
             ):
-                array = _decode_opencv(data, *image.size, shape)
+                array = _decode_turbo(data, *image.size, shape)
                 if array is not None:
                     return array, mode
             if shape is not None:
