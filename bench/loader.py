@@ -15,8 +15,9 @@ within each round so that they share whatever else loads the machine:
 - 20 epochs at the first size, total input time: `seed` decoding every epoch, `seed+cache`
   with `.cache()` after decode + resize (the float images kept in RAM), and `leaf` with
   `--cache auto` starting from an empty cache (epoch 1 decodes and fills it, the rest read RAM).
-Prints each run's passes, then per row the figure of every round, their median and the ratio
-to the seed's median of the same run, and each process's peak RSS.
+Prints each run's passes, then per row the figure of every round, their median, the ratio to
+the seed's median of the same run, the ratio to the seed in each round, and each process's
+peak RSS.
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ def run_worker(args: argparse.Namespace, kind: str, size: int, epochs: int, **ex
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def speedup(ours: float, seed: float, rate: bool) -> float:
+    """How many times faster: of images/s when `rate`, else of seconds."""
+    return ours / seed if rate else seed / ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="folder with images/*.jpg")
@@ -237,16 +243,24 @@ def main() -> None:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
-    print(f"{'':<28}{'rounds':>16}{'median':>9}{'vs seed':>9}{'peak RSS MiB':>14}")
+    wide = 7 * args.rounds + 2  # room for one "123.45/" or "1234/" per round
+    print(
+        f"{'':<28}{'rounds':>{wide}}{'median':>9}{'vs seed':>9}{'per round':>{wide}}"
+        f"{'peak RSS MiB':>{wide}}"
+    )
     for name, results in rows.items():
         figures = [r["figure"] for r in results]
-        median = statistics.median(figures)
-        seed = statistics.median(r["figure"] for r in rows[base_of[name]])
-        # images/s: higher is better; seconds: lower is better
-        ratio = median / seed if name.endswith("img/s") else seed / median
-        shown = "/".join(f"{f:.1f}" for f in figures)
+        seeds = [r["figure"] for r in rows[base_of[name]]]
+        median, seed = statistics.median(figures), statistics.median(seeds)
+        rate = name.endswith("img/s")  # higher is better; seconds: lower is better
+        digits = 1 if rate else 2
+        shown = "/".join(f"{f:.{digits}f}" for f in figures)
+        rounds = "/".join(f"{speedup(f, s, rate):.2f}" for f, s in zip(figures, seeds))
         peak = "/".join(f"{r['peak_mib']:.0f}" for r in results)
-        print(f"{name:<28}{shown:>16}{median:9.1f}{ratio:8.2f}x{peak:>14}")
+        print(
+            f"{name:<28}{shown:>{wide}}{median:9.{digits}f}{speedup(median, seed, rate):8.2f}x"
+            f"{rounds:>{wide}}{peak:>{wide}}"
+        )
 
 
 if __name__ == "__main__":

@@ -194,6 +194,45 @@ def test_the_turbo_decode_gives_opencvs_pixels(big_leaf, size, scale):
     assert np.array_equal(decode(big_leaf, size)[0], resized[0].permute(1, 2, 0).numpy())
 
 
+def test_a_turned_photo_takes_the_turbo_path_exactly(big_leaf):
+    """A portrait size on a landscape photo: decoded at 1/2 scale, resized in the file's own
+    orientation, then turned a quarter counter-clockwise; the same pixels as done by hand."""
+    data = big_leaf.read_bytes()
+    half = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+    chw = torch.from_numpy(cv2.cvtColor(half, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).unsqueeze(0)
+    resized = F.interpolate(chw, size=(512, 768), mode="bilinear", antialias=True)
+    expected = np.rot90(resized[0].permute(1, 2, 0).numpy())  # counter-clockwise
+    assert np.array_equal(decode(big_leaf, "768x512")[0], expected)
+
+
+def test_only_plain_rgb_jpegs_take_the_turbo_path(tmp_path, monkeypatch):
+    """Grayscale, CMYK, an EXIF turn, a PNG named .jpg and a full-size decode stay with PIL,
+    which converts and turns them; libjpeg-turbo only sees what it decodes as PIL would."""
+    calls = []
+    fast_path = data_module._decode_turbo
+    monkeypatch.setattr(
+        data_module, "_decode_turbo", lambda *a: calls.append(a[1:]) or fast_path(*a)
+    )
+    rgb = Image.new("RGB", (40, 30), (30, 160, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {
+        "gray.jpg": lambda p: rgb.convert("L").save(p, "JPEG"),
+        "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
+        "exif.jpg": lambda p: rgb.save(p, "JPEG", exif=exif.tobytes()),
+        "png.jpg": lambda p: rgb.save(p, "PNG"),
+    }
+    for name, write in files.items():
+        write(tmp_path / name)
+        assert decode(tmp_path / name, 16)[0].shape == (16, 16, 3)
+    plain = tmp_path / "plain.jpg"
+    rgb.save(plain, "JPEG")
+    assert decode(plain)[0].shape == (30, 40, 3)
+    assert calls == []
+    decode(plain, 16)
+    assert calls == [(40, 30, (16, 16))]
+
+
 @pytest.mark.parametrize("shape", [(40, 40), (37, 90), (120, 200), (300, 20)])
 def test_resize_bilinear_is_f_interpolate_written_as_hwc(shape):
     """The out= form of torch's private resize op: the public F.interpolate's pixels, down, up

@@ -463,7 +463,7 @@ def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np
     simplejpeg hands the whole image to libjpeg-turbo at once, straight to RGB: the same
     pixels as OpenCV's or PIL's decode at the same scale, in less CPU time (see README,
     "Performance"). The resize is PIL's BILINEAR filter (the same output to about 0.001 of
-    255) at a third of the time of PIL's or of cv2.INTER_AREA. Both run without the GIL, so
+    255) at a fraction of the time of PIL's or of cv2.INTER_AREA. Both run without the GIL, so
     the loader's threads scale. None when libjpeg-turbo refuses the file: PIL then tries, and
     reports the error.
     """

@@ -5,7 +5,7 @@ On a TPU VM the host, not the TPU, usually limits training on big JPEGs, so:
   first epoch that decodes an image also writes its resized copy into the resize cache, which
   later epochs and later runs at that size read (`python -m leaf_xla.prepare` fills it ahead);
   while the host has memory to spare, the resized images also stay in RAM after the first epoch;
-- decoding runs in threads (OpenCV, torch and numpy release the GIL), no worker processes;
+- decoding runs in threads (libjpeg-turbo, torch and numpy release the GIL), no worker processes;
 - batches leave as uint8 NCHW: a quarter of the bytes of float32 to copy to the device, where
   the compiled step converts and normalises them;
 - every batch has the same shape: training drops the ragged tail, evaluation pads the last
