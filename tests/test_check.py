@@ -406,3 +406,99 @@ def test_a_numeric_non_label_column_is_one_error_naming_it(clean, tmp_path):
     assert "--classes" in problems.errors[0]
     data = read_dataset(data_dir, classes=list(synth.PP2020_CLASSES))  # the advice works
     assert data.classes == list(synth.PP2020_CLASSES)
+
+
+def _errors(result) -> list[str]:
+    return [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("error")]
+
+
+def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_path):
+    """Issue 22.1: `image_id,labels` with one class name per row is single-label; check shows
+    the submission's exact shape, and ensemble writes names where the sample has names."""
+
+    def plural_header(data_dir: Path) -> None:
+        train = pd.read_csv(data_dir / "train.csv", dtype=str)
+        train.rename(columns={"label": "labels"}).to_csv(data_dir / "train.csv", index=False)
+
+    data_dir = broken_copy(clean["generic"], tmp_path / "data", plural_header)
+    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "label format: generic" in out and "single-label" in out, out
+    assert "submission (the shape of sample_submission.csv): the top class's name" in out, out
+    assert "\n  image_id,label\n  query_0000,healthy\n" in out, out
+
+    ids = pd.read_csv(data_dir / "sample_submission.csv", dtype=str)["image_id"]
+    probs = np.random.default_rng(0).dirichlet(np.ones(4), len(ids))
+    predictions = pd.DataFrame(probs, columns=list(synth.GENERIC_CLASSES))
+    predictions.insert(0, "image_id", ids)
+    predictions.to_csv(tmp_path / "pred.csv", index=False)
+    submission = tmp_path / "submission.csv"
+    result = run_cli(
+        "leaf_xla.ensemble", str(tmp_path / "pred.csv"), "--data-dir", str(data_dir),
+        "--out", str(submission),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = pd.read_csv(submission, dtype=str)
+    assert written["label"].tolist() == [synth.GENERIC_CLASSES[k] for k in probs.argmax(1)]
+
+    # A sample of numbers for data of names: check fails, naming the file, as ensemble would.
+    set_cells("sample_submission.csv", slice(None), label="3")(data_dir)
+    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    assert result.returncode == 1
+    assert _errors(result) == [
+        f"error: {data_dir / 'sample_submission.csv'}: column 'label' holds numbers (e.g. '3') "
+        "but train.csv's generic labels give class names: write train.csv's labels as the "
+        "submission wants them (or Cassava's label_num_to_disease_map.json for numbers)"
+    ], result.stdout
+    result = run_cli(
+        "leaf_xla.ensemble", str(tmp_path / "pred.csv"), "--data-dir", str(data_dir),
+        "--out", str(tmp_path / "numbers.csv"),
+    )  # fmt: skip
+    assert_user_error(result, "sample_submission.csv", "holds numbers")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "what"),
+    [
+        ("pp2020", "one probability column per class"),
+        ("pp2021", "the class names above --threshold"),
+        ("cassava", "the top class's number"),
+    ],
+)
+def test_check_prints_each_layouts_submission(fmt, what, clean):
+    result = run_cli("leaf_xla.check", "--data-dir", str(clean[fmt]), "--no-decode")
+    assert result.returncode == 0, result.stdout
+    sample = (clean[fmt] / "sample_submission.csv").read_text().splitlines()
+    lines = result.stdout.splitlines()
+    at = lines.index(f"submission (the shape of sample_submission.csv): {what}")
+    header, row = (line.strip() for line in lines[at + 1 : at + 3])
+    assert header == sample[0] and row.split(",")[0] == sample[1].split(",")[0]
+    assert row == sample[1] if fmt == "pp2020" else len(row.split(",")) == 2
+
+
+def test_a_miscased_sample_column_stops_check_and_train(clean, tmp_path):
+    """Issue 22.3: `Healthy` in sample_submission.csv where train.csv has `healthy`: one error
+    line naming the file and the names, from check and from train before it builds a model."""
+
+    def capitalise(data_dir: Path) -> None:
+        sample = pd.read_csv(data_dir / "sample_submission.csv", dtype=str)
+        sample.rename(columns={"healthy": "Healthy"}).to_csv(
+            data_dir / "sample_submission.csv", index=False
+        )
+
+    data_dir = broken_copy(clean["pp2020"], tmp_path / "data", capitalise)
+    expected = (
+        f"{data_dir / 'sample_submission.csv'}: its columns are neither the classes of train.csv "
+        "nor one label column (Healthy is not a class; class(es) healthy not a column): spell "
+        "the columns as train.csv spells the classes"
+    )
+    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    assert result.returncode == 1
+    assert _errors(result) == [f"error: {expected}"], result.stdout
+    out = tmp_path / "runs"
+    result = run_cli(
+        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(out)
+    )
+    assert_user_error(result, expected)
+    assert not out.exists()

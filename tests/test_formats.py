@@ -4,6 +4,7 @@ generic `image_id,label` format end to end through the CLIs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,51 @@ def test_a_label_submission_follows_the_data_sets_format() -> None:
     path = Path("sample_submission.csv")
     named = format_submission(probs, sample, path, label_format="generic")
     assert named.to_dict("list") == {"image_id": ["q1", "q0"], "label": ["blight", "healthy"]}
-    numbered = format_submission(probs, sample, path, label_format="integer")
+    numbered = format_submission(probs, sample.assign(label="2"), path, label_format="integer")
     assert numbered["label"].tolist() == [0, 1]
+    # The sample's column keeps its name: `labels` with one name per image gets the top name.
+    plural = format_submission(
+        probs, sample.rename(columns={"label": "labels"}), path, 0.5, "generic"
+    )
+    assert plural.to_dict("list") == {"image_id": ["q1", "q0"], "labels": ["blight", "healthy"]}
+
+
+@pytest.mark.parametrize(
+    ("label_format", "value", "fragment"),
+    [
+        (
+            "integer",
+            "healthy",
+            "column 'label' holds names (e.g. 'healthy') but train.csv's integer",
+        ),
+        ("generic", "3", "column 'label' holds numbers (e.g. '3') but train.csv's generic"),
+        ("generic", "Healthy", "column 'label' holds Healthy, not a class of train.csv"),
+    ],
+)
+def test_a_sample_whose_values_the_format_would_not_write_is_refused(
+    label_format, value, fragment
+) -> None:
+    probs = _probs([[0.1, 0.7, 0.2]], ["blight", "healthy", "rust"])
+    sample = pd.DataFrame({"image_id": ["q0"], "label": [value]})
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        format_submission(probs, sample, Path("sample_submission.csv"), label_format=label_format)
+
+
+def test_a_labels_column_with_one_name_per_row_is_single_label(tmp_path) -> None:
+    frame = pd.DataFrame({"image_id": list("abcd"), "labels": ["rust", "healthy", "scab", "rust"]})
+    assert formats.detect(frame, tmp_path).name == "generic"
+    targets, classes = FORMATS["generic"].targets(table(frame, tmp_path), [])
+    assert classes == ["healthy", "rust", "scab"] and targets.argmax(1).tolist() == [1, 0, 2, 1]
+    numbers = frame.assign(labels=["0", "2", "1", "1"])
+    assert formats.detect(numbers, tmp_path).name == "integer"
+    several = frame.assign(labels=["rust scab", "healthy", "scab", "rust"])
+    assert formats.detect(several, tmp_path).name == "multilabel"
+    read = table(several, tmp_path)
+    FORMATS["generic"].targets(read, [])  # --label-format generic on several names: row errors
+    assert read.errors == [
+        "train.csv row 2 (a): 2 labels (rust scab) where generic takes one; pass "
+        "--label-format multilabel for several per image"
+    ]
 
 
 def test_unknown_format_names_the_choices() -> None:

@@ -16,10 +16,31 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 from tqdm import tqdm
 
+from leaf_xla.cli import UserError
 from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, scan, verify_images
-from leaf_xla.formats import FORMATS
+from leaf_xla.formats import FORMATS, submission_example
+
+
+def _header(data: DataSet, csv: str) -> list[str]:
+    return list(pd.read_csv(data.data_dir / csv, nrows=0).columns) if csv else []
+
+
+def submission_lines(data: DataSet) -> list[str]:
+    """What ensemble will write, header and one row, in sample_submission.csv's shape when
+    there is one; a UserError where that shape does not fit the classes or the labels."""
+    sample = data.sample_submission
+    path = data.data_dir / "sample_submission.csv"
+    fmt, lines = submission_example(sample, path, data.classes, data.label_format, data.test.ids)
+    what = {
+        "probabilities": "one probability column per class",
+        "names": "the class names above --threshold" if fmt.multilabel else "the top class's name",
+        "numbers": "the top class's number",
+    }[fmt.writes]
+    source = f"the shape of {path.name}" if sample is not None else "no sample_submission.csv"
+    return [f"submission ({source}): {what}", *(f"  {line}" for line in lines)]
 
 
 def describe(data: DataSet) -> list[str]:
@@ -27,6 +48,11 @@ def describe(data: DataSet) -> list[str]:
     train, test = data.train, data.test
     fmt = FORMATS.get(data.label_format)
     lines = [f"label format: {fmt.name} ({fmt.description})" if fmt else "label format: unknown"]
+    if fmt is not None and not fmt.multilabel and "labels" in _header(data, train.csv):
+        lines.append(
+            "  one name in every row of the 'labels' column: single-label "
+            "(--label-format multilabel if an image may have several)"
+        )
     if train.csv:
         lines.append(
             f"train: {train.csv} (id column {data.id_column}), images in {train.image_dir.name}/"
@@ -70,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{args.data_dir}: no train.csv, so train cannot run on it (predict can)"
             )
         print("\n".join(describe(data)))
+        try:
+            print("\n".join(submission_lines(data)))
+        except UserError as err:
+            problems.errors.append(str(err))
         if args.no_decode:
             print("decode check: skipped (--no-decode)")
         else:

@@ -117,8 +117,7 @@ def _writes_probabilities(
     sample: pd.DataFrame, path: Path, classes: list[str], label_format: str | None
 ) -> bool:
     """Whether the submission sample_submission.csv asks for holds probabilities (not labels)."""
-    columns = [c for c in sample.columns if c != id_column(sample, path)]
-    return submission_format(columns, classes, path, label_format).probabilities
+    return submission_format(sample, path, classes, label_format).probabilities
 
 
 def config_weights(path: Path, names: list[str]) -> np.ndarray:

@@ -18,8 +18,14 @@ the submission's (`ensemble`).
   distinct labels, sorted (numerically when they are all numbers), or `--classes` in that
   order; the submission holds the top class's name, exactly as train.csv writes it.
 
-`auto` picks `multilabel` for a `labels` column; for a `label` column, `integer` when every
-label is a whole number or the Cassava name map is there, else `generic`; else `onehot`.
+`auto` picks `multilabel` for a `labels` column where some row holds several names; a `label`
+column, or a `labels` column with one name in every row (as many competitions write single
+labels), is `integer` when every label is a whole number or the Cassava name map is there, else
+`generic`; no label column is `onehot`.
+
+Each format also names its competition's metric (`metric`, see metrics.py), and the value kind
+its submission holds (`writes`): a single-label submission goes in sample_submission.csv's one
+label column, whatever its name, and must be the kind of value the sample holds there.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class LabelFormat(ABC):
     description = ""  # one line for `check`
     multilabel = False  # sigmoid + BCE, several classes per image
     probabilities = False  # the submission holds probabilities (so ranks may be averaged)
+    metric = "accuracy"  # the competition's metric (metrics.METRICS), --metric's default
+    writes = "names"  # the submission's values: probabilities, names or numbers
 
     @abstractmethod
     def detect(self, frame: pd.DataFrame, data_dir: Path) -> bool:
@@ -100,10 +108,6 @@ class LabelFormat(ABC):
         """train.csv's label columns for (N, C) 0/1 targets: the inverse of `targets`."""
 
     @abstractmethod
-    def submission_columns(self, classes: list[str]) -> list[str]:
-        """The submission's columns after the id."""
-
-    @abstractmethod
     def submission(self, probs: pd.DataFrame, threshold: float) -> pd.DataFrame:
         """The submission's label columns, one row per row of `probs` (columns: the classes)."""
 
@@ -112,6 +116,8 @@ class OneHot(LabelFormat):
     name = "onehot"
     description = "one 0/1 column per class, one class per image, as Plant Pathology 2020"
     probabilities = True
+    metric = "auc"
+    writes = "probabilities"
 
     def detect(self, frame: pd.DataFrame, data_dir: Path) -> bool:
         return not {"label", "labels"} & set(frame.columns)
@@ -165,9 +171,6 @@ class OneHot(LabelFormat):
     def label_frame(self, targets: np.ndarray, classes: list[str]) -> pd.DataFrame:
         return pd.DataFrame(targets.astype(int), columns=list(classes))
 
-    def submission_columns(self, classes: list[str]) -> list[str]:
-        return list(classes)
-
     def submission(self, probs: pd.DataFrame, threshold: float) -> pd.DataFrame:
         return probs.reset_index(drop=True)
 
@@ -176,9 +179,10 @@ class MultiLabel(LabelFormat):
     name = "multilabel"
     description = "space-separated class names, any number per image, as Plant Pathology 2021"
     multilabel = True
+    metric = "f1_samples"
 
     def detect(self, frame: pd.DataFrame, data_dir: Path) -> bool:
-        return "labels" in frame.columns
+        return "labels" in frame.columns and not _one_name_per_row(frame)
 
     def targets(self, table: LabelTable, classes: list[str]) -> tuple[np.ndarray, list[str]]:
         table.require("labels", self.name)
@@ -204,9 +208,6 @@ class MultiLabel(LabelFormat):
         names = np.asarray(classes)
         return pd.DataFrame({"labels": [" ".join(names[row > 0]) for row in targets]})
 
-    def submission_columns(self, classes: list[str]) -> list[str]:
-        return ["labels"]
-
     def submission(self, probs: pd.DataFrame, threshold: float) -> pd.DataFrame:
         # Every class above the threshold, and at least the most probable one.
         names = np.asarray(probs.columns)
@@ -214,26 +215,51 @@ class MultiLabel(LabelFormat):
         return pd.DataFrame({"labels": [" ".join(c) for c in chosen]})
 
 
-def _label_column(frame: pd.DataFrame) -> bool:
-    """A single-label `label` column (a `labels` column is multi-label)."""
-    return "label" in frame.columns and "labels" not in frame.columns
+def _one_name_per_row(frame: pd.DataFrame) -> bool:
+    """A `labels` column with at most one space-separated name in every row: single labels."""
+    return all(len(str(v).split()) <= 1 for v in frame["labels"].fillna(""))
+
+
+def _single_label_column(frame: pd.DataFrame) -> str | None:
+    """The column holding one label per image: `label`, else a `labels` column whose every row
+    holds one name; None when there is none."""
+    if "label" in frame.columns:
+        return "label"
+    if "labels" in frame.columns and _one_name_per_row(frame):
+        return "labels"
+    return None
+
+
+def _label_column(table: LabelTable, fmt: str) -> str:
+    """The single-label column a format reads: `label`, or else `labels`."""
+    for column in ("label", "labels"):
+        if column in table.frame.columns:
+            return column
+    table.require("label", fmt)  # raises, naming the column expected
+    return "label"
 
 
 def _numbered(frame: pd.DataFrame, data_dir: Path) -> bool:
     """Class numbers (Cassava's layout) rather than names: the name map, or only whole numbers."""
     if (data_dir / CASSAVA_NAMES).is_file():
         return True
-    texts = [t for t in (str(v).strip() for v in frame["label"].fillna("")) if t]
+    return _whole_numbers(frame[_single_label_column(frame)])
+
+
+def _whole_numbers(cells: pd.Series) -> bool:
+    """Every filled cell a whole number (at least one filled)."""
+    texts = [t for t in (str(v).strip() for v in cells.fillna("")) if t]
     numbers = pd.to_numeric(pd.Series(texts, dtype=object), errors="coerce")
-    return bool(numbers.notna().all() and (numbers == numbers.round()).all())
+    return bool(texts) and bool(numbers.notna().all() and (numbers == numbers.round()).all())
 
 
 class Integer(LabelFormat):
     name = "integer"
     description = "one class number per image, as Cassava Leaf Disease"
+    writes = "numbers"
 
     def detect(self, frame: pd.DataFrame, data_dir: Path) -> bool:
-        return _label_column(frame) and _numbered(frame, data_dir)
+        return _single_label_column(frame) is not None and _numbered(frame, data_dir)
 
     def _names(self, table: LabelTable, labels: np.ndarray, whole: np.ndarray) -> list[str]:
         mapping = table.data_dir / CASSAVA_NAMES
@@ -258,8 +284,7 @@ class Integer(LabelFormat):
         return [str(k) for k in range(top + 1)]
 
     def targets(self, table: LabelTable, classes: list[str]) -> tuple[np.ndarray, list[str]]:
-        table.require("label", self.name)
-        text = table.text("label")
+        text = table.text(_label_column(table, self.name))
         labels = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(float)
         whole = np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0)
         classes = classes or self._names(table, labels, whole)
@@ -275,9 +300,6 @@ class Integer(LabelFormat):
 
     def label_frame(self, targets: np.ndarray, classes: list[str]) -> pd.DataFrame:
         return pd.DataFrame({"label": targets.argmax(1)})
-
-    def submission_columns(self, classes: list[str]) -> list[str]:
-        return ["label"]
 
     def submission(self, probs: pd.DataFrame, threshold: float) -> pd.DataFrame:
         return pd.DataFrame({"label": probs.to_numpy().argmax(1)})
@@ -296,13 +318,20 @@ class Generic(LabelFormat):
     description = "one class name per image in a 'label' column, as any image competition"
 
     def detect(self, frame: pd.DataFrame, data_dir: Path) -> bool:
-        return _label_column(frame) and not _numbered(frame, data_dir)
+        return _single_label_column(frame) is not None and not _numbered(frame, data_dir)
 
     def targets(self, table: LabelTable, classes: list[str]) -> tuple[np.ndarray, list[str]]:
-        table.require("label", self.name)
-        labels = table.text("label")
-        for i in (i for i, label in enumerate(labels) if not label):
-            table.errors.append(f"{table.row(i)}: empty label (write the class name)")
+        column = _label_column(table, self.name)
+        labels = table.text(column)
+        for i, label in enumerate(labels):
+            if not label:
+                table.errors.append(f"{table.row(i)}: empty label (write the class name)")
+            elif column == "labels" and len(label.split()) > 1:
+                table.errors.append(
+                    f"{table.row(i)}: {len(label.split())} labels ({label}) where {self.name} "
+                    "takes one; pass --label-format multilabel for several per image"
+                )
+                labels[i] = ""
         found = sorted({label for label in labels if label}, key=_class_order)
         classes = classes or found
         unknown = sorted(set(found) - set(classes), key=_class_order)
@@ -317,9 +346,6 @@ class Generic(LabelFormat):
 
     def label_frame(self, targets: np.ndarray, classes: list[str]) -> pd.DataFrame:
         return pd.DataFrame({"label": np.asarray(classes)[targets.argmax(1)]})
-
-    def submission_columns(self, classes: list[str]) -> list[str]:
-        return ["label"]
 
     def submission(self, probs: pd.DataFrame, threshold: float) -> pd.DataFrame:
         return pd.DataFrame({"label": np.asarray(probs.columns)[probs.to_numpy().argmax(1)]})
@@ -343,23 +369,63 @@ def detect(frame: pd.DataFrame, data_dir: Path) -> LabelFormat:
     return next(f for f in FORMATS.values() if f.detect(frame, data_dir))
 
 
+def value_kind(cells: pd.Series) -> str:
+    """What a sample submission's label column holds: numbers, names, or nothing."""
+    filled = cells[cells.notna() & (cells.astype(str).str.strip() != "")]
+    if filled.empty:
+        return "nothing"
+    return "numbers" if _whole_numbers(filled) else "names"
+
+
+def _column_mismatch(path: Path | None, columns: list[str], classes: list[str]) -> str:
+    """The error for a sample whose columns are neither the classes nor one label column."""
+    extra = [c for c in columns if c not in classes]
+    missing = [c for c in classes if c not in columns]
+    parts = [f"{_first(extra)} {'is' if len(extra) == 1 else 'are'} not a class"] if extra else []
+    if missing:
+        parts.append(f"class(es) {_first(missing)} not a column")
+    return (
+        f"{path}: its columns are neither the classes of train.csv nor one label column "
+        f"({'; '.join(parts)}): spell the columns as train.csv spells the classes"
+    )
+
+
 def submission_format(
-    columns: list[str], classes: list[str], path: Path | None, label_format: str | None = None
+    sample: pd.DataFrame, path: Path | None, classes: list[str], label_format: str | None = None
 ) -> LabelFormat:
-    """The format whose submission has `columns` (sample_submission.csv's, less the id): the
-    data set's own first, so that a `label` column gets names for generic data and numbers
-    for Cassava's."""
-    first = [FORMATS[label_format]] if label_format in FORMATS else []
-    for fmt in [*first, *FORMATS.values()]:
-        if sorted(fmt.submission_columns(classes)) == sorted(columns):
-            return fmt
-    others = sorted(
-        {c for f in FORMATS.values() if not f.probabilities for c in f.submission_columns(classes)}
-    )
-    raise UserError(
-        f"{path}: columns {columns} are neither the classes {classes} nor "
-        + " / ".join(map(repr, others))
-    )
+    """The format that writes the submission sample_submission.csv asks for: probabilities when
+    its columns are the classes; for one label column, the data set's format (names for generic
+    data, numbers for Cassava's), which must write the kind of value the sample holds there.
+    Without a known single-label format, the sample's values decide."""
+    columns = [c for c in sample.columns if c != id_column(sample, path)]
+    if sorted(columns) == sorted(classes):
+        return FORMATS["onehot"]
+    if len(columns) != 1:
+        raise UserError(_column_mismatch(path, columns, classes))
+    column = columns[0]
+    kind = value_kind(sample[column])
+    fmt = FORMATS.get(label_format or "")
+    if fmt is None or fmt.probabilities:  # one-hot data or no train.csv: the sample decides
+        if kind == "numbers":
+            return FORMATS["integer"]
+        return FORMATS["multilabel" if column == "labels" else "generic"]
+    numeric_names = all(_whole_numbers(pd.Series([c])) for c in classes)
+    writes = "numbers" if fmt.writes == "numbers" or numeric_names else "names"
+    if kind not in ("nothing", writes):
+        raise UserError(
+            f"{path}: column {column!r} holds {kind} (e.g. {sample[column].iloc[0]!r}) but "
+            f"train.csv's {fmt.name} labels give class {writes}: write train.csv's labels as "
+            "the submission wants them (or Cassava's label_num_to_disease_map.json for numbers)"
+        )
+    if kind == "names" and writes == "names":
+        tokens = {t for v in sample[column].dropna() for t in str(v).split()}
+        unknown = sorted(tokens - set(classes))
+        if unknown:
+            raise UserError(
+                f"{path}: column {column!r} holds {_first(unknown)}, not a class of train.csv "
+                f"({_first(classes)}): spell the labels as train.csv does"
+            )
+    return fmt
 
 
 def format_submission(
@@ -391,7 +457,36 @@ def format_submission(
             f"({len(missing)} missing, {len(extra)} extra); predict the test split again"
         )
     columns = [c for c in sample.columns if c != ids_column]
-    fmt = submission_format(columns, list(probs.columns), path, label_format)
-    out = fmt.submission(probs.loc[sample_ids], threshold)[columns]
+    fmt = submission_format(sample, path, list(probs.columns), label_format)
+    out = fmt.submission(probs.loc[sample_ids], threshold)
+    if not fmt.probabilities:  # one label column, named as the sample names it
+        out.columns = columns
+    out = out[columns]
     out.insert(0, ids_column, sample_ids.to_numpy())
     return out
+
+
+def submission_example(
+    sample: pd.DataFrame | None,
+    path: Path | None,
+    classes: list[str],
+    label_format: str | None,
+    test_ids: list[str],
+) -> tuple[LabelFormat, list[str]]:
+    """What ensemble writes: its format and the CSV's header and first row, for a prediction
+    of equal probabilities (the first class wins). Raises the error ensemble would raise."""
+    ids = sample[id_column(sample, path)].astype(str).tolist() if sample is not None else []
+    ids = ids or test_ids or ["<image id>"]
+    probs = pd.DataFrame(
+        np.full((1, len(classes)), 1 / max(len(classes), 1)),
+        index=pd.Index(ids[:1], name="image_id"),
+        columns=classes,
+    )
+    head = None if sample is None else sample.head(1)
+    fmt = (
+        FORMATS["onehot"]
+        if sample is None
+        else submission_format(sample, path, classes, label_format)
+    )
+    lines = format_submission(probs, head, path, 0.5, label_format).to_csv(index=False)
+    return fmt, lines.splitlines()

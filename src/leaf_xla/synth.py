@@ -235,6 +235,9 @@ def write_dataset(
             else:
                 k = 1 if rng.uniform() < 0.8 else 2
                 label_sets.append(sorted(rng.choice(diseases, size=k, replace=False).tolist()))
+        if n_train > len(classes) and all(len(s) == 1 for s in label_sets):
+            # One image with two diseases: one name in every row would read as single-label.
+            label_sets[len(classes)] = sorted(diseases[:2])
         label_sets = [label_sets[i] for i in rng.permutation(n_train)]
         train_files = [f"{rng.integers(16**15):015x}{i:x}.jpg" for i in range(n_train)]
         test_files = [f"{rng.integers(16**15):015x}{i:x}t.jpg" for i in range(n_test)]

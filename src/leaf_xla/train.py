@@ -265,6 +265,9 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.skip_bad_images and data is not None:
         unreadable = problems.take_file_errors(data.train.paths)
     problems.raise_if_any(str(args.data_dir), args.data_dir)
+    from leaf_xla.check import submission_lines
+
+    submission_lines(data)  # a sample_submission.csv that ensemble would refuse stops here
     folds_file = args.folds_file or args.out_dir / "folds.csv"
     fold_of = folds.load_or_create(
         folds_file, data.train.ids, data.train.targets, args.n_folds, args.fold_seed, args.holdout
