@@ -152,7 +152,7 @@ def test_fitted_weights_beat_single_models_and_equal_weights() -> None:
     singles = [mean_auc(targets, m) for m in stack]
     equal = mean_auc(targets, stack.mean(0))
     print(f"singles {np.round(singles, 4)} equal {equal:.4f} fitted {fitted:.4f} w {weights}")
-    assert cv["kept"] == "fitted" and cv["heldout_auc_fitted"] > cv["heldout_auc_equal"]
+    assert cv["kept"] == "fitted" and cv["heldout_score_fitted"] > cv["heldout_score_equal"]
     assert fitted >= max(singles) and fitted >= equal
     assert weights[2] < 0.1 and weights.sum() == pytest.approx(1) and (weights >= 0).all()
 
@@ -339,3 +339,112 @@ def test_format_follows_sample_columns_and_rejects_others() -> None:
     assert out["scab"].item() == 0.4
     with pytest.raises(UserError, match="neither the classes"):
         format_submission(probs, sample.rename(columns={"rust": "blight"}), Path("s.csv"))
+
+
+def _two_members(tmp_path: Path, good: np.ndarray, bad: np.ndarray, targets: np.ndarray):
+    """A data folder and, per member, test predictions and out-of-fold predictions."""
+    train_ids = [f"Train_{i}" for i in range(len(targets))]
+    test_ids = [f"Test_{i}" for i in range(6)]
+    data = write_data_dir(tmp_path / "data", test_ids, train_ids, targets)
+    tests, oofs = [], []
+    for name, probs in (("good", good), ("bad", bad)):
+        tests.append(write_predictions(tmp_path / f"{name}.csv", test_ids, probs[:6]))
+        oofs.append(str(write_predictions(tmp_path / f"{name}_oof.csv", train_ids, probs, 1)))
+    return data, tests, oofs
+
+
+def test_an_ensemble_below_its_best_member_says_so_and_what_helps(tmp_path: Path) -> None:
+    """Issue 22.5: a member that never learned drags the average down: the end of the output
+    names it, the score without it, and what --fit-weights would give."""
+    rng = np.random.default_rng(3)
+    targets = np.eye(4)[rng.integers(0, 4, 200)]
+    good = softmax(1.5 * targets + rng.normal(size=(200, 4)))
+    bad = softmax(3 * rng.normal(size=(200, 4)))  # never learned: confident noise
+    data, tests, oofs = _two_members(tmp_path, good, bad, targets)
+    result = run_cli(
+        "leaf_xla.ensemble", *map(str, tests), "--oof", *oofs, "--data-dir", str(data),
+        "--out", str(tmp_path / "submission.csv"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "submission.json").read_text())
+    scores = {n: s["score"] for n, s in report["oof"]["per_model"].items()}
+    ensemble = report["oof"]["ensemble"]["score"]
+    assert report["metric"] == "auc" and scores["good"] == pytest.approx(mean_auc(targets, good))
+    assert ensemble < scores["good"]
+    tail = result.stdout.splitlines()[-4:]
+    assert tail[0] == (
+        f"warning: the ensemble's out-of-fold auc {ensemble:.4f} is below its best member's "
+        f"(good {scores['good']:.4f})"
+    ), result.stdout
+    assert tail[1].startswith(f"warning: bad is near chance: out-of-fold auc {scores['bad']:.4f}")
+    assert tail[2] == (
+        f"warning: without bad the ensemble's out-of-fold auc is {scores['good']:.4f} "
+        f"({scores['good'] - ensemble:+.4f}): leave it out of the ensemble"
+    )
+    assert tail[3].startswith("warning: --fit-weights would give good 0.")
+    assert report["warnings"] == [line.removeprefix("warning: ") for line in tail]
+
+    # Two good members: not a word.
+    other = softmax(1.5 * targets + rng.normal(size=(200, 4)))
+    data, tests, oofs = _two_members(tmp_path / "fine", good, other, targets)
+    result = run_cli(
+        "leaf_xla.ensemble", *map(str, tests), "--oof", *oofs, "--data-dir", str(data),
+        "--out", str(tmp_path / "fine.csv"),
+    )  # fmt: skip
+    assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
+
+
+def test_multilabel_ensemble_scores_mean_f1_at_the_out_of_fold_threshold(tmp_path: Path) -> None:
+    """Issue 22.2, Plant Pathology 2021: the OOF table is headed by the mean F1 over images, the
+    decision threshold is the best one out of fold, and the submission is written with it."""
+    classes = ["healthy", "rust", "scab"]
+    rng = np.random.default_rng(4)
+    n = 60
+    targets = np.eye(3)[rng.integers(0, 3, n)]
+    targets[:10, 1:] = 1  # rust and scab together
+    targets[:10, 0] = 0
+    # Under-confident: true labels near 0.35, others near 0.1, so 0.5 would keep only the top.
+    probs = np.clip(0.1 + 0.25 * targets + rng.normal(0, 0.04, (n, 3)), 0.01, 0.99)
+    root = tmp_path / "data"
+    (root / "train_images").mkdir(parents=True)
+    (root / "test_images").mkdir()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    train_ids = [f"t{i}.jpg" for i in range(n)]
+    test_ids = [f"q{i}.jpg" for i in range(n)]
+    for folder, ids in (("train_images", train_ids), ("test_images", test_ids)):
+        for image_id in ids:
+            (root / folder / image_id).write_bytes(jpeg.getvalue())
+    names = np.asarray(classes)
+    labels = [" ".join(names[row > 0]) for row in targets]
+    pd.DataFrame({"image": train_ids, "labels": labels}).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"image": test_ids, "labels": "healthy"}).to_csv(
+        root / "sample_submission.csv", index=False
+    )
+    for name, ids in (("test", test_ids), ("oof", train_ids)):
+        frame = pd.DataFrame(probs, columns=classes)
+        frame.insert(0, "image", ids)
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    out = tmp_path / "submission.csv"
+    result = run_cli(
+        "leaf_xla.ensemble", str(tmp_path / "test.csv"), "--oof", str(tmp_path / "oof.csv"),
+        "--data-dir", str(root), "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "submission.json").read_text())
+    from sklearn.metrics import f1_score
+
+    def f1(threshold: float) -> float:
+        sets = (probs >= threshold) | (probs == probs.max(1, keepdims=True))
+        return f1_score(targets.astype(int), sets.astype(int), average="samples")
+
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    best = grid[int(np.argmax([f1(t) for t in grid]))]
+    assert report["metric"] == "f1_samples" and report["threshold"] == pytest.approx(best)
+    assert best < 0.5 and f1(best) > f1(0.5)
+    assert report["oof"]["ensemble"]["score"] == pytest.approx(f1(best))
+    assert "OOF mean F1 over images, and ROC AUC (60 rows)" in result.stdout
+    assert f"decision threshold {best:.2f} (best out-of-fold mean F1 over images)" in result.stdout
+    written = pd.read_csv(out)
+    chosen = (probs >= best) | (probs == probs.max(1, keepdims=True))
+    assert written["labels"].tolist() == [" ".join(names[row]) for row in chosen]

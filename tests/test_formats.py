@@ -187,3 +187,49 @@ def test_generic_format_end_to_end(tmp_path) -> None:
         "--out", str(tmp_path / "rank.csv"),
     )  # fmt: skip
     assert_user_error(rank, "--method rank gives ranks", "use --method mean")
+
+
+@pytest.mark.slow
+def test_cassava_runs_are_scored_and_picked_by_accuracy(tmp_path) -> None:
+    """Issue 22.2: Cassava is scored by accuracy: history.csv leads with val_accuracy (AUC kept
+    beside it), best.pt is the most accurate epoch and says so; a checkpoint from before (only
+    best_auc) still resumes and predicts."""
+    import torch
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    synth.write_dataset(data, 30, 4, seed=3, size=(40, 32), fmt="cassava")
+    train = (
+        "leaf_xla.train", "--model", "test_resnet", "--config", "demo", "--image-size", "32",
+        "--batch-size", "8", "--device", "cpu", "--data-dir", str(data), "--out-dir", str(runs),
+    )  # fmt: skip
+    result = run_cli(*train, "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = runs / "test_resnet-fold0"
+    for name in ("last.pt", "best.pt"):  # as written before checkpoints named their metric
+        state = torch.load(run / name, weights_only=True)
+        state["best_auc"] = state.pop("best_score")
+        del state["metric"], state["best_ema_score"]
+        torch.save(state, run / name)
+    result = run_cli(*train, "--epochs", "2", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = pd.read_csv(run / "history.csv")
+    assert list(history.columns[:6]) == [
+        "epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_auc"
+    ]  # fmt: skip
+    assert f"best val accuracy {history['val_accuracy'].max():.4f}" in result.stdout
+
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["metric"] == "accuracy"
+    assert best["best_score"] == pytest.approx(history["val_accuracy"].max())
+    oof = pd.read_csv(run / "oof.csv")
+    labels = pd.read_csv(data / "train.csv", dtype={"label": int}).set_index("image_id")
+    truth = labels.loc[oof["image_id"], "label"].to_numpy()
+    accuracy = float((oof.iloc[:, 1:].to_numpy().argmax(1) == truth).mean())
+    assert accuracy == pytest.approx(history["val_accuracy"].max())
+
+    predictions = tmp_path / "pred.csv"
+    result = run_cli(
+        "leaf_xla.predict", "--checkpoint", str(run / "best.pt"), "--data-dir", str(data),
+        "--out", str(predictions), "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]

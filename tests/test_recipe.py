@@ -77,7 +77,7 @@ def test_recipe_end_to_end_and_resume(pp2020: Path, tmp_path: Path) -> None:
     # b as if killed before its first epoch ended: resumed, while train finds a finished (train
     # decides, so that the hosts of a pod decide together); the weights are fitted this time.
     state = torch.load(out / "b-fold0" / "last.pt", map_location="cpu", weights_only=True)
-    state.update(epoch=0, step=0, history=[], best_auc=-math.inf, flat_epochs=0)
+    state.update(epoch=0, step=0, history=[], best_score=-math.inf, flat_epochs=0)
     torch.save(state, out / "b-fold0" / "last.pt")
     resumed = recipe(config, pp2020, out, "--resume", "--fit-weights")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

@@ -183,7 +183,7 @@ def test_resume_with_strong_augmentation_mixing_and_ema_is_bitwise(tmp_path, pp2
     # best_ema.pt: the average of the epoch whose average scored best, loadable as best.pt is.
     best_ema = torch.load(ref_dir / "best_ema.pt", weights_only=True)
     assert "optimizer" not in best_ema and "ema" not in best_ema
-    assert best_ema["best_auc"] == pytest.approx(history["ema_val_auc"].max())
+    assert best_ema["best_score"] == pytest.approx(history["ema_val_auc"].max())
     assert best_ema["epoch"] == int(history["ema_val_auc"].idxmax()) + 1
     predicted = tmp_path / "ema_oof.csv"
     result = run_cli(

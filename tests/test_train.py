@@ -101,7 +101,8 @@ def test_history_best_checkpoint_and_oof(reference, pp2020):
     best_epoch = int(history["val_auc"].idxmax())
     best = torch.load(reference / "best.pt", weights_only=True)
     assert best["epoch"] == best_epoch + 1 and best["step"] == 0
-    assert best["best_auc"] == pytest.approx(history["val_auc"].max())
+    assert best["best_score"] == pytest.approx(history["val_auc"].max())
+    assert best["metric"] == "auc"  # Plant Pathology 2020's
     assert "optimizer" not in best and best["classes"] == CLASSES
     last = torch.load(reference / "last.pt", weights_only=True)
     assert (last["epoch"], last["step"]) == (3, 0)

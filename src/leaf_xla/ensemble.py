@@ -7,13 +7,18 @@ The seed's weighted average, aligned by image_id; weights from `--weights`, from
 config's `models:` (`--config`, matched by model name, else by position) or equal.
 `--fit-weights OOF ...` (one out-of-fold set per model: a file, a glob such as
 'runs/b7-fold*/oof.csv' or comma-separated files) instead chooses non-negative weights that
-maximise the mean column-wise ROC AUC on the out-of-fold predictions. They are fitted across
-folds of the OOF rows, and kept only if they beat equal weights on the rows they were not fitted
-on. `--oof OOF ...` scores given weights the same way without fitting them. `--method rank`
-averages per-class ranks instead of probabilities.
+maximise the competition's metric on the out-of-fold predictions (`--metric`, by default the
+data's label format's: mean column-wise ROC AUC for Plant Pathology 2020, mean F1 over images
+for 2021, accuracy for Cassava and generic data). They are fitted across folds of the OOF rows,
+and kept only if they beat equal weights on the rows they were not fitted on. `--oof OOF ...`
+scores given weights the same way without fitting them. With OOF predictions, a multi-label
+submission's decision threshold is the one with the best out-of-fold F1 (unless --threshold),
+and the end of the output says when the ensemble scores below its best member or a member is
+near chance, which member's removal helps most, and what --fit-weights would give.
+`--method rank` averages per-class ranks instead of probabilities.
 Writes the submission (checked against sample_submission.csv when --data-dir has one), a JSON
-report beside it (weights, per-model and ensemble OOF AUC, per class) and, with OOF predictions,
-<report>_roc.png: the ensemble's per-class ROC curves.
+report beside it (metric, weights, threshold, per-model and ensemble OOF scores and AUC, per
+class) and, with OOF predictions, <report>_roc.png: the ensemble's per-class ROC curves.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import glob
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +39,16 @@ from leaf_xla.data import read_csv, read_dataset
 from leaf_xla.ensemble_fit import combine, fit_weights
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 from leaf_xla.formats import format_submission, id_column, submission_format
-from leaf_xla.metrics import column_auc, mean_auc
+from leaf_xla.metrics import (
+    METRIC_CHOICES,
+    Metric,
+    best_threshold,
+    chance,
+    column_auc,
+    mean_auc,
+    near_chance,
+    resolve,
+)
 
 SHOWN = 3  # offending ids named in an error
 
@@ -151,39 +166,117 @@ def _model_names(paths: list[Path]) -> list[str]:
     raise UserError(f"the same prediction CSV is given twice: {_first([str(p) for p in paths])}")
 
 
-def score_oof(
-    oof: np.ndarray,
-    targets: np.ndarray,
-    weights: np.ndarray,
-    method: str,
-    names: Sequence[str],
-    classes: Sequence[str],
-) -> dict:
-    """Per-model and ensemble mean and per-class ROC AUC on the out-of-fold rows."""
+@dataclass
+class OutOfFold:
+    """The models' out-of-fold predictions and how they are scored."""
+
+    stack: np.ndarray  # (models, rows, classes)
+    targets: np.ndarray  # (rows, classes)
+    metric: Metric
+    method: str
+    threshold: float | None  # --threshold; None: each prediction's best on these rows
+
+    def threshold_for(self, probs: np.ndarray) -> float:
+        given = self.threshold
+        return best_threshold(self.metric, self.targets, probs) if given is None else given
+
+    def score(self, probs: np.ndarray) -> float:
+        return self.metric.score(self.targets, probs, self.threshold_for(probs))
+
+    def combined(self, weights: np.ndarray, members: slice | list[int] = slice(None)) -> np.ndarray:
+        return combine(self.stack[members], weights, self.method)
+
+
+def score_oof(oof: OutOfFold, weights: np.ndarray, names: list[str], classes: list[str]) -> dict:
+    """Per-model and ensemble score (the metric), mean and per-class ROC AUC on the
+    out-of-fold rows."""
 
     def scores(probs: np.ndarray) -> dict:
         # null, not NaN, in the JSON for a class without positives (or negatives) in the rows
-        per_class = [None if np.isnan(a) else float(a) for a in column_auc(targets, probs)]
-        return {"auc": mean_auc(targets, probs), "per_class": dict(zip(classes, per_class))}
+        per_class = [None if np.isnan(a) else float(a) for a in column_auc(oof.targets, probs)]
+        threshold = {"threshold": oof.threshold_for(probs)} if oof.metric.thresholded else {}
+        return {
+            "score": oof.score(probs),
+            **threshold,
+            "auc": mean_auc(oof.targets, probs),
+            "per_class": dict(zip(classes, per_class)),
+        }
 
-    equal = np.full(len(oof), 1 / len(oof))
+    equal = oof.combined(np.full(len(oof.stack), 1 / len(oof.stack)))
     return {
-        "rows": len(targets),
-        "per_model": {n: scores(m) for n, m in zip(names, oof)},
-        "ensemble": scores(combine(oof, weights, method)),
-        "equal_weights_auc": mean_auc(targets, combine(oof, equal, method)),
+        "metric": oof.metric.name,
+        "rows": len(oof.targets),
+        "per_model": {n: scores(m) for n, m in zip(names, oof.stack)},
+        "ensemble": scores(oof.combined(weights)),
+        "equal_weights_score": oof.score(equal),
+        "equal_weights_auc": mean_auc(oof.targets, equal),
     }
 
 
-def print_scores(oof_report: dict, classes: Sequence[str]) -> None:
+def print_scores(oof_report: dict, classes: Sequence[str], metric: Metric) -> None:
     rows = {**oof_report["per_model"], "ensemble": oof_report["ensemble"]}
     width = max(map(len, rows))
-    header = "  ".join(f"{c:>{max(6, len(c))}}" for c in ["mean", *classes])
-    print(f"OOF ROC AUC ({oof_report['rows']} rows)\n  {'':<{width}}  {header}")
+    first = [metric.name] if metric.name != "auc" else []
+    columns = [*first, "AUC", *classes]
+    header = "  ".join(f"{c:>{max(6, len(c))}}" for c in columns)
+    what = metric.title if metric.name == "auc" else f"{metric.title}, and ROC AUC"
+    print(f"OOF {what} ({oof_report['rows']} rows)\n  {'':<{width}}  {header}")
     for name, s in rows.items():
-        values = [np.nan if v is None else v for v in [s["auc"], *s["per_class"].values()]]
-        cells = "  ".join(f"{v:>{max(6, len(c))}.4f}" for c, v in zip(["mean", *classes], values))
+        values = [s["score"]] * len(first) + [s["auc"], *s["per_class"].values()]
+        values = [np.nan if v is None else v for v in values]
+        cells = "  ".join(f"{v:>{max(6, len(c))}.4f}" for c, v in zip(columns, values))
         print(f"  {name:<{width}}  {cells}")
+
+
+def advice(oof: OutOfFold, oof_report: dict, weights: np.ndarray, fitted: bool) -> list[str]:
+    """What to look at when the ensemble scores below its best member, or a member is near
+    chance: the member whose removal helps most, and what --fit-weights would give."""
+    metric, name = oof.metric, oof.metric.name
+    members = {n: s["score"] for n, s in oof_report["per_model"].items()}
+    ensemble = oof_report["ensemble"]["score"]
+    best = max(members, key=members.get)
+    baseline = chance(metric, oof.targets)
+    weak = [n for n, score in members.items() if near_chance(metric, score, baseline)]
+    below = len(members) > 1 and ensemble < members[best] - 1e-9
+    if not (below or weak):
+        return []
+    lines = []
+    if below:
+        lines.append(
+            f"the ensemble's out-of-fold {name} {ensemble:.4f} is below its best member's "
+            f"({best} {members[best]:.4f})"
+        )
+    lines += [
+        f"{n} is near chance: out-of-fold {name} {members[n]:.4f}, chance {baseline:.4f} (did it "
+        "learn? see its history.csv)"
+        for n in weak
+    ]
+    if len(members) < 2:
+        return lines
+    names = list(members)
+    without = {}
+    for k, n in enumerate(names):
+        rest = [i for i in range(len(names)) if i != k]
+        kept = weights[rest] if weights[rest].sum() > 0 else np.ones(len(rest))
+        without[n] = oof.score(oof.combined(kept / kept.sum(), rest))
+    drop = max(without, key=without.get)
+    lines.append(
+        f"without {drop} the ensemble's out-of-fold {name} is {without[drop]:.4f} "
+        f"({without[drop] - ensemble:+.4f}): leave it out of the ensemble"
+        if without[drop] > ensemble
+        else f"leaving a member out helps no more (without {drop}: {without[drop]:.4f})"
+    )
+    if not fitted and len(oof.targets) >= 10:
+        fit, cv = fit_weights(oof.stack, oof.targets, oof.method, metric=metric)
+        shown = ", ".join(f"{n} {w:.3f}" for n, w in zip(names, fit))
+        held = f"held out {cv['heldout_score_fitted']:.4f} vs {cv['heldout_score_equal']:.4f} equal"
+        lines.append(
+            f"--fit-weights would give {shown}: out-of-fold {name} "
+            f"{oof.score(oof.combined(fit)):.4f} ({held})"
+            if cv["kept"] == "fitted"
+            else f"--fit-weights would keep equal weights (fitted ones overfit: {held})"
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,8 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
-        help="multi-label submissions: probability for a label",
+        help="multi-label submissions: probability for a label (default: the one with the best "
+        "out-of-fold score when OOF predictions are given, else 0.5)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=METRIC_CHOICES,
+        default="auto",
+        help="out-of-fold score, and what --fit-weights maximises; auto: the competition's, "
+        "from the data's label format",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
@@ -231,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise UserError(f"{path} exists: pass --overwrite to replace it")
     if args.fit_weights and args.oof:
         raise UserError("--oof and --fit-weights both name OOF files: give one of them")
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
     paths = [Path(p) for p in args.predictions]
     names = _model_names(paths)
@@ -274,15 +374,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown:
             raise UserError(f"{groups[0][0]}: ids not in train.csv: {_first(unknown)}")
         targets = np.stack([label_of[i] for i in oof_frames[0].index])
-        oof = np.stack([f.to_numpy(float) for f in oof_frames])
+        metric = resolve(args.metric, data.label_format, data.multilabel)
+        oof = OutOfFold(
+            np.stack([f.to_numpy(float) for f in oof_frames]),
+            targets,
+            metric,
+            args.method,
+            args.threshold,
+        )
 
     if args.fit_weights:
-        weights, cv = fit_weights(oof, targets, args.method)
+        weights, cv = fit_weights(oof.stack, targets, args.method, metric=metric)
         report["fit"] = cv
         source = "fitted" if cv["kept"] == "fitted" else "equal: fitted weights overfit"
         print(
-            f"held-out OOF AUC {cv['heldout_auc_fitted']:.4f} fitted vs "
-            f"{cv['heldout_auc_equal']:.4f} equal weights ({cv['splits']} splits)"
+            f"held-out OOF {metric.name} {cv['heldout_score_fitted']:.4f} fitted vs "
+            f"{cv['heldout_score_equal']:.4f} equal weights ({cv['splits']} splits)"
         )
     elif args.config:
         weights, source = config_weights(find_config(args.config), names), args.config
@@ -300,16 +407,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     weights = weights / weights.sum()
     report["weights"] = dict(zip(names, weights.round(6).tolist()))
     report["weights_from"] = source
+    threshold = 0.5 if args.threshold is None else args.threshold
+    warnings = []
     if oof_patterns:
-        report["oof"] = score_oof(oof, targets, weights, args.method, names, classes)
-        print_scores(report["oof"], classes)
-        print(f"equal weights: OOF AUC {report['oof']['equal_weights_auc']:.4f}")
+        report["metric"] = metric.name
+        report["oof"] = score_oof(oof, weights, names, classes)
+        print_scores(report["oof"], classes, metric)
+        print(f"equal weights: OOF {metric.name} {report['oof']['equal_weights_score']:.4f}")
+        if metric.thresholded:
+            threshold = oof.threshold_for(oof.combined(weights))
+            chosen = "given" if args.threshold is not None else "best out-of-fold"
+            print(f"decision threshold {threshold:.2f} ({chosen} {metric.title})")
+        warnings = advice(oof, report["oof"], weights, fitted=bool(args.fit_weights))
+        report["warnings"] = warnings
+    report["threshold"] = threshold
     print(f"weights ({source}): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
 
     probs = pd.DataFrame(
         combine(stack, weights, args.method), index=frames[0].index, columns=classes
     )
-    submission = format_submission(probs, sample, sample_path, args.threshold, label_format)
+    submission = format_submission(probs, sample, sample_path, threshold, label_format)
     atomic_to_csv(submission, args.out)
     report["submission"] = str(args.out)
     atomic_write_text(report_path, json.dumps(report, indent=2))
@@ -318,11 +435,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leaf_xla.report import roc_plot
 
         roc_path = report_path.with_name(f"{report_path.stem}_roc.png")
-        roc_plot(
-            targets, combine(oof, weights, args.method), classes, roc_path, "ensemble, out-of-fold"
-        )
+        roc_plot(targets, oof.combined(weights), classes, roc_path, "ensemble, out-of-fold")
         written.append(str(roc_path))
     print(f"wrote {', '.join(written)} ({len(submission)} rows)")
+    for line in warnings:
+        print(f"warning: {line}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Ensemble weights: how prediction stacks are combined, and weights fitted on out-of-fold rows.
 
-`fit_weights` searches non-negative weights that sum to 1 for the best mean column-wise ROC AUC
-(a coarse grid, then Nelder-Mead), across folds of the OOF rows, and keeps them only when they
-beat equal weights on the rows they were not fitted on.
+`fit_weights` searches non-negative weights that sum to 1 for the best score of the metric (mean
+column-wise ROC AUC unless told; a coarse grid, then Nelder-Mead), across folds of the OOF rows,
+and keeps them only when they beat equal weights on the rows they were not fitted on. A metric
+with a decision threshold (F1) is fitted at one threshold, the best for equal weights.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy.optimize import minimize
@@ -17,6 +18,9 @@ from scipy.stats import rankdata
 from sklearn.model_selection import KFold
 
 from leaf_xla.cli import SettingError
+from leaf_xla.metrics import METRICS, Metric, best_threshold
+
+Scorer = Callable[[np.ndarray, np.ndarray], float]  # (targets, combined) -> higher is better
 
 GRID_POINTS = 2000  # most weight combinations the coarse search tries before Nelder-Mead
 
@@ -54,23 +58,33 @@ def _simplex(models: int, ticks: int) -> Iterator[np.ndarray]:
             yield np.array([*combo, ticks - sum(combo)]) / ticks
 
 
-def _fit_once(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Weights on the simplex maximising mean AUC of already transformed `values`: a coarse
+def scorer(metric: Metric, stack: np.ndarray, targets: np.ndarray, method: str) -> Scorer:
+    """The metric as the weight search calls it: AUC from ranks, a thresholded metric at the
+    threshold that suits equal weights on all rows."""
+    if metric.name == "auc":
+        return fast_mean_auc
+    equal = combine(stack, np.full(len(stack), 1 / len(stack)), method)
+    threshold = best_threshold(metric, targets, equal)
+    return lambda t, scores: metric.score(t, scores, threshold)
+
+
+def _fit_once(values: np.ndarray, targets: np.ndarray, score: Scorer) -> np.ndarray:
+    """Weights on the simplex maximising `score` of already transformed `values`: a coarse
     grid (when it is small enough), then Nelder-Mead from the best point."""
     models = values.shape[0]
     best_w = np.full(models, 1 / models)
-    best = fast_mean_auc(targets, np.tensordot(best_w, values, axes=1))
+    best = score(targets, np.tensordot(best_w, values, axes=1))
     for ticks in (10, 5, 4, 3, 2):
         if math.comb(ticks + models - 1, models - 1) <= GRID_POINTS:
             for w in _simplex(models, ticks):
-                score = fast_mean_auc(targets, np.tensordot(w, values, axes=1))
-                if score > best + 1e-12:
-                    best_w, best = w, score
+                value = score(targets, np.tensordot(w, values, axes=1))
+                if value > best + 1e-12:
+                    best_w, best = w, value
             break
 
     def loss(z: np.ndarray) -> float:
         w = np.abs(z) / max(np.abs(z).sum(), 1e-12)
-        return -fast_mean_auc(targets, np.tensordot(w, values, axes=1))
+        return -score(targets, np.tensordot(w, values, axes=1))
 
     result = minimize(
         loss, best_w, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-6, "maxiter": 200}
@@ -81,35 +95,40 @@ def _fit_once(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def fit_weights(
-    stack: np.ndarray, targets: np.ndarray, method: str = "mean", n_splits: int = 5, seed: int = 0
+    stack: np.ndarray,
+    targets: np.ndarray,
+    method: str = "mean",
+    n_splits: int = 5,
+    seed: int = 0,
+    metric: Metric = METRICS["auc"],
 ) -> tuple[np.ndarray, dict]:
     """Weights fitted on each K-1 parts of the OOF rows and scored on the part left out.
 
     The candidate is the mean of the per-split weights (steadier than one fit on all rows). It is
     kept only if its splits beat equal weights on their held-out rows; otherwise the fit is
-    judged overfitted and equal weights are returned. The dict holds the held-out AUCs.
+    judged overfitted and equal weights are returned. The dict holds the held-out scores.
     """
     if len(targets) < 2 * n_splits:
         raise SettingError(
             "fit_weights", f"needs at least {2 * n_splits} OOF rows to fit on, got {len(targets)}"
         )
     values = transform(stack, method)
+    score = scorer(metric, stack, targets, method)
     equal = np.full(stack.shape[0], 1 / stack.shape[0])
     splits = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fitted, held_fit, held_equal = [], [], []
     for train, test in splits.split(targets):
-        w = _fit_once(values[:, train], targets[train])
+        w = _fit_once(values[:, train], targets[train], score)
         fitted.append(w)
-        held_fit.append(fast_mean_auc(targets[test], np.tensordot(w, values[:, test], axes=1)))
-        held_equal.append(
-            fast_mean_auc(targets[test], np.tensordot(equal, values[:, test], axes=1))
-        )
+        held_fit.append(score(targets[test], np.tensordot(w, values[:, test], axes=1)))
+        held_equal.append(score(targets[test], np.tensordot(equal, values[:, test], axes=1)))
     weights = np.mean(fitted, axis=0)
-    fit_auc, equal_auc = float(np.nanmean(held_fit)), float(np.nanmean(held_equal))
-    kept = fit_auc >= equal_auc
+    fit_score, equal_score = float(np.nanmean(held_fit)), float(np.nanmean(held_equal))
+    kept = fit_score >= equal_score
     return (weights / weights.sum() if kept else equal), {
-        "heldout_auc_fitted": fit_auc,
-        "heldout_auc_equal": equal_auc,
+        "metric": metric.name,
+        "heldout_score_fitted": fit_score,
+        "heldout_score_equal": equal_score,
         "splits": len(fitted),
         "kept": "fitted" if kept else "equal",
     }

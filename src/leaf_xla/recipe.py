@@ -18,8 +18,10 @@ with the same folds and options, as `<name>-distill`, and joins the ensemble (we
 default its member's). An image's OOF prediction comes from the run of the fold that holds it
 out, the one model that never trained on it; every fold must be listed.
 Outputs: <out-dir>/<name>-fold<k>/ runs, <out-dir>/predictions/<name>.csv,
-<out-dir>/submission.csv, submission.json (weights, out-of-fold AUCs), submission_roc.png,
-summary.json; with `distill`: <out-dir>/distill/soft_targets.csv.
+<out-dir>/submission.csv, submission.json (weights, out-of-fold scores), submission_roc.png,
+summary.json; with `distill`: <out-dir>/distill/soft_targets.csv. Runs, tables and weights are
+scored by the competition's metric (train's `--metric`, passed after `--`; by default the label
+format's: see metrics.py), with ROC AUC beside it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from leaf_xla.cli import UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import DataSet, parse_image_size, read_dataset
 from leaf_xla.files import atomic_write_text
+from leaf_xla.metrics import METRICS, resolve
 from leaf_xla.rundir import check_name, hold_lock
 from leaf_xla.soft_targets import mix
 from leaf_xla.tta import TTA_FLIPS
@@ -281,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         *("--data-dir", str(args.data_dir), "--out", str(submission), "--overwrite"),
     ]
     command += ["--fit-weights", *oofs] if fit else ["--weights", *weights, "--oof", *oofs]
+    command += ["--metric", runs[0].options.metric]  # as train scored the runs
     _run(command)
     summarize(args.out_dir, runs + students, submission)
 
@@ -396,7 +400,8 @@ def write_soft_targets(
     stack = np.stack([out_of_fold([r for r in runs if r.model == n], data) for n in names])
     weights = np.array([float(m.get("weight", 1.0)) for m in recipe["models"]])
     if len(names) > 1 and fit:
-        weights, _ = fit_weights(stack, labels)
+        metric = resolve(options.metric, data.label_format, data.multilabel)
+        weights, _ = fit_weights(stack, labels, metric=metric)
     if len(names) > 1 and weights.sum() <= 0:
         raise UserError("distill from the ensemble: the models' weights are all 0")
     teacher = stack[0] if len(names) == 1 else combine(stack, weights / weights.sum(), "mean")
@@ -424,36 +429,49 @@ def write_soft_targets(
 
 
 def summarize(out_dir: Path, runs: list[Run], submission: Path) -> dict:
-    """summary.json: each run's best validation AUC, and the out-of-fold AUC of each model and
-    of the ensemble (its weights) from the ensemble's report."""
+    """summary.json: each run's best validation score (the metric, and AUC), and the out-of-fold
+    score of each model and of the ensemble (its weights) from the ensemble's report."""
     report = json.loads(submission.with_suffix(".json").read_text())
     oof = report["oof"]
+    metric = METRICS[oof.get("metric", "auc")]
     best = {}
     for run in runs:
         history = pd.read_csv(run.dir / "history.csv")
-        best[run.dir.name] = {
-            "best_val_auc": float(history["val_auc"].max()),
-            "epochs": len(history),
+        scores = {
+            f"best_val_{c[4:]}": float(history[c].max())
+            for c in (f"val_{metric.name}", "val_auc")
+            if c in history
         }
+        best[run.dir.name] = {**scores, "epochs": len(history)}
     summary = {
+        "metric": metric.name,
         "runs": best,
-        "models": {n: s["auc"] for n, s in oof["per_model"].items()},
-        "ensemble": oof["ensemble"]["auc"],
+        "models": {n: s["score"] for n, s in oof["per_model"].items()},
+        "ensemble": oof["ensemble"]["score"],
+        "models_auc": {n: s["auc"] for n, s in oof["per_model"].items()},
+        "ensemble_auc": oof["ensemble"]["auc"],
         "per_class": {
             **{n: s["per_class"] for n, s in oof["per_model"].items()},
             "ensemble": oof["ensemble"]["per_class"],
         },
         "weights": report["weights"],
         "weights_from": report["weights_from"],
+        "threshold": report["threshold"],
         "validation_images": oof["rows"],
+        "warnings": report.get("warnings", []),
         "submission": str(submission),
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     width = max(map(len, [*summary["models"], "ensemble"]))
-    print("\nout-of-fold mean column-wise ROC AUC")
-    for name, auc in summary["models"].items():
-        print(f"  {name:<{width}}  {auc:.4f}  weight {summary['weights'][name]:.3f}")
-    print(f"  {'ensemble':<{width}}  {summary['ensemble']:.4f}")
+    auc = "" if metric.name == "auc" else " (ROC AUC)"
+    print(f"\nout-of-fold {metric.title}{auc}")
+    for name, score in summary["models"].items():
+        extra = "" if metric.name == "auc" else f" ({summary['models_auc'][name]:.4f})"
+        print(f"  {name:<{width}}  {score:.4f}{extra}  weight {summary['weights'][name]:.3f}")
+    extra = "" if metric.name == "auc" else f" ({summary['ensemble_auc']:.4f})"
+    print(f"  {'ensemble':<{width}}  {summary['ensemble']:.4f}{extra}")
+    for line in summary["warnings"]:
+        print(f"warning: {line}")
     print(f"submission: {submission}; summary: {out_dir / 'summary.json'}")
     return summary
 

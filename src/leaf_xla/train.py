@@ -48,7 +48,7 @@ from leaf_xla.loader import (
     eval_batches,
     train_batches,
 )
-from leaf_xla.metrics import column_auc
+from leaf_xla.metrics import METRIC_CHOICES, Metric, best_threshold, column_auc, resolve
 from leaf_xla.models import ModelSpec, create_model, data_config, default_image_size
 from leaf_xla.schedule import Schedule, add_schedule_options, from_args
 from leaf_xla.transforms import PRESETS, create_transform, describe_preset
@@ -81,6 +81,14 @@ def build_parser(
     data.add_argument("--fold", type=int, default=0, help="the fold used for validation")
     data.add_argument("--holdout", type=float, help="validate on this fraction instead of folds")
     data.add_argument("--fold-seed", type=int, default=42)
+    data.add_argument(
+        "--metric",
+        choices=METRIC_CHOICES,
+        default="auto",
+        help="validation score that picks best.pt (see metrics.py); auto: the competition's, "
+        "from the label format: auc (Plant Pathology 2020), f1_samples (2021), accuracy "
+        "(Cassava, generic)",
+    )
     data.add_argument(
         "--image-size",
         type=parse_image_size,
@@ -227,6 +235,7 @@ class Plan:
     image_size: int | str  # 512, or "480x768" (height x width)
     cache_root: Path | None
     layout: runtime.Launch
+    metric: Metric  # picks best.pt and heads history.csv
 
 
 def train_transform(args: argparse.Namespace, image_size: int | str) -> albumentations.Compose:
@@ -265,6 +274,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.skip_bad_images and data is not None:
         unreadable = problems.take_file_errors(data.train.paths)
     problems.raise_if_any(str(args.data_dir), args.data_dir)
+    metric = resolve(args.metric, data.label_format, data.multilabel)
     from leaf_xla.check import submission_lines
 
     submission_lines(data)  # a sample_submission.csv that ensemble would refuse stops here
@@ -343,6 +353,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         image_size=image_size,
         cache_root=cache_root,
         layout=layout,
+        metric=metric,
     )
 
 
@@ -354,8 +365,8 @@ class RunState:
     epoch: int = 0  # the epoch in progress
     step: int = 0  # steps of `epoch` done
     epoch_loss_sum: float = 0.0  # their summed loss, for the epoch's history row
-    best_auc: float = -math.inf
-    best_ema_auc: float = -math.inf  # --ema-decay: the moving average's, for best_ema.pt
+    best_score: float = -math.inf  # of the run's metric (Plan.metric)
+    best_ema_score: float = -math.inf  # --ema-decay: the moving average's, for best_ema.pt
     flat_epochs: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -509,11 +520,24 @@ def restore(run: Run) -> RunState:
         epoch=state["epoch"],
         step=state["step"],
         epoch_loss_sum=state["epoch_loss_sum"],
-        best_auc=state["best_auc"],
-        best_ema_auc=state.get("best_ema_auc", -math.inf),
+        best_score=saved_best(state, run.plan.metric, ema=False),
+        best_ema_score=saved_best(state, run.plan.metric, ema=True),
         flat_epochs=state["flat_epochs"],
         history=state["history"],
     )
+
+
+def saved_best(state: dict[str, Any], metric: Metric, ema: bool) -> float:
+    """The best score a checkpoint holds, in `metric`. Checkpoints before the metric was chosen
+    hold `best_auc`; where the metric changed, the best is the history's in the new one (or
+    none: the next epoch's model becomes best.pt)."""
+    prefix = "ema_" if ema else ""
+    if state.get("metric", "auc") == metric.name:
+        keys = (f"best_{prefix}score", f"best_{prefix}auc")
+        return next((float(state[k]) for k in keys if k in state), -math.inf)
+    scores = [row.get(f"{prefix}val_{metric.name}", math.nan) for row in state["history"]]
+    finite = [x for x in scores if math.isfinite(x)]
+    return max(finite, default=-math.inf)
 
 
 def check_replicas_agree(run: Run, state: RunState) -> None:
@@ -553,8 +577,9 @@ def snapshot(run: Run, state: RunState) -> dict[str, Any]:
         "step": state.step,
         "epoch_loss_sum": state.epoch_loss_sum,
         "rng": checkpoint.plain_rng_state(run.rt.rng_state()),
-        "best_auc": state.best_auc,
-        "best_ema_auc": state.best_ema_auc,
+        "metric": run.plan.metric.name,
+        "best_score": state.best_score,
+        "best_ema_score": state.best_ema_score,
         "history": state.history,
         "flat_epochs": state.flat_epochs,
         "steps_per_epoch": run.steps,
@@ -569,7 +594,7 @@ def weights_only(state: dict[str, Any], *, ema: bool = False) -> dict[str, Any]:
     best = {k: v for k, v in state.items() if k not in ("optimizer", "ema")}
     if ema:
         best["model"] = state["ema"]
-        best["best_auc"] = state["best_ema_auc"]
+        best["best_score"] = state["best_ema_score"]
     return best
 
 
@@ -604,14 +629,33 @@ def announce(run: Run) -> None:
         )
 
 
-def _score(auc: float) -> float:
-    return auc if math.isfinite(auc) else -math.inf
+def _score(score: float) -> float:
+    return score if math.isfinite(score) else -math.inf
 
 
-def _improves(auc: float, best: float) -> bool:
-    """A NaN AUC (no class has both labels in the fold) scores -inf: until a finite score
-    appears, the latest epoch is the best, so best.pt and oof.csv always exist."""
-    return _score(auc) > best or best == -math.inf
+def _improves(score: float, best: float) -> bool:
+    """A NaN score (an AUC where no class has both labels in the fold) is -inf: until a finite
+    score appears, the latest epoch is the best, so best.pt and oof.csv always exist."""
+    return _score(score) > best or best == -math.inf
+
+
+def validation_scores(
+    metric: Metric, targets: np.ndarray, probs: np.ndarray, classes: list[str], prefix: str = ""
+) -> dict[str, float]:
+    """history.csv's validation columns: the metric first (val_<name>, with the threshold it
+    was scored at when it needs one), the mean AUC (val_auc) and each class's AUC."""
+    aucs = column_auc(targets, probs)
+    auc = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan
+    scores = {}
+    if metric.name != "auc":
+        threshold = best_threshold(metric, targets, probs)
+        scores[f"{prefix}val_{metric.name}"] = metric.score(targets, probs, threshold)
+        if metric.thresholded:
+            scores[f"{prefix}threshold"] = threshold
+    scores[f"{prefix}val_auc"] = auc
+    if not prefix:
+        scores.update({f"auc_{c}": float(a) for c, a in zip(classes, aucs)})
+    return scores
 
 
 def train_epoch(run: Run, state: RunState) -> None:
@@ -659,8 +703,8 @@ def train_epoch(run: Run, state: RunState) -> None:
     average_buffers(run)  # every replica evaluates (and saves) the same model
     val_targets = plan.data.train.targets[plan.val_index]
 
-    def validate(ema: bool) -> tuple[np.ndarray, float, np.ndarray, float]:
-        probs, loss = run.trainer.evaluate(
+    def validate(ema: bool) -> tuple[np.ndarray, float]:
+        return run.trainer.evaluate(
             BatchLoader(
                 run.val_set,
                 eval_batches(len(run.val_set), run.eval_batch, rt.loaders, rt.loader_rank),
@@ -669,30 +713,32 @@ def train_epoch(run: Run, state: RunState) -> None:
             len(run.val_set),
             ema=ema,
         )
-        aucs = column_auc(val_targets, probs)
-        return probs, loss, aucs, float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan
 
-    probs, val_loss, aucs, auc = validate(ema=False)
+    metric, classes = plan.metric, plan.data.classes
+    key = f"val_{metric.name}"
+    probs, val_loss = validate(ema=False)
     row = {
         "epoch": epoch,
         "lr": run.lr_at(epoch),
         "train_loss": train_loss,
         "val_loss": val_loss,
-        "val_auc": auc,
+        **validation_scores(metric, val_targets, probs, classes),
         "nonfinite_steps": nonfinite,
-        **{f"auc_{c}": float(a) for c, a in zip(plan.data.classes, aucs)},
     }
     if run.trainer.ema is not None:
-        ema_probs, row["ema_val_loss"], _, row["ema_val_auc"] = validate(ema=True)
+        ema_probs, row["ema_val_loss"] = validate(ema=True)
+        row.update(validation_scores(metric, val_targets, ema_probs, classes, prefix="ema_"))
     row["images_per_sec"] = (run.steps - first) * run.global_batch / train_seconds
     row["seconds"] = time.time() - started
     row["compiles"] = rt.compile_count() - run.compiles_counted
     run.compiles_counted += row["compiles"]
     state.history.append(row)
-    improved = _improves(auc, state.best_auc)
-    state.best_auc = _score(auc) if improved else state.best_auc
-    improved_ema = run.trainer.ema is not None and _improves(row["ema_val_auc"], state.best_ema_auc)
-    state.best_ema_auc = _score(row["ema_val_auc"]) if improved_ema else state.best_ema_auc
+    improved = _improves(row[key], state.best_score)
+    state.best_score = _score(row[key]) if improved else state.best_score
+    improved_ema = run.trainer.ema is not None and _improves(
+        row[f"ema_{key}"], state.best_ema_score
+    )
+    state.best_ema_score = _score(row[f"ema_{key}"]) if improved_ema else state.best_ema_score
     # --patience: epochs in which neither the model nor its moving average improved.
     state.flat_epochs = 0 if improved or improved_ema else state.flat_epochs + 1
     state.epoch, state.step, state.epoch_loss_sum = epoch + 1, 0, 0.0
@@ -775,23 +821,35 @@ def write_epoch(run: Run, state: RunState, improved: bool, improved_ema: bool) -
     row = state.history[-1]
     if run.rt.is_host_writer:
         atomic_to_csv(pd.DataFrame(state.history), run.plan.run_dir / "history.csv")
-        for key in ("train_loss", "val_loss", "val_auc", "ema_val_loss", "ema_val_auc"):
+        metric = f"val_{run.plan.metric.name}"
+        shown = ("train_loss", "val_loss", metric, "val_auc", "ema_val_loss", f"ema_{metric}")
+        for key in dict.fromkeys(shown):
             if key in row:
                 run.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
         run.writer.add_scalar("epoch/images_per_sec", row["images_per_sec"], row["epoch"])
         run.writer.flush()
     if run.rt.is_master:
+        metric = run.plan.metric
         ema = (
-            f"  EMA val AUC {row['ema_val_auc']:.4f}{'  (best)' if improved_ema else ''}"
+            f"  EMA {_scores_text(row, metric, 'ema_')}{'  (best)' if improved_ema else ''}"
             if "ema_val_auc" in row
             else ""
         )
         print(
             f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.4f}"
+            f"val loss {row['val_loss']:.4f}  {_scores_text(row, metric)}"
             f"{'  (best)' if improved else ''}{ema}  {row['images_per_sec']:.1f} img/s  "
             f"{row['compiles']} compile(s)"
         )
+
+
+def _scores_text(row: dict, metric: Metric, prefix: str = "") -> str:
+    """`val AUC 0.91`, or `val accuracy 0.83 (AUC 0.91)`: the metric first."""
+    auc = f"{row[f'{prefix}val_auc']:.4f}"
+    if metric.name == "auc":
+        return f"val AUC {auc}"
+    at = f" at threshold {row[f'{prefix}threshold']:.2f}" if metric.thresholded else ""
+    return f"val {metric.name} {row[f'{prefix}val_{metric.name}']:.4f}{at} (AUC {auc})"
 
 
 def report(run: Run, state: RunState) -> None:
@@ -810,11 +868,12 @@ def report(run: Run, state: RunState) -> None:
             plan.data.train.targets[plan.val_index],
         )
     if run.rt.is_master:
-        best = state.best_auc
+        best, name = state.best_score, run.plan.metric.name
         shown = f"{best:.4f}" if math.isfinite(best) else "n/a (no class had both labels)"
-        if run.trainer.ema is not None and math.isfinite(state.best_ema_auc):
-            shown += f" (EMA {state.best_ema_auc:.4f}: best_ema.pt)"
-        print(f"best val AUC {shown}; run directory: {run.plan.run_dir}")
+        if run.trainer.ema is not None and math.isfinite(state.best_ema_score):
+            shown += f" (EMA {state.best_ema_score:.4f}: best_ema.pt)"
+        name = "AUC" if name == "auc" else name
+        print(f"best val {name} {shown}; run directory: {run.plan.run_dir}")
 
 
 def train_worker(plan: Plan) -> None:
@@ -840,7 +899,7 @@ def train_worker(plan: Plan) -> None:
     while not state.finished(args.epochs, args.patience):
         train_epoch(run, state)
     if args.patience and state.flat_epochs >= args.patience and run.rt.is_master:
-        print(f"early stop: no better validation AUC for {state.flat_epochs} epochs")
+        print(f"early stop: no better validation {plan.metric.name} for {state.flat_epochs} epochs")
     report(run, state)
     run.rt.shutdown()
 
