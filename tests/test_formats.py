@@ -233,3 +233,24 @@ def test_cassava_runs_are_scored_and_picked_by_accuracy(tmp_path) -> None:
         "--out", str(predictions), "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_each_format_names_its_competitions_metric(layouts, tmp_path) -> None:
+    from leaf_xla.metrics import resolve
+
+    expected = {
+        "pp2020": "auc",
+        "pp2021": "f1_samples",
+        "cassava": "accuracy",
+        "generic": "accuracy",
+    }
+    for layout, metric in expected.items():
+        data = read_dataset(layouts[layout])
+        assert resolve("auto", data.label_format, data.multilabel).name == metric
+    # One class per image is what accuracy scores: refused for multi-label data, before training.
+    result = run_cli(
+        "leaf_xla.train", "--model", "test_resnet", "--metric", "accuracy", "--device", "cpu",
+        "--data-dir", str(layouts["pp2021"]), "--out-dir", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert_user_error(result, "--metric accuracy needs one class per image", "f1_samples")
+    assert not (tmp_path / "runs" / "test_resnet-fold0").exists()

@@ -355,3 +355,47 @@ def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) 
         assert run.options.pretrained_tag == "racm_in1k" and run.options.vflip == 0.5
     assert all(r.options.soft_targets == soft for r in students)
     assert config["distill"]["alpha"] == 0.3 and config["tta"] == ["none", "hflip", "vflip"]
+
+
+def test_recipe_summary_ends_with_what_is_wrong_with_the_ensemble(tmp_path: Path, capsys) -> None:
+    """Issue 22.5: the recipe's last lines repeat the ensemble's warnings (a member near chance,
+    the ensemble below its best member), and summary.json holds the metric's scores."""
+    from test_ensemble import softmax, write_data_dir, write_predictions
+
+    from leaf_xla.recipe import Run, summarize
+
+    rng = np.random.default_rng(5)
+    targets = np.eye(4)[rng.integers(0, 4, 120)]
+    members = {
+        "good": softmax(1.5 * targets + rng.normal(size=(120, 4))),
+        "bad": softmax(3 * rng.normal(size=(120, 4))),
+    }
+    train_ids = [f"Train_{i}" for i in range(120)]
+    data = write_data_dir(tmp_path / "data", ["Test_0", "Test_1"], train_ids, targets)
+    runs, tests, oofs = [], [], []
+    for name, probs in members.items():
+        run_dir = tmp_path / f"{name}-fold0"
+        run_dir.mkdir()
+        pd.DataFrame({"epoch": [0], "val_loss": [1.0], "val_auc": [0.6]}).to_csv(
+            run_dir / "history.csv", index=False
+        )
+        oofs.append(str(write_predictions(run_dir / "oof.csv", train_ids, probs)))
+        tests.append(
+            str(write_predictions(tmp_path / f"{name}.csv", ["Test_0", "Test_1"], probs[:2]))
+        )
+        runs.append(Run(name, 0, run_dir, [], None))
+    submission = tmp_path / "submission.csv"
+    result = run_cli(
+        "leaf_xla.ensemble", *tests, "--oof", *oofs, "--data-dir", str(data),
+        "--out", str(submission),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = summarize(tmp_path, runs, submission)
+    printed = capsys.readouterr().out.splitlines()
+    assert summary["metric"] == "auc" and summary["runs"]["good-fold0"]["best_val_auc"] == 0.6
+    assert summary["ensemble"] < summary["models"]["good"]
+    warnings = summary["warnings"]
+    assert len(warnings) == 4 and "below its best member's (good" in warnings[0]
+    assert warnings[1].startswith("bad is near chance")
+    assert printed[-5:-1] == [f"warning: {line}" for line in warnings]
+    assert printed[-1].startswith(f"submission: {submission}")
