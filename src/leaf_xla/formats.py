@@ -221,18 +221,17 @@ def _one_name_per_row(frame: pd.DataFrame) -> bool:
 
 
 def _single_label_column(frame: pd.DataFrame) -> str | None:
-    """The column holding one label per image: `label`, else a `labels` column whose every row
-    holds one name; None when there is none."""
-    if "label" in frame.columns:
-        return "label"
-    if "labels" in frame.columns and _one_name_per_row(frame):
-        return "labels"
-    return None
+    """The column holding one label per image: a `labels` column whose every row holds one
+    name, else `label`; None when there is none (or `labels` holds several names in a row)."""
+    if "labels" in frame.columns:
+        return "labels" if _one_name_per_row(frame) else None
+    return "label" if "label" in frame.columns else None
 
 
 def _label_column(table: LabelTable, fmt: str) -> str:
-    """The single-label column a format reads: `label`, or else `labels`."""
-    for column in ("label", "labels"):
+    """The column a single-label format reads (`labels`, as detection looks there first, else
+    `label`)."""
+    for column in ("labels", "label"):
         if column in table.frame.columns:
             return column
     table.require("label", fmt)  # raises, naming the column expected
