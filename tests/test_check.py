@@ -459,14 +459,14 @@ def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("fmt", "what"),
+    ("fmt", "what", "first"),
     [
-        ("pp2020", "one probability column per class"),
-        ("pp2021", "the class names above --threshold"),
-        ("cassava", "the top class's number"),
+        ("pp2020", "one probability column per class", None),
+        ("pp2021", "the class names above the threshold, at least the top one", "complex"),
+        ("cassava", "the top class's number", "0"),
     ],
 )
-def test_check_prints_each_layouts_submission(fmt, what, clean):
+def test_check_prints_each_layouts_submission(fmt, what, first, clean):
     result = run_cli("leaf_xla.check", "--data-dir", str(clean[fmt]), "--no-decode")
     assert result.returncode == 0, result.stdout
     sample = (clean[fmt] / "sample_submission.csv").read_text().splitlines()
@@ -474,7 +474,7 @@ def test_check_prints_each_layouts_submission(fmt, what, clean):
     at = lines.index(f"submission (the shape of sample_submission.csv): {what}")
     header, row = (line.strip() for line in lines[at + 1 : at + 3])
     assert header == sample[0] and row.split(",")[0] == sample[1].split(",")[0]
-    assert row == sample[1] if fmt == "pp2020" else len(row.split(",")) == 2
+    assert row.split(",")[1:] == (["0.7", *["0.1"] * 3] if fmt == "pp2020" else [first])
 
 
 def test_a_miscased_sample_column_stops_check_and_train(clean, tmp_path):

@@ -36,7 +36,9 @@ def submission_lines(data: DataSet) -> list[str]:
     fmt, lines = submission_example(sample, path, data.classes, data.label_format, data.test.ids)
     what = {
         "probabilities": "one probability column per class",
-        "names": "the class names above --threshold" if fmt.multilabel else "the top class's name",
+        "names": "the class names above the threshold, at least the top one"
+        if fmt.multilabel
+        else "the top class's name",
         "numbers": "the top class's number",
     }[fmt.writes]
     source = f"the shape of {path.name}" if sample is not None else "no sample_submission.csv"
