@@ -71,6 +71,11 @@ class Metric:
     thresholded: bool = False  # needs a decision threshold, chosen on held-out predictions
     single_label: bool = False  # one class per image only
 
+    @property
+    def shown(self) -> str:
+        """The name in a sentence: `AUC`, `accuracy`, ..."""
+        return "AUC" if self.name == "auc" else self.name
+
 
 METRICS = {
     m.name: m

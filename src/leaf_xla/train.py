@@ -868,12 +868,11 @@ def report(run: Run, state: RunState) -> None:
             plan.data.train.targets[plan.val_index],
         )
     if run.rt.is_master:
-        best, name = state.best_score, run.plan.metric.name
+        best = state.best_score
         shown = f"{best:.4f}" if math.isfinite(best) else "n/a (no class had both labels)"
         if run.trainer.ema is not None and math.isfinite(state.best_ema_score):
             shown += f" (EMA {state.best_ema_score:.4f}: best_ema.pt)"
-        name = "AUC" if name == "auc" else name
-        print(f"best val {name} {shown}; run directory: {run.plan.run_dir}")
+        print(f"best val {run.plan.metric.shown} {shown}; run directory: {run.plan.run_dir}")
 
 
 def train_worker(plan: Plan) -> None:
@@ -899,7 +898,9 @@ def train_worker(plan: Plan) -> None:
     while not state.finished(args.epochs, args.patience):
         train_epoch(run, state)
     if args.patience and state.flat_epochs >= args.patience and run.rt.is_master:
-        print(f"early stop: no better validation {plan.metric.name} for {state.flat_epochs} epochs")
+        print(
+            f"early stop: no better validation {plan.metric.shown} for {state.flat_epochs} epochs"
+        )
     report(run, state)
     run.rt.shutdown()
 
