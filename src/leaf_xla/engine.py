@@ -79,6 +79,7 @@ class Trainer:
         self.shift = (-mean_t / std_t).to(rt.device)
         self._train_step = rt.compile(self.train_step, name="train_step")
         self._eval_step = rt.compile(self.eval_step, name="eval_step")
+        self.steps_run: dict[str, int] = {}  # by kind, in this process: the first ones compile
         self.reset_totals()
 
     def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,6 +147,19 @@ class Trainer:
 
     # --- the loops ---------------------------------------------------------------------------
 
+    def beat(self, kind: str) -> None:
+        """A step of `kind` (train, eval, ema) finished: the watchdog's clock restarts. The
+        first two of each kind in this process compile (the first train step creates the
+        optimizer state, the second runs the steady graph): the watchdog allows for that."""
+        self.rt.heartbeat()
+        self.steps_run[kind] = self.steps_run.get(kind, 0) + 1
+        if self.steps_run[kind] < 2:
+            self.rt.expect_compile()
+
+    def expect_compile(self, kind: str) -> None:
+        if kind not in self.steps_run:
+            self.rt.expect_compile()
+
     def reset_totals(self, start_step: int = 0, loss_sum: float = 0.0) -> None:
         """Start the epoch's totals at `start_step` (a resumed epoch: with its loss so far)."""
         # Uploaded as data, not computed: no graph to compile, whatever the values.
@@ -212,6 +226,7 @@ class Trainer:
         running mean loss every `log_every` steps, off the training thread.
         """
         self.model.train()
+        self.expect_compile("train")
         self.reset_totals(start_step, loss_sum)
         if self.mixing is not None:
             loader = mix.MixParams(
@@ -239,6 +254,7 @@ class Trainer:
                     group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
                 self.rt.seed_device(self.step_seed(epoch, step))  # uploaded as data too
                 self._train_step(batch)
+                self.beat("train")
                 bar.update(1)
                 if (step + 1) % log_every == 0 or step + 1 == steps:
                     self._log_later(step, lr, bar, log)
@@ -272,13 +288,18 @@ class Trainer:
         or (`ema`) of its moving average."""
         model = self.ema.module if ema else self.model
         model.eval()
+        kind = "ema" if ema else "eval"
+        self.expect_compile(kind)
         probs, indices, losses = [], [], []
         for batch in self.rt.device_loader(loader):
             p, loss = self._eval_step(batch, model)
+            self.beat(kind)
             probs.append(p)
             indices.append(batch["index"])
             losses.append(loss)
         # One graph and one transfer at the end (an intended sync), not one per batch.
+        self.expect_compile(f"{kind}-gather")
+        self.steps_run[f"{kind}-gather"] = 1
         probs_t = self.rt.all_gather(torch.cat(probs))
         index_t = self.rt.all_gather(torch.cat(indices))
         loss_t = self.rt.all_gather(torch.stack(losses).sum().view(1))
