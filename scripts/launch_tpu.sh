@@ -9,6 +9,9 @@
 # with "[worker N] " itself (N read from the TPU metadata server), so interleaved logs of a
 # pod slice stay readable. --worker=all is passed for single-host TPUs too (it is worker 0).
 set -euo pipefail
+# bash 5.2's patsub_replacement makes & in ${var//pattern/replacement} stand for the match; the
+# replacements here are user paths and URLs (--output gs://b/run&1), to be taken as they are
+shopt -u patsub_replacement 2>/dev/null || true
 
 PROG=${0##*/}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -860,6 +860,27 @@ def test_sync_failures_are_shown_and_only_worker_0_uploads(launch: Launcher, tmp
     assert not bucket(launch).exists()
 
 
+def test_an_ampersand_in_output_and_remote_out_dir_stays_as_it_is(launch: Launcher, tmp_path):
+    """bash 5.2's patsub_replacement would turn `&` in a ${var//pattern/replacement} into the
+    matched pattern (gs://b/run&1 -> gs://b/run@OUT@1): uploads and --resume would disagree."""
+    args = [*BASE, "--accelerator-type", "v3-8", "--output", "gs://bkt/run&1"]
+    args += ["--remote-out-dir", "runs&x", "--sync-every", "0"]
+    dry = launch("--dry-run", *args)
+    assert dry.returncode == 0, dry.stderr
+    printed = [shlex.split(line) for line in dry.stdout.splitlines() if " ssh " in line]
+    train = train_command([flag(c, "--command") for c in printed])
+    assert "@OUT" not in train
+    assert "'gs://bkt/run&1'" in train and "~/'runs&x'" in train
+
+    result = launch(*args)
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    run = worker.run(train_command(launch.ssh_commands()), FAKE_TRAIN_WRITES="b7-fold0:1:0:e1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (worker.home / "runs&x" / "b7-fold0" / "best.pt").read_text() == "e1"
+    assert (launch.state / "gcs" / "bkt" / "run&1" / "b7-fold0" / "best.pt").read_text() == "e1"
+
+
 def test_recipe_resume_reaches_the_recipe_not_train(launch: Launcher, tmp_path: Path) -> None:
     save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
     train_args = ["--fit-weights", "--", "--epochs", "2", "--note", NOTE]
