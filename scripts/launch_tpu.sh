@@ -271,9 +271,12 @@ DELETED=0
 
 # q WORD: WORD quoted for a POSIX shell, readably: as is when safe, else in single quotes
 # (printf %q when it holds control characters such as a newline, to stay on one line).
+# A word starting with $DRY_VAR is a temp file of --dry-run, printed as its shell variable.
 q() {
   local s=$1 sq="'"
-  if [[ -n $s && $s != *[!A-Za-z0-9_./:=@%+,-]* ]]; then
+  if [[ $s == "$DRY_VAR"* ]]; then
+    printf '"$%s"' "${s#"$DRY_VAR"}"
+  elif [[ -n $s && $s != *[!A-Za-z0-9_./:=@%+,-]* ]]; then
     printf '%s' "$s"
   elif [[ $s == *[[:cntrl:]]* ]]; then
     printf '%q' "$s"
@@ -296,6 +299,19 @@ run() {
   fi
 }
 comment() { if ((DRY_RUN)); then printf '# %s\n' "$*"; fi; }
+
+# make_temp VAR PREFIX: VAR := a new temp file of mktemp (mode 0600, a name nobody can guess).
+# --dry-run prints the mktemp line and VAR stands for "$VAR" in the commands printed after it.
+DRY_VAR=$'\x01'
+make_temp() {
+  if ((DRY_RUN)); then
+    # shellcheck disable=SC2016  # printed for the user's shell
+    printf '%s=$(mktemp "${TMPDIR:-/tmp}/%s.XXXXXX")\n' "$1" "$2"
+    printf -v "$1" '%s' "$DRY_VAR$1"
+  else
+    printf -v "$1" '%s' "$(mktemp "${TMPDIR:-/tmp}/$2.XXXXXX")"
+  fi
+}
 
 # A path on the VM as a word for the remote shell: relative and ~/ paths are under $HOME.
 rpath() {
@@ -441,8 +457,7 @@ ensure_tpu() {
 # shellcheck disable=SC2329  # invoked by the EXIT trap
 cleanup() {
   local rc=$?
-  [[ -n $TARBALL && $DRY_RUN == 0 ]] && rm -f "$TARBALL"
-  [[ -n $KAGGLE_TMP ]] && rm -f "$KAGGLE_TMP"
+  if ((!DRY_RUN)); then rm -f ${TARBALL:+"$TARBALL"} ${KAGGLE_TMP:+"$KAGGLE_TMP"}; fi
   if ((rc != 0 && TOUCHED && !DELETED && !DRY_RUN)); then
     note "TPU $NAME may still be running (and billing); delete it with: gcloud ${VM[*]} delete $NAME ${LOC[*]}"
   fi
@@ -479,13 +494,11 @@ snapshot_tree() {
 
 code_step() {
   if ((COPY_LOCAL)); then
-    if ((DRY_RUN)); then
-      TARBALL=${TMPDIR:-/tmp}/leaf_xla-src.tar.gz
-    else
-      TARBALL=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-src.XXXXXX")
-    fi
+    make_temp TARBALL leaf_xla-src
     run git -C "$ROOT" archive --format=tar.gz -o "$TARBALL" "$TREE"
     scp_all "$TARBALL" leaf_xla_src.tar.gz
+    run rm -f "$TARBALL"
+    TARBALL=''
     ssh_all "mkdir -p $D && tar -xzf ~/leaf_xla_src.tar.gz -C $D && rm -f ~/leaf_xla_src.tar.gz"
   else
     local url ref
@@ -506,19 +519,15 @@ install_step() {
 # is), sent from a 0600 copy so that scp creates it 0600, and is deleted after the download.
 KAGGLE_DIR=.leaf_xla_kaggle
 kaggle_token_step() {
-  local token
-  if ((DRY_RUN)); then
-    token=${TMPDIR:-/tmp}/leaf_xla-kaggle.json
-  else
-    token=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-kaggle.XXXXXX")  # mktemp: mode 0600
-    KAGGLE_TMP=$token
-  fi
-  run cp "$KAGGLE_JSON" "$token"
+  make_temp KAGGLE_TMP leaf_xla-kaggle
+  run cp "$KAGGLE_JSON" "$KAGGLE_TMP"
   ssh_all "umask 077 && rm -rf ~/$KAGGLE_DIR && mkdir ~/$KAGGLE_DIR"
-  if ! scp_all "$token" "$KAGGLE_DIR/kaggle.json"; then
+  if ! scp_all "$KAGGLE_TMP" "$KAGGLE_DIR/kaggle.json"; then
     ssh_all "rm -rf ~/$KAGGLE_DIR" || true
     fail "copying --kaggle-json to the workers failed"
   fi
+  run rm -f "$KAGGLE_TMP"
+  KAGGLE_TMP=''
 }
 
 data_step() {

@@ -1057,6 +1057,11 @@ def test_copy_local_sends_a_git_archive(tmp_path: Path) -> None:
     assert "untracked files are not copied" in result.stderr
     extract = launch.ssh_commands()[0]
     assert "tar -xzf ~/leaf_xla_src.tar.gz -C ~/leaf_xla" in extract
+    # the dry run shows the same fresh temp file (mktemp), not a fixed name, and its removal
+    launch.set_state(tpu=None)
+    dry = launch("--accelerator-type", "v3-8", "--dry-run").stdout.splitlines()
+    assert 'TARBALL=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-src.XXXXXX")' in dry
+    assert dry[dry.index('rm -f "$TARBALL"') - 1].split()[5] == '"$TARBALL"'  # after the scp
 
 
 def test_copy_local_stops_when_git_cannot_record_the_changes(tmp_path: Path) -> None:
@@ -1174,6 +1179,41 @@ def test_kaggle_token_is_sent_0600_and_deleted_after_the_download(
         assert seen == {"folder": str(folder), "dir_mode": 0o700, "mode": 0o600}
         assert not folder.exists()
     assert not (worker.home / ".kaggle").exists()  # the user's own token folder: untouched
+
+
+def test_dry_run_copies_the_kaggle_token_to_a_fresh_temp_file_and_removes_it(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    """No fixed /tmp name another user could create first: the dry run prints the mktemp line
+    and the removal, and run as a script it does what the real run does."""
+    token = tmp_path / "kaggle.json"
+    token.write_text('{"username": "u", "key": "k"}')
+    args = [*BASE, "--accelerator-type", "v3-8", "--kaggle-json", str(token)]
+    args += ["--data", "kaggle:plant-pathology-2020-fgvc7"]
+    dry = launch("--dry-run", *args)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert "leaf_xla-kaggle.json" not in dry.stdout
+    make = lines.index('KAGGLE_TMP=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-kaggle.XXXXXX")')
+    assert lines[make + 1] == f'cp {token} "$KAGGLE_TMP"'
+    scp = next(i for i, line in enumerate(lines) if " scp " in line)
+    assert shlex.split(lines[scp])[5] == "$KAGGLE_TMP"
+    assert lines[scp + 1] == 'rm -f "$KAGGLE_TMP"'
+
+    script = subprocess.run(  # the printed commands, run against the fake gcloud
+        [BASH, "-c", dry.stdout], env=launch.env(), capture_output=True, text=True, timeout=60
+    )
+    assert script.returncode == 0, script.stderr
+    (sent,) = (launch.state / "scp").iterdir()
+    assert sent.name.startswith("leaf_xla-kaggle.") and sent.name != "leaf_xla-kaggle.XXXXXX"
+    assert stat.S_IMODE(sent.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob("leaf_xla-kaggle*"))  # removed after the copy
+
+    launch.set_state(tpu=None)  # the script created it
+    real = launch(*args)
+    assert real.returncode == 0, real.stderr
+    assert f"+ rm -f {tmp_path}/leaf_xla-kaggle." in real.stderr
+    assert not list(tmp_path.glob("leaf_xla-kaggle*"))
 
 
 # --------------------------------------------------------------------------------------------
