@@ -58,6 +58,13 @@ Project code on the workers
   --skip-setup             do not copy or pip-install the project (already on the VM)
   --pip-arg ARG            extra argument for `pip install -e '.[tpu]'`, repeatable
   --python PY              Python on the VM                                   [python3]
+  --weights-file LOCAL[:REMOTE]
+                           copy a weights file to every worker, to REMOTE relative to the
+                           project checkout there (where training runs) [weights/NAME of LOCAL];
+                           repeatable. The `weights:` files that the configs of the run name
+                           (--recipe: of its members; train: --config, --weights) must be sent
+                           so, or be in the copied checkout: checked before any TPU is created
+                           (the configs are read from this checkout; not with --skip-setup)
 
 Data
   --data gs://BUCKET/PATH  `gcloud storage rsync -r` it into the data dir on every worker
@@ -96,9 +103,11 @@ Examples
   launch_tpu.sh --accelerator-type v3-8 --data gs://my-bucket/plant-pathology-2020-fgvc7 \
     -- --model tf_efficientnet_b7 --config configs/tf_efficientnet_b7.yaml
   launch_tpu.sh --name leaf-pod --accelerator-type v4-32 --spot --output gs://my-bucket/runs/b7 \
-    --data kaggle:plant-pathology-2020-fgvc7 --kaggle-json ~/.kaggle/kaggle.json --recipe
+    --data kaggle:plant-pathology-2020-fgvc7 --kaggle-json ~/.kaggle/kaggle.json --recipe \
+    --weights-file weights/resnet152v2_imagenet.safetensors
   launch_tpu.sh --name leaf-pod --accelerator-type v4-32 --spot --output gs://my-bucket/runs/b7 \
-    --data kaggle:plant-pathology-2020-fgvc7 --recipe --resume    # after a preemption
+    --data kaggle:plant-pathology-2020-fgvc7 --recipe --resume \
+    --weights-file weights/resnet152v2_imagenet.safetensors    # after a preemption
 
 How it runs: every remote step is one `gcloud compute tpus tpu-vm ssh NAME --worker=all
 --command=...` (also on single-host TPUs); gcloud runs it on all workers at once, streams
@@ -119,7 +128,7 @@ EXISTING=0 RESUME=0 DELETE=0 DRY_RUN=0 SETUP_ONLY=0 SKIP_SETUP=0 RECIPE=0
 COPY_LOCAL=0 REPO='' REF='' DATA='' KAGGLE_JSON='' PREPARE_SIZE='' OUTPUT='' FETCH=''
 RECIPE_CONFIG=configs/ensemble.yaml SYNC_EVERY=600 PY=python3
 REMOTE_DIR=leaf_xla REMOTE_DATA=data/plant-pathology-2020-fgvc7 REMOTE_OUT=leaf_xla_runs
-ENVS=() CREATE_ARGS=() PIP_ARGS=() TRAIN_ARGS=()
+ENVS=() CREATE_ARGS=() PIP_ARGS=() TRAIN_ARGS=() WEIGHTS_FILES=()
 
 while (($#)); do
   opt=$1 val='' inline=0
@@ -145,7 +154,7 @@ while (($#)); do
     --name|--zone|--project|--accelerator-type|--version|--runtime-version|--queue-timeout|\
     --create-arg|--repo|--ref|--pip-arg|--python|--data|--kaggle-json|--prepare-size|\
     --recipe-config|--env|--output|--sync-every|--fetch|--remote-dir|--remote-data-dir|\
-    --remote-out-dir)
+    --remote-out-dir|--weights-file)
       if ((!inline)); then  # a value starting with -- needs the --option=VALUE form
         (($# >= 2)) || die "option $opt needs a value"
         [[ $2 != --* ]] || die "option $opt needs a value (for one starting with --, write $opt=$2)"
@@ -175,6 +184,7 @@ while (($#)); do
         --remote-dir) REMOTE_DIR=$val ;;
         --remote-data-dir) REMOTE_DATA=$val ;;
         --remote-out-dir) REMOTE_OUT=$val ;;
+        --weights-file) WEIGHTS_FILES+=("$val") ;;
       esac
       ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
@@ -208,6 +218,106 @@ fi
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "bad --env '$kv': expected KEY=VALUE"
 done
+
+# --weights-file LOCAL[:REMOTE] -> WEIGHTS_LOCAL[i] goes to WEIGHTS_REMOTE[i] (./ dropped).
+# A LOCAL that exists is taken whole, so a local name with a colon needs no REMOTE.
+WEIGHTS_LOCAL=() WEIGHTS_REMOTE=()
+for spec in ${WEIGHTS_FILES[@]+"${WEIGHTS_FILES[@]}"}; do
+  local_path=$spec remote=''
+  if [[ ! -f $spec && $spec == *:* ]]; then local_path=${spec%:*} remote=${spec##*:}; fi
+  [[ -f $local_path && -r $local_path ]] \
+    || die "--weights-file: no such file (or not readable): $local_path"
+  [[ -n $remote ]] || remote=weights/${local_path##*/}
+  WEIGHTS_LOCAL+=("$local_path")
+  WEIGHTS_REMOTE+=("${remote#./}")
+done
+
+# config_file NAME: this checkout's file of a config as find_config resolves it on a worker
+# (a path relative to the checkout, or the name of a shipped config); nothing if none.
+config_file() {
+  local name=$1 shipped
+  shipped=${name%.yaml}
+  shipped=$ROOT/src/leaf_xla/configs/${shipped##*/}.yaml
+  if [[ $name == /* ]]; then
+    [[ -f $name ]] && printf '%s' "$name"
+  elif [[ -f $ROOT/$name ]]; then
+    printf '%s' "$ROOT/$name"
+  elif [[ $name != */* || $name == configs/* || $name == ./* ]] && [[ -f $shipped ]]; then
+    printf '%s' "$shipped"
+  fi
+  return 0
+}
+# yaml_values KEY FILE: the values of every `KEY: value` line (any indent, quotes dropped).
+yaml_values() {
+  sed -n -e "s/^[[:space:]-]*$1:[[:space:]]*\([^#]*[^#[:space:]]\).*/\1/p" -- "$2" \
+    | sed -e "s/^[\"']\(.*\)[\"']\$/\1/"
+}
+# option_values NAME WORD...: the values of --NAME V / --NAME=V among the words.
+option_values() {
+  local name=$1 prev=''
+  shift
+  for word in "$@"; do
+    [[ $prev == "--$name" ]] && printf '%s\n' "$word"
+    [[ $word == "--$name="* ]] && printf '%s\n' "${word#*=}"
+    prev=$word
+  done
+  return 0
+}
+
+# needed_weights: "PATH<TAB>WHO" for each weights file the run's training reads: train args'
+# --weights (for --recipe: those after its `--`, for every member), else the configs' `weights:`.
+needed_weights() {
+  local run_args=() file name weights
+  run_args=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
+  if ((RECIPE)); then
+    run_args=()
+    for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
+      if [[ ${TRAIN_ARGS[i]} == -- ]]; then run_args=("${TRAIN_ARGS[@]:i+1}"); break; fi
+    done
+  fi
+  weights=$(option_values weights ${run_args[@]+"${run_args[@]}"})
+  if [[ -n $weights ]]; then
+    printf '%s\ttrain argument --weights\n' "${weights##*$'\n'}"
+    return 0
+  fi
+  if ((RECIPE)); then
+    file=$(config_file "$RECIPE_CONFIG")
+    [[ -n $file ]] || return 0
+    yaml_values weights "$file" | sed "s|\$|\t--recipe-config $RECIPE_CONFIG|"
+    yaml_values config "$file" | while IFS= read -r name; do
+      file=$(config_file "$name")
+      [[ -n $file ]] && yaml_values weights "$file" | sed "s|\$|\tthe recipe's config $name|"
+    done
+  else
+    name=$(option_values config ${run_args[@]+"${run_args[@]}"})
+    [[ -n $name ]] || return 0
+    name=${name##*$'\n'}  # the last one counts
+    file=$(config_file "$name")
+    [[ -n $file ]] && yaml_values weights "$file" | sed "s|\$|\tconfig $name|"
+  fi
+  return 0
+}
+
+# Stop now, before any TPU exists, if training would not find a weights file on the workers:
+# one the run needs (a path relative to the checkout) that is neither sent by --weights-file
+# nor in the checkout that --copy-local sends.
+check_weights() {
+  local path who sent local_path
+  while IFS=$'\t' read -r path who; do
+    path=${path#./}
+    [[ -z $path || $path == /* || $path == \~* ]] && continue  # the VM's own path: not known here
+    for sent in ${WEIGHTS_REMOTE[@]+"${WEIGHTS_REMOTE[@]}"}; do
+      [[ $sent == "$path" ]] && continue 2
+    done
+    if ((COPY_LOCAL)) && git -C "$ROOT" ls-files --error-unmatch -- "$path" >/dev/null 2>&1; then
+      continue
+    fi
+    local_path=$path
+    [[ ! -f $path && -f $ROOT/$path ]] && local_path=$ROOT/$path
+    die "$who needs the weights file $path on every worker: pass --weights-file $local_path\
+$([[ $path == "weights/${local_path##*/}" ]] || printf ':%s' "$path") (nothing was started)"
+  done < <(needed_weights)
+}
 
 GEN='' CORES=0 POD=0
 if [[ -z $ACCEL ]]; then
@@ -243,6 +353,7 @@ if ((COPY_LOCAL)); then
   git -C "$ROOT" rev-parse --verify -q HEAD >/dev/null 2>&1 \
     || die "--copy-local: $ROOT is not a git checkout with a commit (git archive needs one); commit, or use --repo URL"
 fi
+if ((!SKIP_SETUP)); then check_weights; fi
 
 command -v gcloud >/dev/null 2>&1 \
   || die "gcloud not found on PATH; install the Google Cloud SDK (https://cloud.google.com/sdk)"
@@ -509,6 +620,26 @@ git -C $D checkout -q --detach FETCH_HEAD; echo \"code: \$(git -C $D log -1 --on
   fi
 }
 
+# --weights-file: each file is sent into a staging folder in the remote home (scp needs no
+# quoting there), then moved to its place under the checkout on every worker.
+WEIGHTS_STAGE=.leaf_xla_weights
+weights_step() {
+  ((${#WEIGHTS_LOCAL[@]})) || return 0
+  local i target moves=''
+  ssh_all "rm -rf ~/$WEIGHTS_STAGE && mkdir ~/$WEIGHTS_STAGE"
+  for i in "${!WEIGHTS_LOCAL[@]}"; do
+    scp_all "${WEIGHTS_LOCAL[i]}" "$WEIGHTS_STAGE/$i" \
+      || fail "copying --weights-file ${WEIGHTS_LOCAL[i]} to the workers failed"
+    case ${WEIGHTS_REMOTE[i]} in
+      /*|\~|\~/*) target=$(rpath "${WEIGHTS_REMOTE[i]}") ;;
+      *) target=$D/$(q "${WEIGHTS_REMOTE[i]}") ;;
+    esac
+    moves+="mkdir -p \"\$(dirname -- $target)\" && mv -f ~/$WEIGHTS_STAGE/$i $target && \
+echo \"weights: $target\" && "
+  done
+  ssh_all "${moves}rmdir ~/$WEIGHTS_STAGE"
+}
+
 install_step() {
   local pip
   pip=$(quoted "$PY" -m pip install -q ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} -e '.[tpu]')
@@ -693,6 +824,7 @@ fi
 
 ensure_tpu
 if ((!SKIP_SETUP)); then code_step; fi
+weights_step
 data_step
 if ((!SKIP_SETUP)); then install_step; fi
 prepare_step

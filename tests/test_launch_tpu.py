@@ -371,6 +371,14 @@ def launch(tmp_path: Path) -> Launcher:
 
 
 BASE = ["--repo", "https://github.com/example/leaf_xla.git", "--ref", "v1.0"]
+KERAS_WEIGHTS = "weights/resnet152v2_imagenet.safetensors"  # configs/keras_resnet152v2.yaml
+
+
+def keras_weights(launch: Launcher) -> list[str]:
+    """The --weights-file that the ensemble recipe needs (its ResNet152V2 member)."""
+    local = launch.tmp / "resnet152v2_imagenet.safetensors"
+    local.write_bytes(b"keras weights")
+    return ["--weights-file", str(local)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,7 +564,8 @@ def test_remote_train_command_runs_in_bash(launch: Launcher, tmp_path: Path) -> 
 
 
 def test_recipe_runs_the_ensemble_with_extra_args(launch: Launcher) -> None:
-    result = launch(*BASE, "--accelerator-type", "v3-8", "--recipe", "--", "--folds", "0 1")
+    recipe = ["--recipe", *keras_weights(launch), "--", "--folds", "0 1"]
+    result = launch(*BASE, "--accelerator-type", "v3-8", *recipe)
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
     assert "leaf_xla.train" not in command
@@ -884,9 +893,8 @@ def test_an_ampersand_in_output_and_remote_out_dir_stays_as_it_is(launch: Launch
 def test_recipe_resume_reaches_the_recipe_not_train(launch: Launcher, tmp_path: Path) -> None:
     save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
     train_args = ["--fit-weights", "--", "--epochs", "2", "--note", NOTE]
-    result = launch(
-        *BASE, "--accelerator-type", "v3-8", "--recipe", *OUT, "--resume", "--", *train_args
-    )
+    recipe = ["--recipe", *keras_weights(launch), *OUT, "--resume", "--", *train_args]
+    result = launch(*BASE, "--accelerator-type", "v3-8", *recipe)
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
     recipe, train = recipe_and_train_args(command)
@@ -904,6 +912,7 @@ def test_dry_run_of_a_v4_32_recipe_resume_shows_the_pod_commands(launch: Launche
     """One writer per host: every worker restores the bucket and runs the recipe (train is one
     job across the hosts; predict and ensemble read each host's own files); worker 0 uploads."""
     args = ["--name", "leaf-pod", "--accelerator-type", "v4-32", "--spot", *OUT, "--recipe"]
+    args += keras_weights(launch)
     dry = launch("--dry-run", *BASE, *args, "--resume", "--", "--", "--epochs", "2")
     assert dry.returncode == 0, dry.stderr
     assert launch.calls == []
@@ -1099,6 +1108,77 @@ def test_copy_local_needs_a_commit_before_anything_runs(tmp_path: Path) -> None:
     result = launch("--accelerator-type", "v3-8")  # --copy-local is the default
     assert_one_line_error(result, "--copy-local", "commit")
     assert launch.calls == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--recipe"],  # configs/ensemble.yaml's ResNet152V2 member
+        ["--recipe", "--", "--fit-weights"],
+        ["--", "--config", "keras_resnet152v2", "--epochs", "1"],
+        ["--", "--config=configs/keras_resnet152v2.yaml"],
+    ],
+)
+def test_a_weights_file_the_run_needs_is_checked_before_any_tpu(
+    launch: Launcher, tmp_path: Path, args: list[str]
+) -> None:
+    result = launch(*BASE, "--accelerator-type", "v4-32", *args)
+    assert_one_line_error(result, "keras_resnet152v2", KERAS_WEIGHTS, "--weights-file")
+    assert launch.all_calls == []  # nothing looked up, nothing created
+    other = tmp_path / "other.safetensors"  # sent, but not where the config looks
+    other.write_bytes(b"w")
+    result = launch(*BASE, "--accelerator-type", "v4-32", "--weights-file", str(other), *args)
+    assert_one_line_error(result, KERAS_WEIGHTS)
+    sent = f"--weights-file={other}:{KERAS_WEIGHTS}"
+    result = launch(*BASE, "--accelerator-type", "v4-32", sent, *args)
+    assert result.returncode == 0, result.stderr
+    launch.set_state(tpu="READY")
+    result = launch(*BASE, "--existing", "--skip-setup", *args)  # the VM has it: not checked
+    assert result.returncode == 0, result.stderr
+
+
+def test_train_weights_argument_and_missing_files(launch: Launcher, tmp_path: Path) -> None:
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--", "--weights", "w/b7.pth")
+    assert_one_line_error(result, "--weights needs the weights file w/b7.pth", "--weights-file")
+    missing = tmp_path / "nope.safetensors"
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--weights-file", str(missing))
+    assert_one_line_error(result, "--weights-file", str(missing))
+    assert launch.all_calls == []
+
+
+def test_weights_files_reach_every_worker_where_training_looks(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    keras = tmp_path / "resnet152v2_imagenet.safetensors"
+    keras.write_bytes(b"keras weights")
+    other = tmp_path / "b7.pth"
+    other.write_bytes(b"b7 weights")
+    result = launch(
+        *BASE,
+        *("--accelerator-type", "v4-32", "--remote-dir", "my code", "--recipe"),
+        *("--weights-file", str(keras), "--weights-file", f"{other}:sub dir/b7.pth"),
+        *("--data", "gs://bkt/plant"),
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [c for c in launch.calls if verb(c) in ("ssh", "scp")]
+    assert all("--worker=all" in c for c in calls)
+    stage, send_keras, send_other, move = calls[1:5]  # after the code, before the data
+    assert "gcloud storage rsync" in flag(calls[5], "--command")
+    assert [positional(c) for c in (send_keras, send_other)] == [
+        [str(keras), "leaf-xla:.leaf_xla_weights/0"],
+        [str(other), "leaf-xla:.leaf_xla_weights/1"],
+    ]
+    for number in (0, 1):  # two hosts: each gets both files where the run reads them
+        worker = Worker(tmp_path, gcs=launch.state / "gcs", number=number)
+        assert worker.run(flag(stage, "--command")).returncode == 0
+        for index, source in enumerate((keras, other)):  # what gcloud scp does
+            shutil.copy(source, worker.home / ".leaf_xla_weights" / str(index))
+        moved = worker.run(flag(move, "--command"))
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert (worker.home / "my code" / KERAS_WEIGHTS).read_bytes() == b"keras weights"
+        assert (worker.home / "my code" / "sub dir" / "b7.pth").read_bytes() == b"b7 weights"
+        assert not (worker.home / ".leaf_xla_weights").exists()
+        assert f"[worker {number}] weights: ~/'my code'/{KERAS_WEIGHTS}" in moved.stdout
 
 
 def test_kaggle_data_needs_credentials_on_the_vm(launch: Launcher, tmp_path: Path) -> None:
