@@ -111,9 +111,11 @@ Examples
 
 How it runs: every remote step is one `gcloud compute tpus tpu-vm ssh NAME --worker=all
 --command=...` (also on single-host TPUs); gcloud runs it on all workers at once, streams
-their output, each line prefixed "[worker N] ", and fails if any worker fails.
+their output, each line prefixed "[worker N] ", and fails if any worker fails. When training
+fails on one worker, the launcher stops it on every worker (SIGTERM, SIGKILL 10 s later), so
+that the hosts of a pod do not wait for it forever.
 Errors in the options exit with status 2 and one line on stderr; otherwise the exit status
-is that of the failing step (for training: that of a failed worker).
+is that of the failing step (for training: that of the first worker that failed).
 EOF
 }
 
@@ -214,6 +216,8 @@ fi
 [[ -z $PREPARE_SIZE || $PREPARE_SIZE =~ ^[1-9][0-9]*$ ]] \
   || die "bad --prepare-size '$PREPARE_SIZE': expected a positive integer"
 [[ $SYNC_EVERY =~ ^[0-9]+$ ]] || die "bad --sync-every '$SYNC_EVERY': expected seconds"
+[[ ${LAUNCH_TPU_STOP_GRACE_SECONDS:-0} =~ ^[0-9]+$ ]] \
+  || die "bad LAUNCH_TPU_STOP_GRACE_SECONDS '$LAUNCH_TPU_STOP_GRACE_SECONDS': expected seconds"
 [[ -z $OUTPUT || $OUTPUT == gs://?* ]] || die "bad --output '$OUTPUT': expected gs://BUCKET/PATH"
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "bad --env '$kv': expected KEY=VALUE"
@@ -376,6 +380,7 @@ LOC=(--zone="$ZONE" --project="$PROJECT")
 VM=(compute tpus tpu-vm)
 QR=(compute tpus queued-resources)
 POLL=${LAUNCH_TPU_POLL_SECONDS:-30}
+STOP_GRACE=${LAUNCH_TPU_STOP_GRACE_SECONDS:-10}  # SIGTERM, then SIGKILL after this many seconds
 TARBALL='' KAGGLE_TMP=''
 TOUCHED=0   # a TPU was created or used: remind about it if we fail
 DELETED=0
@@ -774,6 +779,66 @@ after restoring $out on \$(hostname)\" >&2; exit 1; fi; \
 if [ \"\$w\" = 0 ]; then $(sync_functions) record_marks; fi; echo \"restored $out into $OUT_DIR\""
 }
 
+# A worker whose training fails prints FAILED_HERE; the launcher then runs stop_body on every
+# worker: SIGTERM to the training's process group (found by the pid the train step recorded, if
+# it is still a leaf_xla process), SIGKILL after STOP_GRACE seconds; those print STOPPED.
+FAILED_HERE='launch_tpu: training failed here'
+FAILED_HERE_STOPPED='launch_tpu: training stopped here because another worker failed'
+# shellcheck disable=SC2016  # for the remote shell
+STOP_BODY='S=~/.cache/leaf_xla_launch; p=$(cat "$S/train.pid" 2>/dev/null) || exit 0;
+grep -qa leaf_xla "/proc/$p/cmdline" 2>/dev/null || exit 0; touch "$S/stopped";
+kill -TERM -- "-$p" 2>/dev/null || true; n=0;
+while kill -0 -- "-$p" 2>/dev/null && [ $n -lt @GRACE@ ]; do sleep 1; n=$((n + 1)); done;
+kill -KILL -- "-$p" 2>/dev/null || true; echo "launch_tpu: stopped training here"'
+
+stop_command() {  # the remote command that stops training on a worker
+  local body=${STOP_BODY//@GRACE@/$STOP_GRACE}
+  remote "${body//$'\n'/ }"
+}
+
+# watch_workers: copy the training's output through; at the first worker failure it shows (the
+# worker's FAILED_HERE line, or gcloud's "Command execution on worker N failed"), stop training
+# on every worker, in the background, so that the output keeps flowing. Returns the failed
+# worker's exit status (gcloud's own may be that of a worker it stopped), 0 if none failed.
+watch_workers() {
+  local line stopper='' failed=0
+  local ours="^\[worker ([0-9]+)\] $FAILED_HERE \((exit status) ([0-9]+)\)"
+  local gcloud='Command execution on worker ([0-9]+) failed with (exit status|return code) ([0-9]+)'
+  while IFS= read -r line || [[ -n $line ]]; do
+    printf '%s\n' "$line"
+    ((failed)) && continue
+    [[ $line =~ $ours || $line =~ $gcloud ]] || continue
+    failed=${BASH_REMATCH[3]}
+    ((failed)) || failed=1
+    note "training failed on worker ${BASH_REMATCH[1]} (exit status ${BASH_REMATCH[3]}); \
+stopping training on every worker"
+    run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(stop_command)" </dev/null >&2 &
+    stopper=$!
+  done
+  if [[ -n $stopper ]] && ! wait "$stopper"; then
+    note "stopping training on the other workers failed: check them (gcloud ${VM[*]} ssh $NAME ${LOC[*]} --worker=all)"
+  fi
+  return "$failed"
+}
+
+# train_all: the training step on every worker, stopped on all of them when one fails (on a
+# pod the others would wait for it forever in a collective, and gcloud waits for them all).
+train_all() {
+  local command
+  command=$(train_command)
+  if ((DRY_RUN)); then
+    run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$command"
+    comment "when a worker's training fails, the launcher stops training on every worker with:"
+    comment "$(quoted gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(stop_command)")"
+    return 0
+  fi
+  printf '+ %s\n' "$(quoted gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$command")" >&2
+  gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$command" 2>&1 | watch_workers
+  local statuses=("${PIPESTATUS[@]}")
+  ((statuses[1])) && return "${statuses[1]}"
+  return "${statuses[0]}"
+}
+
 train_command() {  # the remote command of the training step
   local module env='' cmd out
   for kv in ${ENVS[@]+"${ENVS[@]}"}; do env+=" $(q "$kv")"; done
@@ -796,7 +861,14 @@ train_command() {  # the remote command of the training step
 syncer=\$!; "
     body+="fi; "
   fi
-  body+="rc=0; $cmd || rc=\$?; "
+  # training runs in a session of its own, so that the launcher can stop its whole process
+  # group (stop_body), and what it leaves behind is killed (it would keep the ssh session open
+  # through the log pipe); a failure is announced at once, for the launcher to stop the others
+  body+="S=~/.cache/leaf_xla_launch; mkdir -p \"\$S\"; rm -f \"\$S/stopped\"; \
+setsid $cmd & p=\$!; echo \$p > \"\$S/train.pid\"; rc=0; wait \$p || rc=\$?; \
+kill -KILL -- \"-\$p\" 2>/dev/null || true; rm -f \"\$S/train.pid\"; \
+if [ \$rc != 0 ]; then if [ -f \"\$S/stopped\" ]; then echo \"$FAILED_HERE_STOPPED\"; \
+else echo \"$FAILED_HERE (exit status \$rc)\"; fi; fi; "
   if [[ -n $OUTPUT ]]; then
     body+="if [ \"\$w\" = 0 ]; then "
     ((SYNC_EVERY > 0)) && body+="kill \"\$syncer\" 2>/dev/null || true; "
@@ -838,7 +910,7 @@ if ((DRY_RUN)); then
     && printf '; worker 0 uploads them to %s' "$OUTPUT"):"
 fi
 rc=0
-run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(train_command)" || rc=$?
+train_all || rc=$?
 if ((rc)); then note "training failed (exit status $rc)"; fi
 
 fetch_failed=0

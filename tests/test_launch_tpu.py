@@ -30,7 +30,7 @@ NOTE = """it's a "test" run"""  # spaces, a single and double quotes
 TRAIN_ARGS = ["--model", "tf_efficientnet_b7", "--note", NOTE, "--lr", "$HOME", "*"]
 
 FAKE_GCLOUD = r"""#!{python}
-import glob, json, os, shutil, sys
+import glob, json, os, shutil, subprocess, sys, threading
 
 state = os.environ["FAKE_STATE_DIR"]
 args = sys.argv[1:]
@@ -65,6 +65,38 @@ def flag(name):
         if a.startswith(name + "="):
             return a.split("=", 1)[1]
     return ""
+
+
+# --worker=all for real: the command runs under bash on every worker at once (homes and tools
+# as the tests' Worker class makes them, FAKE_W<N>_X=V sets X=V on worker N only); the output
+# is streamed line by line and a failure reported as it happens, as gcloud does.
+def run_on_workers(command, count):
+    root, lock, statuses = os.environ["FAKE_WORKER_ROOT"], threading.Lock(), {}
+
+    def one(n):
+        env = {**os.environ, "HOME": f"{root}/worker{n}", "FAKE_GCS": path("gcs"),
+               "PATH": f"{root}/worker{n}-bin{os.pathsep}{os.environ['PATH']}",
+               "FAKE_REMOTE_LOG": f"{root}/worker{n}-gcloud.jsonl"}
+        mine = f"FAKE_W{n}_"
+        env.update({k[len(mine):]: v for k, v in os.environ.items() if k.startswith(mine)})
+        proc = subprocess.Popen(["bash", "-c", command], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            with lock:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        statuses[n] = proc.wait()
+        if statuses[n]:
+            with lock:
+                print(f"##### Command execution on worker {n} failed with exit status "
+                      f"{statuses[n]}. Continuing.", file=sys.stderr, flush=True)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return next((statuses[n] for n in range(count) if statuses[n]), 0)
 
 
 if os.path.basename(sys.argv[0]) != "gcloud":
@@ -106,6 +138,8 @@ if group == ["tpu-vm"]:
             print("##### Command execution on worker 1 failed with exit status 3.",
                   file=sys.stderr)
             sys.exit(3)
+        if os.environ.get("FAKE_WORKERS"):
+            sys.exit(run_on_workers(flag("--command"), int(os.environ["FAKE_WORKERS"])))
     elif verb == "scp":
         if os.environ.get("FAKE_SCP_FAIL"):
             sys.exit(1)
@@ -177,13 +211,15 @@ class Launcher:
         env.update(extra)
         return env
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None, **extra: str):
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **extra: str
+    ):
         return subprocess.run(
             [BASH, str(self.script), *args],
             env=env or self.env(**extra),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
 
     @property
@@ -247,10 +283,21 @@ if args[:2] == ["storage", "rsync"]:
 # prints what it got and, as FAKE_TRAIN_WRITES says (RUN:EPOCH:STEP:TEXT,...), writes each
 # RUN/last.pt at that state, best.pt and history.csv holding TEXT, and a leftover temp file.
 REMOTE_PYTHON = r"""#!{python}
-import json, os, sys, time
+import json, os, signal, sys, time
 
 if sys.argv[1] == "-c":
     os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+with open(os.path.join(os.environ["HOME"], "python.pid"), "w") as f:
+    f.write(str(os.getpid()))
+if os.environ.get("FAKE_PY_IGNORE_TERM"):  # as a process stuck in a collective may
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("FAKE_PY_CHILD_SLEEP"):  # a child (a loader worker, say) that outlives it
+    import subprocess
+
+    sleep = "import sys, time; time.sleep(float(sys.argv[1]))"
+    child = subprocess.Popen([sys.executable, "-c", sleep, os.environ["FAKE_PY_CHILD_SLEEP"]])
+    with open(os.path.join(os.environ["HOME"], "child.pid"), "w") as f:
+        f.write(str(child.pid))
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
                   "pjrt": os.environ.get("PJRT_DEVICE"),
                   "cache": os.environ.get("XLA_PERSISTENT_CACHE_PATH")}), flush=True)
@@ -352,9 +399,9 @@ def train_command(commands: list[str]) -> str:
 
 
 def args_after(command: str, module: str) -> list[str]:
-    """The arguments of `python3 -m MODULE ...` up to `|| rc=$?`, parsed like a shell would."""
+    """The arguments of `python3 -m MODULE ...` up to its `&`, parsed like a shell would."""
     start = command.index(f" -m {module} ") + len(f" -m {module} ")
-    return shlex.split(command[start : command.index(" || rc=$?", start)])
+    return shlex.split(command[start : command.index(" & p=$!", start)])
 
 
 def recipe_and_train_args(command: str) -> tuple[list[str], list[str]]:
@@ -1012,6 +1059,94 @@ def test_fetch_and_delete_also_after_a_failed_training(launch: Launcher) -> None
     assert "--recurse" in scp and "--worker=0" in scp
     assert positional(scp) == ["leaf-xla:leaf_xla_runs", str(fetched)]
     assert fetched.is_dir()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_a_failed_worker_stops_training_on_every_worker(launch: Launcher, tmp_path: Path):
+    """A pod of three hosts: worker 1's training fails at once, workers 0 and 2 would wait for it
+    forever (2 even ignores SIGTERM, as a process stuck in a collective may). gcloud's
+    --worker=all waits for every worker, so without the launcher stopping them it never ends."""
+    workers = [Worker(tmp_path, gcs=launch.state / "gcs", number=n) for n in range(3)]
+    launch.set_state(tpu="READY")
+    hosts = {"FAKE_WORKERS": "3", "FAKE_WORKER_ROOT": str(tmp_path)}
+    hosts |= {"FAKE_W0_FAKE_PY_SLEEP": "600", "FAKE_W1_FAKE_PY_RC": "3"}
+    hosts |= {"FAKE_W2_FAKE_PY_SLEEP": "600", "FAKE_W2_FAKE_PY_IGNORE_TERM": "1"}
+    try:
+        result = launch(
+            *("--existing", "--skip-setup", "--", "--epochs", "1"),
+            timeout=300,
+            LAUNCH_TPU_STOP_GRACE_SECONDS="2",
+            **hosts,
+        )
+    finally:  # whatever happened, leave no sleeping fake behind
+        pids = [int((w.home / "python.pid").read_text()) for w in workers]
+        stuck = [pid for pid in pids if alive(pid)]
+        for pid in stuck:
+            os.kill(pid, 9)
+    assert stuck == []
+    assert result.returncode == 3, result.stdout + result.stderr
+    named = [line for line in result.stderr.splitlines() if "training failed on worker" in line]
+    assert named == [
+        "launch_tpu.sh: training failed on worker 1 (exit status 3); "
+        "stopping training on every worker"
+    ]
+    for number in (0, 2):
+        assert f"[worker {number}] launch_tpu: training stopped here because" in result.stdout
+    assert "[worker 1] launch_tpu: training failed here (exit status 3)" in result.stdout
+    stops = [c for c in launch.ssh_commands() if "train.pid" in c and "leaf_xla.train" not in c]
+    assert len(stops) == 1
+    # the stop finds nothing to stop where training has ended (its pid file is gone)
+    assert not any((w.home / ".cache" / "leaf_xla_launch" / "train.pid").exists() for w in workers)
+    quiet = workers[1].run(stops[0])
+    assert quiet.returncode == 0 and quiet.stdout == ""
+
+
+def test_what_training_leaves_behind_on_a_worker_is_killed(launch: Launcher, tmp_path: Path):
+    """A child that outlives the training process would hold the log pipe, and so the ssh
+    session and gcloud, open until it ends."""
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    try:
+        run = worker.run(
+            train_command(launch.ssh_commands()), FAKE_PY_RC="5", FAKE_PY_CHILD_SLEEP="600"
+        )
+    finally:
+        child = int((worker.home / "child.pid").read_text())
+        left = alive(child)
+        if left:
+            os.kill(child, 9)
+    assert not left
+    assert run.returncode == 5
+    assert "[worker 0] launch_tpu: training failed here (exit status 5)" in run.stdout
+
+
+def test_no_stop_when_every_worker_succeeds_and_the_dry_run_shows_it(launch: Launcher):
+    for number in (0, 1):
+        Worker(launch.tmp, gcs=launch.state / "gcs", number=number)
+    launch.set_state(tpu="READY")
+    result = launch(
+        "--existing",
+        "--skip-setup",
+        FAKE_WORKERS="2",
+        FAKE_WORKER_ROOT=str(launch.tmp),
+        FAKE_W0_FAKE_PY_SLEEP="1",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(launch.ssh_commands()) == 1  # training only
+    assert result.stdout.count("leaf_xla.train") == 2
+    dry = launch("--existing", "--skip-setup", "--dry-run").stdout.splitlines()
+    stop = dry.index(
+        "# when a worker's training fails, the launcher stops training on every worker with:"
+    )
+    assert "kill -TERM" in dry[stop + 1] and "--worker=all" in dry[stop + 1]
 
 
 def test_no_delete_when_fetch_failed_and_nothing_on_a_bucket(launch: Launcher) -> None:
