@@ -271,7 +271,7 @@ option_values() {
 # needed_weights: "PATH<TAB>WHO" for each weights file the run's training reads: train args'
 # --weights (for --recipe: those after its `--`, for every member), else the configs' `weights:`.
 needed_weights() {
-  local run_args=() file name weights
+  local run_args=() file name weights i
   run_args=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
   if ((RECIPE)); then
     run_args=()
@@ -779,9 +779,10 @@ after restoring $out on \$(hostname)\" >&2; exit 1; fi; \
 if [ \"\$w\" = 0 ]; then $(sync_functions) record_marks; fi; echo \"restored $out into $OUT_DIR\""
 }
 
-# A worker whose training fails prints FAILED_HERE; the launcher then runs stop_body on every
+# A worker whose training fails prints FAILED_HERE; the launcher then runs STOP_BODY on every
 # worker: SIGTERM to the training's process group (found by the pid the train step recorded, if
-# it is still a leaf_xla process), SIGKILL after STOP_GRACE seconds; those print STOPPED.
+# it is still a leaf_xla process), SIGKILL after STOP_GRACE seconds; the training step of a
+# worker stopped so prints FAILED_HERE_STOPPED.
 FAILED_HERE='launch_tpu: training failed here'
 FAILED_HERE_STOPPED='launch_tpu: training stopped here because another worker failed'
 # shellcheck disable=SC2016  # for the remote shell

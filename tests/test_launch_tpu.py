@@ -87,8 +87,9 @@ def run_on_workers(command, count):
                 sys.stdout.flush()
         statuses[n] = proc.wait()
         if statuses[n]:
+            says = "return code" if os.environ.get("FAKE_OLD_GCLOUD") else "exit status"
             with lock:
-                print(f"##### Command execution on worker {n} failed with exit status "
+                print(f"##### Command execution on worker {n} failed with {says} "
                       f"{statuses[n]}. Continuing.", file=sys.stderr, flush=True)
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
@@ -1106,6 +1107,28 @@ def test_a_failed_worker_stops_training_on_every_worker(launch: Launcher, tmp_pa
     assert not any((w.home / ".cache" / "leaf_xla_launch" / "train.pid").exists() for w in workers)
     quiet = workers[1].run(stops[0])
     assert quiet.returncode == 0 and quiet.stdout == ""
+
+
+def test_a_worker_that_fails_before_training_also_stops_the_others(launch: Launcher, tmp_path):
+    """No line of the worker's own then: gcloud's report of its failure is enough (in the
+    wording of older gcloud versions here)."""
+    workers = [Worker(tmp_path, gcs=launch.state / "gcs", number=n) for n in range(2)]
+    shutil.rmtree(workers[1].home / "leaf_xla")  # `cd` into the checkout fails there
+    launch.set_state(tpu="READY")
+    hosts = {"FAKE_WORKERS": "2", "FAKE_WORKER_ROOT": str(tmp_path), "FAKE_OLD_GCLOUD": "1"}
+    try:
+        result = launch(
+            "--existing", "--skip-setup", timeout=300, FAKE_W0_FAKE_PY_SLEEP="600", **hosts
+        )
+    finally:
+        pid = int((workers[0].home / "python.pid").read_text())
+        left = alive(pid)
+        if left:
+            os.kill(pid, 9)
+    assert not left
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "launch_tpu.sh: training failed on worker 1 (exit status 1); stopping" in result.stderr
+    assert "[worker 0] launch_tpu: training stopped here because" in result.stdout
 
 
 def test_what_training_leaves_behind_on_a_worker_is_killed(launch: Launcher, tmp_path: Path):
