@@ -863,10 +863,12 @@ syncer=\$!; "
     body+="fi; "
   fi
   # training runs in a session of its own, so that the launcher can stop its whole process
-  # group (stop_body), and what it leaves behind is killed (it would keep the ssh session open
-  # through the log pipe); a failure is announced at once, for the launcher to stop the others
+  # group (STOP_BODY), and what it leaves behind is killed (it would keep the ssh session open
+  # through the log pipe); a hang-up of the session (the launcher interrupted) still stops it;
+  # a failure is announced at once, for the launcher to stop the others
   body+="S=~/.cache/leaf_xla_launch; mkdir -p \"\$S\"; rm -f \"\$S/stopped\"; \
-setsid $cmd & p=\$!; echo \$p > \"\$S/train.pid\"; rc=0; wait \$p || rc=\$?; \
+setsid $cmd & p=\$!; echo \$p > \"\$S/train.pid\"; \
+trap 'kill -TERM -- \"-\$p\" 2>/dev/null; exit 129' HUP; rc=0; wait \$p || rc=\$?; \
 kill -KILL -- \"-\$p\" 2>/dev/null || true; rm -f \"\$S/train.pid\"; \
 if [ \$rc != 0 ]; then if [ -f \"\$S/stopped\" ]; then echo \"$FAILED_HERE_STOPPED\"; \
 else echo \"$FAILED_HERE (exit status \$rc)\"; fi; fi; "

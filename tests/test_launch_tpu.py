@@ -1151,6 +1151,41 @@ def test_what_training_leaves_behind_on_a_worker_is_killed(launch: Launcher, tmp
     assert "[worker 0] launch_tpu: training failed here (exit status 5)" in run.stdout
 
 
+def test_a_hang_up_of_the_session_still_stops_training(launch: Launcher, tmp_path: Path):
+    """Training runs in a session of its own (for the launcher to stop it as one group), out of
+    reach of the hang-up that sshd sends when the launcher is interrupted: the step passes it on."""
+    import signal
+    import time
+
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    env = {
+        "HOME": str(worker.home),
+        "PATH": f"{worker.bin}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_PY_SLEEP": "600",
+    }
+    command = train_command(launch.ssh_commands())
+    session = subprocess.Popen(
+        [BASH, "-c", command], env=env, stdout=subprocess.PIPE, start_new_session=True
+    )
+    pid_file = worker.home / "python.pid"
+    try:
+        for _ in range(600):  # until training has started (no bound on how long that takes)
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        os.killpg(session.pid, signal.SIGHUP)
+        session.wait(timeout=120)
+    finally:
+        pid = int(pid_file.read_text())
+        left = alive(pid)
+        if left:
+            os.kill(pid, 9)
+        session.kill()
+    assert not left
+
+
 def test_no_stop_when_every_worker_succeeds_and_the_dry_run_shows_it(launch: Launcher):
     for number in (0, 1):
         Worker(launch.tmp, gcs=launch.state / "gcs", number=number)
