@@ -15,7 +15,9 @@ peak memory) on random uint8 batches (tracing does not depend on pixels):
 
 Columns: ops/step and trace ms/step (Python time of the step before its graph is cut) over the
 later epochs, the ratio of each to the bare loop's, step ms, the first epoch's seconds and
-XLA compile seconds, compiles in later epochs, the process's peak memory.
+XLA compile seconds, compiles in later epochs, the process's peak memory. `--graph-memory`
+adds the largest compiled graph's buffers (XLA's buffer assignment, dumped by XLA_FLAGS):
+device memory as XLA:CPU plans it, a TPU's compiler plans its own.
 
     PJRT_DEVICE=CPU python bench/host_cost.py                       # test_resnet, b0, b7
     PJRT_DEVICE=CPU python bench/host_cost.py --models test_resnet --pipelines bare leaf_xla
@@ -29,8 +31,10 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -168,15 +172,30 @@ def run_row(model_name: str, pipeline: str, args: argparse.Namespace) -> dict:
         "compile_s": rows[0]["compile_s"],
         "compiles_later": sum(r["compiles"] for r in later),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "graph_mib": largest_graph_mib(),
     }
+
+
+def largest_graph_mib() -> float | None:
+    """The largest "Total bytes used" of the buffer assignments XLA dumped (--graph-memory)."""
+    folder = os.environ.get("LEAF_XLA_BENCH_DUMP")
+    if not folder:
+        return None
+    totals = [
+        int(line.split(":")[1].split()[0])
+        for path in Path(folder).glob("*buffer-assignment.txt")
+        for line in path.read_text().splitlines()
+        if line.startswith("Total bytes used:")
+    ]
+    return max(totals) / 2**20 if totals else None
 
 
 def table(rows: Sequence[dict]) -> str:
     bare = {r["model"]: r for r in rows if r["pipeline"] == "bare"}
     lines = [
         "| model | pipeline | ops/step | vs bare | trace ms | vs bare | step ms | first epoch s "
-        "| compile s | compiles later | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compile s | compiles later | peak GiB | graph MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = bare.get(r["model"])
@@ -186,7 +205,8 @@ def table(rows: Sequence[dict]) -> str:
             f"| {r['model']} | {r['pipeline']} | {r['ops_per_step']:,.0f} | {ops_ratio} "
             f"| {r['trace_ms']:.1f} | {trace_ratio} | {r['step_ms']:.1f} "
             f"| {r['first_epoch_s']:.1f} | {r['compile_s']:.1f} | {r['compiles_later']} "
-            f"| {r['peak_rss_gib']:.2f} |"
+            f"| {r['peak_rss_gib']:.2f} "
+            f"| {'-' if r['graph_mib'] is None else format(r['graph_mib'], '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -207,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="the first one compiles")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "PIPELINE"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per row")
+    parser.add_argument(
+        "--graph-memory",
+        action="store_true",
+        help="report the largest compiled graph's buffers (dumps XLA's HLO: slower)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first one compiles)")
@@ -220,7 +245,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             command = [sys.executable, __file__, "--row", model_name, pipeline]
             command += ["--batch", str(args.batch), "--image-size", str(args.image_size)]
             command += ["--steps", str(args.steps), "--epochs", str(args.epochs)]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            with tempfile.TemporaryDirectory(prefix="leaf_xla-hlo-") as dump:
+                env = dict(os.environ)
+                if args.graph_memory:
+                    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text"
+                    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+                    env["LEAF_XLA_BENCH_DUMP"] = dump
+                done = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.timeout, env=env
+                )
             if done.returncode != 0:
                 sys.exit(f"{model_name} {pipeline} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -15,7 +15,7 @@ def test_a_step_that_never_finishes_stops_the_run_with_one_line(pp2020, tmp_path
         *("leaf_xla.train", "--data-dir", str(pp2020), "--out-dir", str(tmp_path / "runs")),
         *("--model", "test_resnet", "--config", "demo", "--image-size", "32", "--epochs", "1"),
         *("--workers", "1", "--cache", "off", "--device", "xla", "--parallel", "none"),
-        *("--dist-timeout", "30"),
+        *("--dist-timeout", "30", "--batch-size", "4"),
         env=hooked(fault="0:hang:3"),  # the third training step waits for an hour
         timeout=900,
     )

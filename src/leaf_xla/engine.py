@@ -22,6 +22,7 @@ generator state would not replay; a per-step seed makes it draw what the killed 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -251,7 +252,9 @@ class Trainer:
             for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
                 lr = lr_at(epoch + step / steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
+                    # A scalar XLA uploads as data (no recompilation per value), except 0 and 1,
+                    # which it folds into the graph as constants: one ulp away from them.
+                    group["lr"] = lr if lr not in (0.0, 1.0) else math.nextafter(lr, 0.5)
                 self.rt.seed_device(self.step_seed(epoch, step))  # uploaded as data too
                 self._train_step(batch)
                 self.beat("train")

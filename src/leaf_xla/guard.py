@@ -55,8 +55,12 @@ def fit_loaded_state(optimizer: torch.optim.Optimizer, device: torch.device) -> 
     another device or optimizer: Adam's step count on the device (torch's `capturable` on XLA
     and CUDA, where torch keeps it on the host by default; the CPU refuses it), so that a
     skipped step can put it back inside the graph; the sync-free Adam's `max_exp_avg_sq`
-    placeholder where torch's Adam saved none. After the first step, a no-op."""
-    syncfree_adam = isinstance(optimizer, _syncfree_types()[:2])
+    placeholder where torch's Adam saved none; the sync-free SGD's momentum buffer (made
+    before the first step) and a step count beside a buffer torch's SGD saved. After the first
+    step, a no-op."""
+    syncfree = _syncfree_types()
+    syncfree_adam = isinstance(optimizer, syncfree[:2])
+    syncfree_sgd = isinstance(optimizer, syncfree[2:])
     for group in optimizer.param_groups:
         if "capturable" in group and not group.get("fused"):
             group["capturable"] = device.type != "cpu"
@@ -67,19 +71,25 @@ def fit_loaded_state(optimizer: torch.optim.Optimizer, device: torch.device) -> 
                 state["step"] = step.to(p.device, torch.float32)
             if syncfree_adam and "exp_avg" in state and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.empty(0, device=p.device)
+            if syncfree_sgd:  # torch's SGD saves no step; the sync-free SGD's step 0 means "new"
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                    state.pop("step", None)
+                elif "step" not in state:
+                    state["step"] = torch.ones((), device=p.device)
 
 
 class BufferSnapshot:
     """The model's buffers (BatchNorm statistics) as they were before the forward pass.
 
-    Each buffer is swapped for a copy that the forward pass updates; `keep_unless` then
-    chooses between the two by reference: no copy back. A buffer shared by several modules
-    stays shared."""
+    Each buffer is swapped for a copy that the forward pass updates (or replaces);
+    `keep_unless` then chooses between the buffer the module now holds and the one before, by
+    reference: no copy back. A buffer shared by several modules stays shared."""
 
     def __init__(self, model: torch.nn.Module):
         self.slots: list[tuple[torch.nn.Module, str, int]] = []
         self.before: dict[int, torch.Tensor] = {}
-        self.now: dict[int, torch.Tensor] = {}
+        copies: dict[int, torch.Tensor] = {}
         for module in model.modules():
             for name, buffer in module._buffers.items():
                 if buffer is None:
@@ -87,15 +97,20 @@ class BufferSnapshot:
                 key = id(buffer)
                 if key not in self.before:
                     self.before[key] = buffer
-                    self.now[key] = buffer.clone()
+                    copies[key] = buffer.clone()
                 self.slots.append((module, name, key))
-                module._buffers[name] = self.now[key]
+                module._buffers[name] = copies[key]
+
+    def now(self) -> dict[int, torch.Tensor]:
+        """Each buffer as the forward pass left it."""
+        return {key: module._buffers[name] for module, name, key in self.slots}
 
     def floats(self) -> list[torch.Tensor]:
-        return [t for t in self.now.values() if t.is_floating_point()]
+        return [t for t in self.now().values() if t.is_floating_point()]
 
     def keep_unless(self, ok: torch.Tensor) -> None:
-        chosen = {k: torch.where(ok, self.now[k], self.before[k]) for k in self.now}
+        now = self.now()
+        chosen = {k: torch.where(ok, now[k], self.before[k]) for k in now}
         for module, name, key in self.slots:
             module._buffers[name] = chosen[key]
 

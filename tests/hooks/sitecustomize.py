@@ -103,10 +103,11 @@ def _install_fault(spec: str) -> None:
                 calls["n"] += 1
                 if int(count) <= calls["n"] <= last and kind == "nan":
                     return value + float("nan")
-                if int(count) <= calls["n"] <= last:
-                    statistic = next(b for b in self.model.buffers() if b.is_floating_point())
-                    with torch.no_grad():
-                        statistic.fill_(float("nan"))
+                if int(count) <= calls["n"] <= last:  # a new tensor: autograd saved the old
+                    for module in self.model.modules():
+                        if getattr(module, "running_var", None) is not None:
+                            module.running_var = torch.full_like(module.running_var, float("nan"))
+                            break
             return value
 
         engine.Trainer.loss = nan_loss
