@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.files import atomic_write_text
 
 
@@ -169,15 +170,19 @@ def save_config(args: argparse.Namespace, path: Path) -> None:
 
 
 def _summary(path: Path) -> str:
-    """A config's first comment line, which says what it is for."""
+    """The first sentence of a config's leading comment, which says what it is for."""
+    lines = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    end = re.search(r"\.(?=\s|$)", text)
+    return text[: end.end()] if end else text
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="leaf-xla configs",
         description="List the configs shipped with leaf_xla: pass a name to --config.",
     )

@@ -9,24 +9,23 @@ them and writes demo/submission.csv with a summary of validation AUCs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla import recipe, synth
+from leaf_xla import recipe, synth, train
+from leaf_xla.cli import ArgumentParser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.demo", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m leaf_xla.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("demo"))
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--config", default="demo_ensemble", help="ensemble YAML to run")
     args, extra = parser.parse_known_args(argv)
+    train.build_parser().parse_args(extra)  # the options for train: typos fail here
     data_dir = args.out_dir / "data"
     if not (data_dir / "train.csv").is_file():
         synth.write_dataset(data_dir, args.n_train, args.n_test, seed=0, size=(256, 171))

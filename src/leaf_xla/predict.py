@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from leaf_xla import checkpoint, folds, formats, runtime
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.data import DataSet, read_dataset
 from leaf_xla.engine import Trainer
 from leaf_xla.files import atomic_to_csv
@@ -37,10 +37,9 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m leaf_xla.predict",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",

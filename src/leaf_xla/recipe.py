@@ -4,9 +4,19 @@ set, ensemble, and print a summary. Each step is a subprocess running the same C
     python -m leaf_xla.recipe --config ensemble --data-dir data/plant-pathology-2020-fgvc7 \\
         --out-dir runs [--fit-weights] [--resume] [-- --epochs 10 ...extra train options]
 
-Ensemble config keys: `folds` (list), `tta` (list), `fit_weights` (bool), `models`: a list of
-{name, config (a training config), weight, args (training option overrides)}, and `distill`
-(optional): {alpha, from, members, weight}. Options after `--` go to every train run. `--resume`
+The ensemble config (YAML; every key but `models` optional):
+
+    folds: [0, 1]              # the folds to train (default [0]), each below train's n_folds
+    tta: [none, hflip]         # views predict averages: none, hflip, vflip, hvflip
+    fit_weights: false         # fit the weights on out-of-fold predictions (or --fit-weights)
+    models:
+      - name: b7               # run folders <name>-fold<k>; also the timm model, unless set
+        config: tf_efficientnet_b7   # a training config: a path or a shipped name
+        weight: 1.0            # the member's ensemble weight
+        args: {epochs: 10}     # train options for this member, as in a training config
+    distill: {alpha: 0.3, from: ensemble, members: [b7], weight: 1.0}   # see below
+
+Options after `--` go to every train run (`-- --epochs 3 --device cpu`). `--resume`
 continues interrupted runs (train says which are finished); prediction and the ensemble always
 run again.
 
@@ -38,7 +48,7 @@ import pandas as pd
 
 from leaf_xla import folds as folds_module
 from leaf_xla import runtime
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import DataSet, parse_image_size, read_dataset
 from leaf_xla.files import atomic_write_text
@@ -227,12 +237,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.recipe", description=__doc__.split("\n\n")[0]
+    parser = ArgumentParser(
+        prog="python -m leaf_xla.recipe",
+        usage="%(prog)s [--config YAML] --data-dir DIR --out-dir DIR [options] "
+        "[-- TRAIN OPTIONS...]",
+        description=__doc__,  # the ensemble YAML's keys and the `--` pass-through
     )
     parser.add_argument("--config", default="ensemble", help="ensemble YAML (or its name)")
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
+    parser.add_argument("--out-dir", type=Path, required=True, help="runs, predictions, submission")
     runtime.add_launch_options(parser)  # passed to train and predict
     parser.add_argument(
         "--fit-weights",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leaf_xla.cli import SettingError
+from leaf_xla.cli import ArgumentParser, SettingError
 from leaf_xla.config import add_config_option, parse_args
 
 
@@ -87,10 +87,9 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m leaf_xla.schedule",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_option(parser)
     parser.add_argument("--epochs", type=int, default=20)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from leaf_xla import checkpoint, folds, mix, rundir, runtime, soft_targets
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
 from leaf_xla.data import (
     LABEL_FORMATS,
@@ -60,10 +60,9 @@ if TYPE_CHECKING:
 def build_parser(
     prog: str = "python -m leaf_xla.train", description: str | None = None
 ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description=description or __doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_option(parser)
     data = parser.add_argument_group("data")
