@@ -96,7 +96,14 @@ def test_recipe_end_to_end_and_resume(pp2020: Path, tmp_path: Path) -> None:
     "text, fragment",
     [
         ("models: []", "non-empty list"),
-        ("epochs: 3\nmodels: [{name: a}]", "unknown key(s) epochs"),
+        ("epochs: 3\nmodels: [{name: a}]", "unknown key 'epochs'"),
+        ("fold: [1]\nmodels: [{name: a}]", "unknown key 'fold' (did you mean 'folds'?"),
+        (
+            "models: [{name: a, wieght: 2}]",
+            "models[0] unknown key 'wieght' (did you mean 'weight'?",
+        ),
+        ("models: [{model: a}]", "models[0] unknown key 'model' (the timm model goes in args"),
+        ("models: [{name: a}]\ndistill: {alpha: 0.3, form: a}", "unknown key 'form' (did you"),
         ("folds: 0\nmodels: [{name: a}]", "'folds' must be a list"),
         ("tta: [rotate]\nmodels: [{name: a}]", "'tta' must be a list of"),
         ("models: [{name: a, weight: heavy}]", "weight must be a number"),
@@ -355,3 +362,27 @@ def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) 
         assert run.options.pretrained_tag == "racm_in1k" and run.options.vflip == 0.5
     assert all(r.options.soft_targets == soft for r in students)
     assert config["distill"]["alpha"] == 0.3 and config["tta"] == ["none", "hflip", "vflip"]
+
+
+def test_recipe_options_and_folds_are_checked_before_anything_trains(
+    pp2020: Path, tmp_path: Path
+) -> None:
+    """A typo inside a model's args, a fold the folds file cannot have, a typo after `--`:
+    each is one line naming the recipe file and the model, before any training."""
+    config, out = tmp_path / "typo.yaml", tmp_path / "runs"
+    b_args = "{model: test_resnet, image_szie: 48}"
+    config.write_text(RECIPE.replace("{model: test_resnet, seed: 1}", b_args))
+    result = recipe(config, pp2020, out)
+    assert_user_error(
+        result, f"{config}: model b: unknown option --image-szie; did you mean --image-size?"
+    )
+    config.write_text(RECIPE.replace("folds: [0]", "folds: [0, 7]"))
+    result = recipe(config, pp2020, out)
+    assert_user_error(result, f"{config}: model a: folds lists fold 7", "4 folds (0..3)")
+    config.write_text(RECIPE)
+    result = run_cli(
+        *("leaf_xla.recipe", "--config", str(config), "--data-dir", str(pp2020)),
+        *("--out-dir", str(out), "--", "--epohcs", "1"),
+    )
+    assert_user_error(result, "train options after --: unknown option --epohcs; did you mean")
+    assert not list(out.glob("*/*.pt")) and "$ " not in result.stdout

@@ -129,8 +129,8 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # it may say what was saved and how to go on
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 

@@ -127,7 +127,13 @@ def apply_config(
     """
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
-    for key, value in load_yaml(path).items():
+    config = load_yaml(path)
+    if "models" in config and "models" not in actions:
+        raise UserError(
+            f"{path} is an ensemble config (it lists models), not a training config: run it "
+            f"with python -m leaf_xla.recipe --config {path}"
+        )
+    for key, value in config.items():
         dest = str(key).replace("-", "_")
         if dest not in actions and only_known_keys:
             continue

@@ -35,6 +35,7 @@ summary.json; with `distill`: <out-dir>/distill/soft_targets.csv.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import subprocess
@@ -91,12 +92,13 @@ def _as_options(overrides: dict) -> list[str]:
 def load_recipe(path: Path) -> dict:
     """The ensemble config, checked before anything trains."""
     recipe = load_yaml(path)
-    unknown = set(recipe) - RECIPE_KEYS
-    if unknown:
+    if "models" not in recipe and set(recipe) - RECIPE_KEYS:
         raise UserError(
-            f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
-            f"expected {', '.join(sorted(RECIPE_KEYS))}"
+            f"{path} is a training config, not an ensemble config (it lists no models): give "
+            "it to python -m leaf_xla.train --config, or name it in an ensemble config's "
+            "models (config: ...)"
         )
+    _check_keys(f"{path}:", recipe, RECIPE_KEYS)
     folds = recipe.get("folds", [0])
     if not isinstance(folds, list) or not folds or not all(_whole(f) and f >= 0 for f in folds):
         raise UserError(f"{path}: 'folds' must be a list of fold numbers, got {folds!r}")
@@ -111,9 +113,13 @@ def load_recipe(path: Path) -> dict:
     if not isinstance(models, list) or not models:
         raise UserError(f"{path}: 'models' must be a non-empty list")
     for k, model in enumerate(models):
-        if not isinstance(model, dict) or set(model) - MODEL_KEYS or "name" not in model:
+        if not isinstance(model, dict):
+            raise UserError(f"{path}: models[{k}] must be a mapping with a name, got {model!r}")
+        _check_keys(f"{path}: models[{k}]", model, MODEL_KEYS)
+        if "name" not in model:
             raise UserError(
-                f"{path}: models[{k}] needs a name and may have "
+                f"{path}: models[{k}] needs a name (its run folders' name, and the timm model "
+                f"unless args sets model); it may also have "
                 f"{', '.join(sorted(MODEL_KEYS - {'name'}))}"
             )
         weight = model.get("weight", 1.0)
@@ -130,9 +136,24 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
+def _check_keys(where: str, mapping: dict, allowed: set[str]) -> None:
+    """An unknown key is named, with the closest allowed one."""
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            if key == "model" and "name" in allowed:
+                hint = "the timm model goes in args: {model: ...}, or is the name; "
+            raise UserError(
+                f"{where} unknown key {key!r} ({hint}expected {', '.join(sorted(allowed))})"
+            )
+
+
 def _check_distill(path: Path, distill: object, names: list[str]) -> None:
     where = f"{path}: distill"
-    if not isinstance(distill, dict) or set(distill) - DISTILL_KEYS or "alpha" not in distill:
+    if isinstance(distill, dict):
+        _check_keys(f"{where}:", distill, DISTILL_KEYS)
+    if not isinstance(distill, dict) or "alpha" not in distill:
         raise UserError(
             f"{where} needs alpha and may have {', '.join(sorted(DISTILL_KEYS - {'alpha'}))}"
         )
@@ -194,42 +215,73 @@ def _run(command: list[str]) -> None:
 
 
 def plan_runs(
-    models: list[dict], fold_list: list[int], args: argparse.Namespace, extra: list[str]
+    models: list[dict],
+    fold_list: list[int],
+    args: argparse.Namespace,
+    extra: list[str],
+    recipe_path: Path | str = "recipe",
 ) -> list[Run]:
-    """Every model x fold train command, parsed as train will parse it (bad options fail here,
-    not after the first model has trained)."""
+    """Every model x fold train command, parsed as train will parse it (bad options and folds
+    fail here, naming the recipe file and the model, not after the first model has trained)."""
+    from leaf_xla.train import build_parser
+
+    try:
+        build_parser().parse_args(extra)
+    except UserError as err:
+        raise UserError(f"the train options after --: {err}") from None
+    runs = []
+    for model in models:
+        try:
+            runs += _plan_model(model, fold_list, args, extra)
+        except UserError as err:
+            raise UserError(f"{recipe_path}: model {model['name']}: {err}") from None
+    return runs
+
+
+def _plan_model(
+    model: dict,
+    fold_list: list[int],
+    args: argparse.Namespace,
+    extra: list[str],
+) -> list[Run]:
+    """One model's runs (see plan_runs)."""
     from leaf_xla.train import build_parser
 
     runs = []
-    for model in models:
-        name = str(model["name"])
-        overrides = model.get("args", {})
-        train_config = {}
-        config_args = []
-        if "config" in model:
-            path = find_config(str(model["config"]))
-            train_config = load_yaml(path)
-            config_args = ["--config", str(path)]
-        arch = overrides.get("model") or train_config.get("model") or name
-        for fold in fold_list:
-            run_name = f"{name}-fold{fold}"
-            train_args = [
-                *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
-                *("--run-name", run_name, "--fold", str(fold)),
-                *runtime.launch_options(runtime.launch_from_args(args)),
-                *config_args,
-                *("--model", str(arch)),
-                *_as_options({k: v for k, v in overrides.items() if k != "model"}),
-                *extra,
-            ]
-            options = parse_args(build_parser(), train_args)
-            if options.weights and not Path(options.weights).is_file():
-                raise UserError(
-                    f"{name}: weights file {options.weights} not found (e.g. convert Keras' "
-                    "ResNet152V2 file with python -m leaf_xla.convert_keras, see its config)"
-                )
-            command = [sys.executable, "-m", "leaf_xla.train", *train_args]
-            runs.append(Run(name, fold, args.out_dir / run_name, command, options))
+    name = str(model["name"])
+    overrides = model.get("args", {})
+    train_config = {}
+    config_args = []
+    if "config" in model:
+        path = find_config(str(model["config"]))
+        train_config = load_yaml(path)
+        config_args = ["--config", str(path)]
+    arch = overrides.get("model") or train_config.get("model") or name
+    for fold in fold_list:
+        run_name = f"{name}-fold{fold}"
+        train_args = [
+            *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
+            *("--run-name", run_name, "--fold", str(fold)),
+            *runtime.launch_options(runtime.launch_from_args(args)),
+            *config_args,
+            *("--model", str(arch)),
+            *_as_options({k: v for k, v in overrides.items() if k != "model"}),
+            *extra,
+        ]
+        options = parse_args(build_parser(), train_args)
+        if options.weights and not Path(options.weights).is_file():
+            raise UserError(
+                f"weights file {options.weights} not found (e.g. convert Keras' "
+                "ResNet152V2 file with python -m leaf_xla.convert_keras, see its config)"
+            )
+        folds = 1 if options.holdout is not None else options.n_folds
+        if fold >= folds:
+            split = (
+                "a --holdout split (fold 0)" if folds == 1 else f"{folds} folds (0..{folds - 1})"
+            )
+            raise UserError(f"folds lists fold {fold}, but it trains with {split}")
+        command = [sys.executable, "-m", "leaf_xla.train", *train_args]
+        runs.append(Run(name, fold, args.out_dir / run_name, command, options))
     return runs
 
 
@@ -262,14 +314,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(recipe_path)
     tta = [str(t) for t in recipe.get("tta", ["none"])]
     fit = args.fit_weights or bool(recipe.get("fit_weights", False))
-    read_dataset(args.data_dir, need_test=True)  # fail on bad data before the first compile
     fold_list = [int(f) for f in recipe.get("folds", [0])]
     models = recipe["models"]
-    runs = plan_runs(models, fold_list, args, extra)
+    runs = plan_runs(models, fold_list, args, extra, recipe_path)
     students, soft_csv = [], args.out_dir / "distill" / "soft_targets.csv"
     if "distill" in recipe:
         check_every_fold(recipe_path, recipe, runs, fold_list)
-        students = plan_runs(distilled_models(recipe, soft_csv), fold_list, args, extra)
+        distilled = distilled_models(recipe, soft_csv)
+        students = plan_runs(distilled, fold_list, args, extra, recipe_path)
+    read_dataset(args.data_dir, need_test=True)  # fail on bad data before the first compile
     if not args.resume:
         started = [
             r.dir for r in runs + students if not r.options.overwrite and any(r.dir.glob("*.pt"))

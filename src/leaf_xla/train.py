@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 import types
@@ -263,6 +264,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     unreadable = {}  # training images that --skip-bad-images will skip: checked once folds exist
     if args.skip_bad_images and data is not None:
         unreadable = problems.take_file_errors(data.train.paths)
+    if data is not None:
+        warn_unreadable_test_images(problems.take_file_errors(data.test.paths), data)
     problems.raise_if_any(str(args.data_dir), args.data_dir)
     folds_file = args.folds_file or args.out_dir / "folds.csv"
     fold_of = folds.load_or_create(
@@ -292,6 +295,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     if unreadable:
         check_unreadable(unreadable, data, val_index, len(train_index), args.max_bad_fraction)
     print_warnings(data)
+    for warning in setting_warnings(args, image_size):
+        print(f"warning: {warning}", file=sys.stderr)
 
     train_targets, soft_digest = data.train.targets[train_index], None
     if args.soft_targets:
@@ -598,6 +603,14 @@ def announce(run: Run) -> None:
             f"{args.precision}; augment {args.augment_preset}, mixing "
             f"{mix.describe(run.trainer.mixing)}, EMA {args.ema_decay or 'off'}"
         )
+        left_out = len(run.train_set) - run.steps * run.global_batch
+        if left_out:
+            print(
+                f"note: each epoch leaves out {left_out} of the {len(run.train_set)} training "
+                f"images (a different random {left_out} each epoch), the remainder of batches of "
+                f"{run.global_batch}; a --batch-size that divides {len(run.train_set)} per "
+                "replica trains on all of them"
+            )
 
 
 def _score(auc: float) -> float:
@@ -708,6 +721,48 @@ def train_epoch(run: Run, state: RunState) -> None:
             oof.insert(0, "image_id", val_ids)
             atomic_to_csv(oof, plan.run_dir / oof_name)
     checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, state))
+
+
+STRONG_PRESET_SIZE = 480  # the shorter side the `strong` preset was designed for
+FINE_TUNING_LR = 1e-4  # peaks below this suit pretrained weights, not training from scratch
+
+
+def setting_warnings(args: argparse.Namespace, image_size: int | str) -> list[str]:
+    """Settings that run, but are unlikely to learn: said before anything compiles."""
+    warnings = []
+    schedule = from_args(args)
+    if args.epochs <= args.ramp_epochs and schedule.lr_start < schedule.lr_max:
+        last = schedule(args.epochs - 1 if args.lr_update == "epoch" else args.epochs)
+        warnings.append(
+            f"--epochs {args.epochs} <= --ramp-epochs {args.ramp_epochs:g}: the learning rate "
+            f"is still warming up when training ends (it reaches {last:.3g}, not the peak "
+            f"--lr {schedule.lr_max:g}); lower --ramp-epochs or raise --epochs"
+        )
+    if not args.pretrained and not args.weights and args.lr_max < FINE_TUNING_LR:
+        warnings.append(
+            f"--no-pretrained trains from random weights, but the peak --lr {args.lr_max:g} is a "
+            f"fine-tuning rate; from scratch, raise --lr (e.g. 1e-3) or drop --no-pretrained"
+        )
+    shorter = min(image_shape(image_size))
+    if args.augment_preset == "strong" and shorter < STRONG_PRESET_SIZE / 3:
+        warnings.append(
+            f"--augment-preset strong was designed for about {STRONG_PRESET_SIZE} px images: at "
+            f"{image_size} px its 3-px blurs and 20% shifts, zooms and rotations can hide what "
+            "the model should learn; use --augment-preset seed or a larger --image-size"
+        )
+    return warnings
+
+
+def warn_unreadable_test_images(unreadable: dict[Path, str], data: DataSet) -> None:
+    """Training never reads the test images: a missing or broken one is a warning here (predict
+    and check still refuse it)."""
+    if unreadable:
+        first = next(iter(unreadable.values()))
+        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+        data.warnings.append(
+            f"{first}{more}: a test image; training goes on without it, but predict will refuse "
+            "the data set until it is fixed"
+        )
 
 
 def check_unreadable(
@@ -841,11 +896,26 @@ def train_worker(plan: Plan) -> None:
     run.rt.shutdown()
 
 
+def resume_advice(run_dir: Path, argv: Sequence[str]) -> str:
+    """What a Ctrl-C leaves: the checkpoint that holds the run's state and the command that
+    continues it."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return f"nothing was saved to {run_dir} yet: run the same command again to start over"
+    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    command = shlex.join(["python", "-m", "leaf_xla.train", *again, "--resume"])
+    return f"{last} holds the run's last saved state; continue it with:\n  {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(build_parser(), argv)
     layout = runtime.launch_from_args(args)
     plan = runtime.on_host_writer(lambda: prepare(args), layout)
-    runtime.launch(train_worker, (plan,), layout)
+    try:
+        runtime.launch(train_worker, (plan,), layout)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_advice(plan.run_dir, argv)) from None
 
 
 if __name__ == "__main__":
