@@ -23,6 +23,7 @@ TINY = [
     *("--model", "test_resnet", "--config", "demo", "--image-size", "32", "--device", "cpu"),
     *("--workers", "1", "--cache", "off"),
 ]
+AUTO = [a for a in TINY if a not in ("--device", "cpu")]  # --device auto
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +37,20 @@ def pp2021_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     )
     assert made.returncode == 0, made.stderr
     result = run_cli(
-        *("leaf_xla.train", "--data-dir", str(data), "--out-dir", str(root / "runs"), *TINY),
+        *("leaf_xla.train", "--data-dir", str(data), "--out-dir", str(root / "runs"), *AUTO),
         # demo: 4 folds, so 24 training images; batches of 10 leave 4 out
         *("--epochs", "1", "--ramp-epochs", "1", "--batch-size", "10", "--no-pretrained"),
         *("--lr", "5e-5", "--lr-start", "1e-5", "--augment-preset", "strong"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "test_resnet-fold0" / "best.pt", result
+
+
+def test_auto_without_an_accelerator_is_plain_cpu(pp2021_run):
+    """conftest sets PJRT_DEVICE=CPU: XLA on the CPU is there, but only --device xla uses it."""
+    _, result = pp2021_run
+    assert "on 1 cpu replica(s)" in result.stdout, result.stdout
+    assert "compiling" not in result.stdout
 
 
 def test_settings_that_cannot_learn_are_named_at_start(pp2021_run):

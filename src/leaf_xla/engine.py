@@ -298,9 +298,18 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        # XLA compiles the step in this process's first epoch: said once, and the bar's rate
+        # is timed from the step after it, not extrapolated from the compile.
+        compiling = self.rt.kind == "xla" and not getattr(self, "_step_compiled", False)
+        if compiling and self.rt.is_master:
+            bar.write("compiling the training step, first time only")
+        self._step_compiled = True
         step = start_step - 1
         with bar:  # cleared on errors too, so that an error message starts its own line
             for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
+                if compiling and step == start_step + 2:  # the compiled step has run: time anew
+                    bar.reset(total=steps)
+                    bar.initial = bar.n = bar.last_print_n = step
                 lr = lr_at(epoch + step / steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
