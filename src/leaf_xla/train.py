@@ -607,9 +607,9 @@ def announce(run: Run) -> None:
         if left_out:
             print(
                 f"note: each epoch leaves out {left_out} of the {len(run.train_set)} training "
-                f"images (a different random {left_out} each epoch), the remainder of batches of "
-                f"{run.global_batch}; a --batch-size that divides {len(run.train_set)} per "
-                "replica trains on all of them"
+                f"images (a different random set each epoch), too few to fill a batch of "
+                f"{run.global_batch}; a global batch (--batch-size x replicas) that divides "
+                f"{len(run.train_set)} uses them all"
             )
 
 
@@ -734,9 +734,9 @@ def setting_warnings(args: argparse.Namespace, image_size: int | str) -> list[st
     if args.epochs <= args.ramp_epochs and schedule.lr_start < schedule.lr_max:
         last = schedule(args.epochs - 1 if args.lr_update == "epoch" else args.epochs)
         warnings.append(
-            f"--epochs {args.epochs} <= --ramp-epochs {args.ramp_epochs:g}: the learning rate "
-            f"is still warming up when training ends (it reaches {last:.3g}, not the peak "
-            f"--lr {schedule.lr_max:g}); lower --ramp-epochs or raise --epochs"
+            f"--epochs {args.epochs} <= --ramp-epochs {args.ramp_epochs:g}: the whole run is the "
+            f"warm-up, the learning rate rising from {schedule.lr_start:g} to {last:.3g} at the "
+            f"end (peak --lr {schedule.lr_max:g}); lower --ramp-epochs or raise --epochs"
         )
     if not args.pretrained and not args.weights and args.lr_max < FINE_TUNING_LR:
         warnings.append(
