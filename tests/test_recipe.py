@@ -350,6 +350,7 @@ def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) 
     args = argparse.Namespace(data_dir=tmp_path, out_dir=tmp_path / "runs", device="auto")
     args.__dict__.update(parallel="auto", nprocs=None, nnodes=1, node_rank=0)
     args.__dict__.update(master_addr="127.0.0.1", master_port=None, dist_timeout=600.0)
+    args.compile_cache = "auto"
     runs = plan_runs(config["models"], config["folds"], args, [])
     check_every_fold(path, config, runs, config["folds"])  # distillation is allowed
     soft = tmp_path / "soft.csv"
