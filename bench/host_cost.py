@@ -37,9 +37,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from train_step import CLASSES, random_batches  # bench/, beside this script
 
 PIPELINES = ("bare", "leaf_xla", "leaf_xla+ema+mix", "leaf_xla-copies")
-CLASSES = 4
 
 
 def xla_ops() -> int:
@@ -54,22 +54,6 @@ def compile_stats() -> tuple[int, float]:
 
     data = met.metric_data("CompileTime")
     return (int(data[0]), data[1] / 1e9) if data else (0, 0.0)
-
-
-def random_batches(steps: int, batch: int, size: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, CLASSES, (steps, batch), generator=gen)
-    return [
-        {
-            "image": torch.randint(
-                0, 256, (batch, 3, size, size), generator=gen, dtype=torch.uint8
-            ),
-            "target": torch.nn.functional.one_hot(labels[s], CLASSES).float(),
-            "index": torch.arange(batch, dtype=torch.int32),
-            "mask": torch.ones(batch),
-        }
-        for s in range(steps)
-    ]
 
 
 def bare_epoch(model_name: str, data: list[dict]) -> Callable[[list[float]], None]:
@@ -141,7 +125,7 @@ def leaf_epoch(model_name: str, data: list[dict], pipeline: str) -> Callable[[li
 
 
 def run_row(model_name: str, pipeline: str, args: argparse.Namespace) -> dict:
-    data = random_batches(args.steps, args.batch, args.image_size)
+    data = random_batches(args.steps, args.batch, args.image_size, seed=0)
     make = bare_epoch if pipeline == "bare" else leaf_epoch
     epoch = make(model_name, data) if pipeline == "bare" else make(model_name, data, pipeline)
     rows = []

@@ -65,7 +65,7 @@ def fit_loaded_state(optimizer: torch.optim.Optimizer, device: torch.device) -> 
         if "capturable" in group and not group.get("fused"):
             group["capturable"] = device.type != "cpu"
         for p in group["params"]:
-            state = optimizer.state.get(p, {})
+            state = optimizer.state[p] if syncfree_sgd else optimizer.state.get(p, {})
             step = state.get("step")
             if isinstance(step, torch.Tensor) and step.device != p.device:
                 state["step"] = step.to(p.device, torch.float32)

@@ -487,6 +487,7 @@ class Watchdog:
             f"(replica {self.rank}): a replica on another host has probably failed (its error "
             "is in that host's output), or the device hangs; stopping (--dist-timeout)"
         )
+        print(file=sys.stderr)  # off the progress bar's line: this thread cannot clear it
         if _report_dir is not None:  # a spawned replica: the launching process prints it
             _report(_report_dir, self.rank, UserError(message))
         else:
