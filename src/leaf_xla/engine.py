@@ -227,6 +227,9 @@ class Trainer:
         running mean loss every `log_every` steps, off the training thread.
         """
         self.model.train()
+        # XLA compiles the step in this process's first epoch: said once, and the bar's rate
+        # is timed from the step after it, not extrapolated from the compile.
+        compiling = self.rt.kind == "xla" and "train" not in self.steps_run
         self.expect_compile("train")
         self.reset_totals(start_step, loss_sum)
         if self.mixing is not None:
@@ -247,12 +250,8 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        # XLA compiles the step in this process's first epoch: said once, and the bar's rate
-        # is timed from the step after it, not extrapolated from the compile.
-        compiling = self.rt.kind == "xla" and not getattr(self, "_step_compiled", False)
         if compiling and self.rt.is_master:
             bar.write("compiling the training step, first time only")
-        self._step_compiled = True
         step = start_step - 1
         with bar:  # cleared on errors too, so that an error message starts its own line
             for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
