@@ -351,6 +351,10 @@ class RunState:
     epoch: int = 0  # the epoch in progress
     step: int = 0  # steps of `epoch` done
     epoch_loss_sum: float = 0.0  # their summed loss, for the epoch's history row
+    # Also of those steps: so that a resumed epoch counts and stops as an uninterrupted one.
+    epoch_nonfinite: int = 0  # non-finite steps skipped
+    epoch_nonfinite_run: int = 0  # of them, those in a row at `step`
+    epoch_skipped: int = 0  # training images skipped as unreadable (all replicas)
     best_auc: float = -math.inf
     best_ema_auc: float = -math.inf  # --ema-decay: the moving average's, for best_ema.pt
     flat_epochs: int = 0
@@ -506,6 +510,10 @@ def restore(run: Run) -> RunState:
         epoch=state["epoch"],
         step=state["step"],
         epoch_loss_sum=state["epoch_loss_sum"],
+        # Absent from checkpoints of older versions: counted from the resume on, as they did.
+        epoch_nonfinite=state.get("epoch_nonfinite", 0),
+        epoch_nonfinite_run=state.get("epoch_nonfinite_run", 0),
+        epoch_skipped=state.get("epoch_skipped", 0),
         best_auc=state["best_auc"],
         best_ema_auc=state.get("best_ema_auc", -math.inf),
         flat_epochs=state["flat_epochs"],
@@ -549,6 +557,9 @@ def snapshot(run: Run, state: RunState) -> dict[str, Any]:
         "epoch": state.epoch,
         "step": state.step,
         "epoch_loss_sum": state.epoch_loss_sum,
+        "epoch_nonfinite": state.epoch_nonfinite,
+        "epoch_nonfinite_run": state.epoch_nonfinite_run,
+        "epoch_skipped": state.epoch_skipped,
         "rng": checkpoint.plain_rng_state(run.rt.rng_state()),
         "best_auc": state.best_auc,
         "best_ema_auc": state.best_ema_auc,
@@ -622,8 +633,15 @@ def train_epoch(run: Run, state: RunState) -> None:
     def on_step(step: int) -> None:
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.steps:
             run.trainer.check_finite(epoch)  # K non-finite steps in a row stop here
-            loss_sum = float(run.trainer.epoch_totals()[0].item())
-            mid = replace(state, step=step, epoch_loss_sum=loss_sum)
+            totals = run.trainer.epoch_totals()
+            mid = replace(
+                state,
+                step=step,
+                epoch_loss_sum=float(totals.loss.item()),
+                epoch_nonfinite=int(totals.nonfinite_steps.item()),
+                epoch_nonfinite_run=int(totals.nonfinite_run.item()),
+                epoch_skipped=state.epoch_skipped + run.trainer.skipped_images(),
+            )
             average_buffers(run)
             checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, mid))
 
@@ -644,6 +662,7 @@ def train_epoch(run: Run, state: RunState) -> None:
         log=log,
         log_every=args.log_every,
         loss_sum=state.epoch_loss_sum,
+        nonfinite=(state.epoch_nonfinite, state.epoch_nonfinite_run),
     )
     train_seconds = time.time() - started
     nonfinite = run.trainer.nonfinite_steps()
@@ -652,7 +671,7 @@ def train_epoch(run: Run, state: RunState) -> None:
             f"warning: epoch {epoch}: skipped {nonfinite} step(s) with a non-finite loss or "
             "gradients (they changed no weights)"
         )
-    check_skipped(run, loader.skipped, epoch, samples=(run.steps - first) * run.global_batch)
+    check_skipped(run, loader.skipped, epoch, before=state.epoch_skipped)
     average_buffers(run)  # every replica evaluates (and saves) the same model
     val_targets = plan.data.train.targets[plan.val_index]
 
@@ -693,6 +712,7 @@ def train_epoch(run: Run, state: RunState) -> None:
     # --patience: epochs in which neither the model nor its moving average improved.
     state.flat_epochs = 0 if improved or improved_ema else state.flat_epochs + 1
     state.epoch, state.step, state.epoch_loss_sum = epoch + 1, 0, 0.0
+    state.epoch_nonfinite = state.epoch_nonfinite_run = state.epoch_skipped = 0
     write_epoch(run, state, improved, improved_ema)
     val_ids = [plan.data.train.ids[i] for i in plan.val_index]
     for better, ema, name, oof_name in [
@@ -742,10 +762,13 @@ def check_unreadable(
     )
 
 
-def check_skipped(run: Run, mine: list[int], epoch: int, samples: int) -> None:
-    """Name the training images skipped as unreadable this epoch; stop above the allowed
-    fraction. Every replica calls it and sees the same count, so all stop together."""
-    count = run.trainer.skipped_images()
+def check_skipped(run: Run, mine: list[int], epoch: int, before: int) -> None:
+    """Name the training images skipped as unreadable this epoch (`before`: how many before
+    the resume, if any, named by count only); stop when they are more than the allowed
+    fraction of the training images, the measure check_unreadable applies before training.
+    Every replica calls it and sees the same count, so all stop together."""
+    count = before + run.trainer.skipped_images()
+    samples = len(run.train_set)
     if count == 0:
         return
     # Fixed length (a loader's samples per epoch), -1 padded: one gathered shape every epoch.
