@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from leaf_xla.cli import UserError
+from leaf_xla.config import identity
 
 MIX_STREAM = 2  # this generator's word in its seed: no other stream draws from the same seed
 
@@ -47,34 +48,42 @@ class MixSpec:
 
 
 def add_mix_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--mixup",
-        type=float,
-        default=0.0,
-        metavar="ALPHA",
-        help="mixup: blend pairs of images and their targets with a Beta(ALPHA, ALPHA) weight "
-        "(timm's mixup_alpha; 0: off)",
+    identity(
+        group.add_argument(
+            "--mixup",
+            type=float,
+            default=0.0,
+            metavar="ALPHA",
+            help="mixup: blend pairs of images and their targets with a Beta(ALPHA, ALPHA) weight "
+            "(timm's mixup_alpha; 0: off)",
+        )
     )
-    group.add_argument(
-        "--cutmix",
-        type=float,
-        default=0.0,
-        metavar="ALPHA",
-        help="CutMix: paste a box of the paired image, its area from Beta(ALPHA, ALPHA) "
-        "(timm's cutmix_alpha; 0: off)",
+    identity(
+        group.add_argument(
+            "--cutmix",
+            type=float,
+            default=0.0,
+            metavar="ALPHA",
+            help="CutMix: paste a box of the paired image, its area from Beta(ALPHA, ALPHA) "
+            "(timm's cutmix_alpha; 0: off)",
+        )
     )
-    group.add_argument(
-        "--mix-prob",
-        type=float,
-        default=1.0,
-        help="probability that a batch is mixed (timm's prob)",
+    identity(
+        group.add_argument(
+            "--mix-prob",
+            type=float,
+            default=1.0,
+            help="probability that a batch is mixed (timm's prob)",
+        )
     )
-    group.add_argument(
-        "--mixup-switch-prob",
-        type=float,
-        default=0.5,
-        help="with --mixup and --cutmix: probability of CutMix for a mixed batch (timm's "
-        "switch_prob)",
+    identity(
+        group.add_argument(
+            "--mixup-switch-prob",
+            type=float,
+            default=0.5,
+            help="with --mixup and --cutmix: probability of CutMix for a mixed batch (timm's "
+            "switch_prob)",
+        )
     )
 
 

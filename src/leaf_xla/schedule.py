@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leaf_xla.cli import SettingError
-from leaf_xla.config import add_config_option, parse_args
+from leaf_xla.config import add_config_option, identity, parse_args
 
 
 @dataclass(frozen=True)
@@ -65,24 +65,28 @@ def from_args(args: argparse.Namespace, replicas: int = 1) -> Schedule:
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learning rate (the seed's warm-up / sustain / decay)")
-    group.add_argument("--lr-start", type=float, default=1e-5)
-    group.add_argument(
-        "--lr",
-        "--lr-max",
-        dest="lr_max",
-        type=float,
-        default=5e-5,
-        help="peak learning rate for one replica",
+    identity(group.add_argument("--lr-start", type=float, default=1e-5))
+    identity(
+        group.add_argument(
+            "--lr",
+            "--lr-max",
+            dest="lr_max",
+            type=float,
+            default=5e-5,
+            help="peak learning rate for one replica",
+        )
     )
-    group.add_argument("--lr-min", type=float, default=1e-5)
-    group.add_argument("--ramp-epochs", type=float, default=5)
-    group.add_argument("--sustain-epochs", type=float, default=0)
-    group.add_argument("--decay", type=float, default=0.8, help="per-epoch decay factor")
-    group.add_argument(
-        "--scale-lr",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="multiply the peak by the number of replicas, as the seed does",
+    identity(group.add_argument("--lr-min", type=float, default=1e-5))
+    identity(group.add_argument("--ramp-epochs", type=float, default=5))
+    identity(group.add_argument("--sustain-epochs", type=float, default=0))
+    identity(group.add_argument("--decay", type=float, default=0.8, help="per-epoch decay factor"))
+    identity(
+        group.add_argument(
+            "--scale-lr",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="multiply the peak by the number of replicas, as the seed does",
+        )
     )
 
 
