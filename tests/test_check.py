@@ -318,6 +318,19 @@ def test_ids_outside_the_image_folder_are_errors(image_id, clean, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("image_id", ["Train_3\x00.jpg", "Train\x1b[31m_3", "Train\t3"])
+def test_ids_with_control_characters_are_errors_naming_the_row(image_id, clean, tmp_path):
+    data_dir = broken_copy(
+        clean["pp2020"], tmp_path / "data", set_cells("train.csv", 3, image_id=image_id)
+    )
+    _, problems = scan(data_dir)
+    assert problems.errors == [
+        f"train.csv row 5: image id {image_id!r} holds a control character; ids are file names"
+    ]
+    code, errors, _, _ = check_cli(data_dir)
+    assert code != 0 and len(errors) == 1 and "train.csv row 5" in errors[0]
+
+
 def test_train_rejects_an_id_outside_the_image_folder(clean, tmp_path):
     edit = set_cells("train.csv", 3, image_id="../../secret")
     data_dir = broken_copy(clean["pp2020"], tmp_path / "data", edit)

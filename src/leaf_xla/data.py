@@ -239,6 +239,12 @@ def _files(
     for k, image_id in enumerate(ids):
         if not image_id:
             problems.errors.append(f"{csv_name} row {k + 2}: empty image id")
+        elif any(ord(c) < 32 or ord(c) == 127 for c in image_id):  # a NUL fails every open()
+            problems.errors.append(
+                f"{csv_name} row {k + 2}: image id {image_id!r} holds a control character; "
+                "ids are file names"
+            )
+            problems.bad_files.add(paths[k])
         elif Path(image_id).is_absolute() or ".." in Path(image_id).parts:
             problems.errors.append(
                 f"{csv_name} row {k + 2}: image id {image_id!r} points outside "
