@@ -38,8 +38,8 @@ from leaf_xla.data import (
     DecodeError,
     Problems,
     decode,
+    decode_warning,
     image_shape,
-    mode_warning,
     parse_image_size,
 )
 from leaf_xla.files import fsync_path
@@ -188,15 +188,16 @@ class ResizeCache:
             self.remove_stale_temps()
 
         def one(path: Path) -> tuple[str | None, str | None]:
+            notes: list[str] = []
             try:
                 stamp = _stamp(path)  # before decoding: a file changed meanwhile stays stale
-                array, mode = decode(path, self.size)
+                array, mode = decode(path, self.size, notes)
             except DecodeError as err:
                 return str(err), None
             except FileNotFoundError:
                 return f"{path}: missing image file", None
             self.store(path, array, stamp)
-            return None, mode_warning(path, mode)
+            return None, decode_warning(path, mode, notes)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for path, (error, warning) in zip(todo, pool.map(one, todo)):
