@@ -255,7 +255,7 @@ def test_check_cli_summary(check_report):
     assert "label format: onehot" in out
     assert "train: train.csv (id column image_id), images in images/" in out
     assert "test images: 2" in out and "train images: 12" in out
-    assert "NOT usable for training: 6 error(s), 3 warning(s)" in out, out
+    assert "NOT usable for training: 6 error(s), 4 warning(s)" in out, out
 
 
 def test_no_decode_skips_the_decode_check(broken_pp2020):

@@ -99,6 +99,28 @@ def test_an_overwrite_that_fails_before_best_pt_keeps_the_old_run(old_run, pp202
     assert hidden(old_run.parent) == []
 
 
+def test_a_resume_after_a_killed_overwrite_loses_neither_run(old_run, pp2020):
+    """An --overwrite run killed after a mid-epoch last.pt and before its first best.pt: the
+    old run is still aside, the new run's folder holds the newer state."""
+    out = old_run.parent
+    aside = out / f".{RUN}.overwritten"
+    old_run.rename(aside)
+    old_run.mkdir()
+    for name in ("config.yaml", "last.prev.pt"):  # the new run, at epoch 2 step 4
+        shutil.copy(aside / name, old_run / name.replace(".prev", ""))
+    old, new = snapshot(aside), snapshot(old_run)
+    for flags in (["--resume"], []):
+        refused = run_cli(*train_args(pp2020, out, *flags, "--device", "cpu"))
+        assert_user_error(refused, "stopped before its first best.pt", "--resume --overwrite")
+        assert snapshot(aside) == old and snapshot(old_run) == new
+    resumed = run_cli(*train_args(pp2020, out, "--resume", "--overwrite", "--device", "cpu"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the run that --overwrite started" in resumed.stderr
+    assert f"resuming {old_run} at epoch 2 step 4" in resumed.stdout
+    assert torch.load(old_run / "last.pt", weights_only=True)["epoch"] == 3
+    assert hidden(out) == []  # the old run went once the new one saved best.pt
+
+
 def test_an_overwrite_replaces_the_old_run_once_it_has_trained(old_run, pp2020):
     out = old_run.parent
     result = run_cli(*train_args(pp2020, out, "--overwrite", "--epochs", "1", "--device", "cpu"))

@@ -221,11 +221,35 @@ def commit_overwrite(run_dir: Path) -> None:
     Overwrite(run_dir).commit()
 
 
-def recover_overwrite(run_dir: Path) -> None:
-    """Settle an `--overwrite` that a kill cut short (its aside folder is still there)."""
+def recover_overwrite(run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Settle an `--overwrite` that a kill cut short (its aside folder is still there).
+
+    A new run that saved best.pt replaces the old one; one that saved no state is undone (the
+    old run put back). One that saved a last.pt but no best.pt is newer than the old run:
+    `--resume --overwrite` continues it (the old run is deleted once it saves best.pt),
+    `--overwrite` starts again; anything else is refused, so that neither run is lost.
+    """
     pending = Overwrite(run_dir)
-    if pending.aside.exists():
+    if not pending.aside.exists():
+        return
+    newer = not (run_dir / "best.pt").is_file() and any(
+        (run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")
+    )
+    if not newer or (overwrite and not resume):
         pending.finish()
+    elif resume and overwrite:
+        print(
+            f"--resume --overwrite: resuming the run that --overwrite started in {run_dir}; "
+            f"{pending.aside}, the run it replaces, is deleted once it saves best.pt",
+            file=sys.stderr,
+        )
+    else:
+        raise UserError(
+            f"{run_dir} holds a run started with --overwrite that stopped before its first "
+            f"best.pt, and {pending.aside} the run it was replacing: pass --resume --overwrite "
+            f"to continue the new run (the old one is deleted once it saves best.pt), "
+            f"--overwrite to start again, or delete {run_dir} to go back to the old run"
+        )
 
 
 def fold_digest(ids: Sequence[str], val_index: np.ndarray) -> str:

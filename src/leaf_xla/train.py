@@ -329,7 +329,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         soft_digest = soft_targets.digest(soft, train_ids)
     run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
     rundir.lock_run(run_dir)  # until this process ends: no other run touches the folder
-    rundir.recover_overwrite(run_dir)
+    rundir.recover_overwrite(run_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         if not any((run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")):
             raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
