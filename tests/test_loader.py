@@ -396,3 +396,55 @@ def test_building_removes_temp_files_that_killed_writers_left(data_dir):
     os.utime(old, (0, 0))  # long before any live write
     assert cache.build(paths, 1, Problems()) == 0
     assert not old.exists() and young.exists()  # a young one may be another host's, in flight
+
+
+# --- RAM in a container ----------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def fake_host(tmp_path: Path, own: str) -> tuple[Path, Path, Path]:
+    """/proc/meminfo of a 64 GiB host with 60 GiB available, /proc/self/cgroup, and a cgroup
+    folder to fill."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {64 * GIB >> 10} kB\nMemAvailable: {60 * GIB >> 10} kB\n")
+    (tmp_path / "self_cgroup").write_text(own)
+    return meminfo, tmp_path / "cgroup", tmp_path / "self_cgroup"
+
+
+def limit(folder: Path, names: tuple[str, str, str], limit: str, used: int, cache: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / names[0]).write_text(f"{limit}\n")
+    (folder / names[1]).write_text(f"{used}\n")
+    (folder / "memory.stat").write_text(f"anon {used - cache}\n{names[2]} {cache}\n")
+
+
+V2 = ("memory.max", "memory.current", "inactive_file")
+V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def test_ram_room_is_capped_by_the_containers_memory_limit(tmp_path):
+    host = (60 - 32) * GIB  # available less half the host's memory
+    meminfo, root, own = fake_host(tmp_path, "0::/kubepods/pod1\n")
+    assert loader.ram_room(meminfo, root, own) == host  # no cgroup files: the host's
+    # A pod limited to 8 GiB, 3 GiB in use of which 1 GiB is reclaimable file cache: it may
+    # grow to half its limit.
+    limit(root / "kubepods" / "pod1", V2, str(8 * GIB), 3 * GIB, GIB)
+    assert loader.ram_room(meminfo, root, own) == 8 * GIB - 2 * GIB - 4 * GIB
+    limit(root / "kubepods", V2, str(6 * GIB), 3 * GIB, GIB)  # the parent's is tighter
+    assert loader.ram_room(meminfo, root, own) == 6 * GIB - 2 * GIB - 3 * GIB
+    limit(root / "kubepods", V2, "max", 3 * GIB, GIB)
+    limit(root / "kubepods" / "pod1", V2, "max", 3 * GIB, GIB)
+    assert loader.ram_room(meminfo, root, own) == host
+    # A full container: nothing more.
+    limit(root / "kubepods" / "pod1", V2, str(4 * GIB), 4 * GIB, 0)
+    assert loader.ram_room(meminfo, root, own) == 0
+
+
+def test_ram_room_reads_cgroup_v1_limits(tmp_path):
+    meminfo, root, own = fake_host(tmp_path, "9:name=systemd:/\n4:memory:/docker/abc\n0::/\n")
+    # Docker mounts the container's own memory cgroup at /sys/fs/cgroup/memory.
+    limit(root / "memory", V1, str(8 * GIB), 3 * GIB, GIB)
+    assert loader.ram_room(meminfo, root, own) == 8 * GIB - 2 * GIB - 4 * GIB
+    limit(root / "memory", V1, str(9223372036854771712), 3 * GIB, GIB)  # v1's "no limit"
+    assert loader.ram_room(meminfo, root, own) == (60 - 32) * GIB

@@ -45,7 +45,8 @@ from leaf_xla.data import (
 from leaf_xla.files import fsync_path
 
 # Resized images stay in RAM while the host has more than this share of its memory available
-# (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it).
+# (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it), and,
+# in a container, while its memory cgroup uses less than 1 - this share of its limit.
 RAM_FLOOR = 0.5
 RAM_RECHECK = 256 << 20  # bytes kept between two looks at /proc/meminfo
 # A cache temp file older than this (seconds) is a killed writer's: a live write takes far less.
@@ -246,15 +247,69 @@ def _remove_leftovers(folder: Path, keep: Path | None = None) -> None:
             pass
 
 
-def ram_room() -> int:
+def ram_room(
+    meminfo: Path = Path("/proc/meminfo"),
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    own_cgroup: Path = Path("/proc/self/cgroup"),
+) -> int:
     """Bytes the host can give before its available memory falls to RAM_FLOOR of the total
-    (0 where /proc/meminfo is missing)."""
+    (0 where /proc/meminfo is missing); in a container (Docker, a Kubernetes pod), no more
+    than its memory cgroup can give before its use reaches 1 - RAM_FLOOR of its limit:
+    /proc/meminfo shows the host's memory there, and the limit's excess is a kill."""
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        lines = meminfo.read_text().splitlines()
     except OSError:
         return 0
     kib = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.endswith("kB")}
-    return max(0, kib.get("MemAvailable", 0) - int(RAM_FLOOR * kib.get("MemTotal", 0))) << 10
+    room = max(0, kib.get("MemAvailable", 0) - int(RAM_FLOOR * kib.get("MemTotal", 0))) << 10
+    for folder, names in _memory_cgroups(cgroup_root, own_cgroup):
+        room = min(room, _cgroup_room(folder, *names))
+    return room
+
+
+# (limit, usage, reclaimable page cache in memory.stat) of cgroup v2 and v1.
+CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _memory_cgroups(root: Path, own: Path) -> list[tuple[Path, tuple[str, str, str]]]:
+    """This process's memory cgroup folders and their ancestors' (any may set a limit)."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, names = root, CGROUP_V2
+        elif "memory" in controllers.split(","):
+            base, names = root / "memory", CGROUP_V1
+        else:
+            continue
+        # Where a cgroup namespace hides the path, the mount is the process's own cgroup.
+        folder = base / path.strip("/")
+        found += [(p, names) for p in (folder, *folder.parents) if p == base or base in p.parents]
+    return found
+
+
+def _cgroup_room(folder: Path, limit_name: str, usage_name: str, cache_name: str) -> int:
+    """What a cgroup can give before its use (less reclaimable cache) reaches 1 - RAM_FLOOR of
+    its limit; a huge number where it has none (or its files are not there)."""
+    try:
+        text = (folder / limit_name).read_text().strip()
+        usage = int((folder / usage_name).read_text())
+    except (OSError, ValueError):
+        return 1 << 62
+    if text == "max" or int(text) >= 1 << 60:  # v1 writes "no limit" as a page-rounded 2^63
+        return 1 << 62
+    limit = int(text)
+    try:
+        stat = dict(line.split()[:2] for line in (folder / "memory.stat").read_text().splitlines())
+        usage -= int(stat.get(cache_name, 0))
+    except (OSError, ValueError):
+        pass
+    return max(0, limit - usage - int(RAM_FLOOR * limit))
 
 
 # --- samples and batches --------------------------------------------------------------------
