@@ -6,6 +6,7 @@ plain CPU device (quick), since what is tested here is the run folder, not the g
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -106,8 +107,10 @@ def test_a_resume_after_a_killed_overwrite_loses_neither_run(old_run, pp2020):
     aside = out / f".{RUN}.overwritten"
     old_run.rename(aside)
     old_run.mkdir()
-    for name in ("config.yaml", "last.prev.pt"):  # the new run, at epoch 2 step 4
-        shutil.copy(aside / name, old_run / name.replace(".prev", ""))
+    shutil.copy(aside / "config.yaml", old_run / "config.yaml")
+    state = torch.load(aside / "last.prev.pt", weights_only=True)  # at epoch 2 step 4
+    state["best_auc"] = -math.inf  # as a run before its first best.pt
+    torch.save(state, old_run / "last.pt")
     old, new = snapshot(aside), snapshot(old_run)
     for flags in (["--resume"], []):
         refused = run_cli(*train_args(pp2020, out, *flags, "--device", "cpu"))
