@@ -25,10 +25,11 @@ from leaf_xla.cli import UserError
 from leaf_xla.files import atomic_write_text
 
 
-def identity(action: argparse.Action) -> argparse.Action:
-    """Declare a training option part of the run's identity: a `--resume` that changes it is
-    refused (rundir.resume_identity). Every other training option is listed, with why its
-    change is harmless, in rundir.NOT_IN_IDENTITY."""
+def identity(group: Any, *flags: str, **kwargs: Any) -> argparse.Action:
+    """`group.add_argument(*flags, **kwargs)` for a training option that is part of the run's
+    identity: a `--resume` that changes it is refused (rundir.resume_identity). Every other
+    training option is listed, with why its change is harmless, in rundir.NOT_IN_IDENTITY."""
+    action = group.add_argument(*flags, **kwargs)
     action.identity = True
     return action
 

@@ -49,41 +49,37 @@ class MixSpec:
 
 def add_mix_options(group: argparse._ArgumentGroup) -> None:
     identity(
-        group.add_argument(
-            "--mixup",
-            type=float,
-            default=0.0,
-            metavar="ALPHA",
-            help="mixup: blend pairs of images and their targets with a Beta(ALPHA, ALPHA) weight "
-            "(timm's mixup_alpha; 0: off)",
-        )
+        group,
+        "--mixup",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="mixup: blend pairs of images and their targets with a Beta(ALPHA, ALPHA) weight "
+        "(timm's mixup_alpha; 0: off)",
     )
     identity(
-        group.add_argument(
-            "--cutmix",
-            type=float,
-            default=0.0,
-            metavar="ALPHA",
-            help="CutMix: paste a box of the paired image, its area from Beta(ALPHA, ALPHA) "
-            "(timm's cutmix_alpha; 0: off)",
-        )
+        group,
+        "--cutmix",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="CutMix: paste a box of the paired image, its area from Beta(ALPHA, ALPHA) "
+        "(timm's cutmix_alpha; 0: off)",
     )
     identity(
-        group.add_argument(
-            "--mix-prob",
-            type=float,
-            default=1.0,
-            help="probability that a batch is mixed (timm's prob)",
-        )
+        group,
+        "--mix-prob",
+        type=float,
+        default=1.0,
+        help="probability that a batch is mixed (timm's prob)",
     )
     identity(
-        group.add_argument(
-            "--mixup-switch-prob",
-            type=float,
-            default=0.5,
-            help="with --mixup and --cutmix: probability of CutMix for a mixed batch (timm's "
-            "switch_prob)",
-        )
+        group,
+        "--mixup-switch-prob",
+        type=float,
+        default=0.5,
+        help="with --mixup and --cutmix: probability of CutMix for a mixed batch (timm's "
+        "switch_prob)",
     )
 
 

@@ -65,28 +65,26 @@ def from_args(args: argparse.Namespace, replicas: int = 1) -> Schedule:
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learning rate (the seed's warm-up / sustain / decay)")
-    identity(group.add_argument("--lr-start", type=float, default=1e-5))
+    identity(group, "--lr-start", type=float, default=1e-5)
     identity(
-        group.add_argument(
-            "--lr",
-            "--lr-max",
-            dest="lr_max",
-            type=float,
-            default=5e-5,
-            help="peak learning rate for one replica",
-        )
+        group,
+        "--lr",
+        "--lr-max",
+        dest="lr_max",
+        type=float,
+        default=5e-5,
+        help="peak learning rate for one replica",
     )
-    identity(group.add_argument("--lr-min", type=float, default=1e-5))
-    identity(group.add_argument("--ramp-epochs", type=float, default=5))
-    identity(group.add_argument("--sustain-epochs", type=float, default=0))
-    identity(group.add_argument("--decay", type=float, default=0.8, help="per-epoch decay factor"))
+    identity(group, "--lr-min", type=float, default=1e-5)
+    identity(group, "--ramp-epochs", type=float, default=5)
+    identity(group, "--sustain-epochs", type=float, default=0)
+    identity(group, "--decay", type=float, default=0.8, help="per-epoch decay factor")
     identity(
-        group.add_argument(
-            "--scale-lr",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="multiply the peak by the number of replicas, as the seed does",
-        )
+        group,
+        "--scale-lr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="multiply the peak by the number of replicas, as the seed does",
     )
 
 

@@ -71,23 +71,22 @@ def build_parser(
     data.add_argument("--out-dir", type=Path, default=Path("runs"), help="where runs are written")
     data.add_argument("--run-name", help="run folder name (default: <model>-fold<k>)")
     data.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
-    identity(data.add_argument("--classes", nargs="+", help="class names (default: from the data)"))
+    identity(data, "--classes", nargs="+", help="class names (default: from the data)")
     data.add_argument(
         "--folds-file",
         type=Path,
         help="folds CSV shared by the ensemble (default: <out-dir>/folds.csv)",
     )
     data.add_argument("--n-folds", type=int, default=5)
-    identity(data.add_argument("--fold", type=int, default=0, help="the fold used for validation"))
+    identity(data, "--fold", type=int, default=0, help="the fold used for validation")
     data.add_argument("--holdout", type=float, help="validate on this fraction instead of folds")
     data.add_argument("--fold-seed", type=int, default=42)
     identity(
-        data.add_argument(
-            "--image-size",
-            type=parse_image_size,
-            help="input size: 512 (square) or HEIGHTxWIDTH, e.g. 512x768 for landscape photos "
-            "(portrait ones are turned to landscape); default: the model's",
-        )
+        data,
+        "--image-size",
+        type=parse_image_size,
+        help="input size: 512 (square) or HEIGHTxWIDTH, e.g. 512x768 for landscape photos "
+        "(portrait ones are turned to landscape); default: the model's",
     )
     data.add_argument(
         "--soft-targets",
@@ -119,7 +118,7 @@ def build_parser(
     )
 
     model = parser.add_argument_group("model")
-    identity(model.add_argument("--model", help="timm name or Keras alias (EfficientNetB7, ...)"))
+    identity(model, "--model", help="timm name or Keras alias (EfficientNetB7, ...)")
     model.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
@@ -132,41 +131,28 @@ def build_parser(
         help="local .safetensors/.pth to start from (offline); a .pth is read with "
         "weights_only=True: tensors only, no pickled code runs",
     )
-    identity(
-        model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head")
-    )
-    identity(
-        model.add_argument("--drop-path-rate", type=float, help="stochastic depth (model default)")
-    )
-    identity(
-        model.add_argument("--mean", type=float, nargs=3, help="normalisation mean (model default)")
-    )
-    identity(
-        model.add_argument("--std", type=float, nargs=3, help="normalisation std (model default)")
-    )
+    identity(model, "--drop-rate", type=float, default=0.0, help="dropout before the head")
+    identity(model, "--drop-path-rate", type=float, help="stochastic depth (model default)")
+    identity(model, "--mean", type=float, nargs=3, help="normalisation mean (model default)")
+    identity(model, "--std", type=float, nargs=3, help="normalisation std (model default)")
 
     aug = parser.add_argument_group("augmentation")
+    identity(aug, "--hflip", type=float, default=0.5, help="horizontal flip probability")
+    identity(aug, "--vflip", type=float, default=0.5, help="vertical flip probability")
     identity(
-        aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    )
-    identity(aug.add_argument("--vflip", type=float, default=0.5, help="vertical flip probability"))
-    identity(
-        aug.add_argument(
-            "--augment-preset",
-            choices=list(PRESETS),
-            default="seed",
-            help="transforms after the flips; "
-            + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
-        )
+        aug,
+        "--augment-preset",
+        choices=list(PRESETS),
+        default="seed",
+        help="transforms after the flips; "
+        + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
     )
     identity(
-        aug.add_argument(
-            "--augment",
-            type=yaml_value,
-            default=[],
-            help="more albumentations transforms after the preset's, a YAML list "
-            "(see transforms.py)",
-        )
+        aug,
+        "--augment",
+        type=yaml_value,
+        default=[],
+        help="more albumentations transforms after the preset's, a YAML list (see transforms.py)",
     )
     mix.add_mix_options(aug)
 
@@ -174,9 +160,9 @@ def build_parser(
     opt.add_argument("--epochs", type=int, default=20)
     opt.add_argument("--batch-size", type=int, default=16, help="per replica (TPU core)")
     opt.add_argument("--eval-batch-size", type=int, help="per replica (default: 2x batch size)")
-    identity(opt.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam"))
-    identity(opt.add_argument("--weight-decay", type=float, default=0.0))
-    identity(opt.add_argument("--label-smoothing", type=float, default=0.0))
+    identity(opt, "--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    identity(opt, "--weight-decay", type=float, default=0.0)
+    identity(opt, "--label-smoothing", type=float, default=0.0)
     opt.add_argument(
         "--max-nonfinite-steps",
         type=int,
@@ -185,30 +171,28 @@ def build_parser(
         "after this many in a row",
     )
     identity(
-        opt.add_argument(
-            "--ema-decay",
-            type=float,
-            metavar="D",
-            help="also keep an exponential moving average of the weights, decay D per optimizer "
-            "step (e.g. 0.999), evaluated every epoch: its best is best_ema.pt (default: off)",
-        )
+        opt,
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="also keep an exponential moving average of the weights, decay D per optimizer "
+        "step (e.g. 0.999), evaluated every epoch: its best is best_ema.pt (default: off)",
     )
     add_schedule_options(parser)
 
     identity(
-        opt.add_argument(
-            "--lr-update",
-            choices=("step", "epoch"),
-            default="step",
-            help="step: the schedule at every optimizer update; epoch: once per epoch, as the "
-            "seed's Keras LearningRateScheduler does",
-        )
+        opt,
+        "--lr-update",
+        choices=("step", "epoch"),
+        default="step",
+        help="step: the schedule at every optimizer update; epoch: once per epoch, as the "
+        "seed's Keras LearningRateScheduler does",
     )
 
     runtime.add_launch_options(parser)
     run = parser.add_argument_group("runtime")
-    identity(run.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32"))
-    identity(run.add_argument("--seed", type=int, default=0))
+    identity(run, "--precision", choices=runtime.PRECISIONS, default="fp32")
+    identity(run, "--seed", type=int, default=0)
     run.add_argument("--compile-cache", type=Path, help="persistent XLA compilation cache folder")
     run.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     run.add_argument(
