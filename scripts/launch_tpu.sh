@@ -9,6 +9,9 @@
 # with "[worker N] " itself (N read from the TPU metadata server), so interleaved logs of a
 # pod slice stay readable. --worker=all is passed for single-host TPUs too (it is worker 0).
 set -euo pipefail
+# bash 5.2's patsub_replacement makes & in ${var//pattern/replacement} stand for the match; the
+# replacements here are user paths and URLs (--output gs://b/run&1), to be taken as they are
+shopt -u patsub_replacement 2>/dev/null || true
 
 PROG=${0##*/}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -55,6 +58,13 @@ Project code on the workers
   --skip-setup             do not copy or pip-install the project (already on the VM)
   --pip-arg ARG            extra argument for `pip install -e '.[tpu]'`, repeatable
   --python PY              Python on the VM                                   [python3]
+  --weights-file LOCAL[:REMOTE]
+                           copy a weights file to every worker, to REMOTE relative to the
+                           project checkout there (where training runs) [weights/NAME of LOCAL];
+                           repeatable. The `weights:` files that the configs of the run name
+                           (--recipe: of its members; train: --config, --weights) must be sent
+                           so, or be in the copied checkout: checked before any TPU is created
+                           (the configs are read from this checkout; not with --skip-setup)
 
 Data
   --data gs://BUCKET/PATH  `gcloud storage rsync -r` it into the data dir on every worker
@@ -93,15 +103,19 @@ Examples
   launch_tpu.sh --accelerator-type v3-8 --data gs://my-bucket/plant-pathology-2020-fgvc7 \
     -- --model tf_efficientnet_b7 --config configs/tf_efficientnet_b7.yaml
   launch_tpu.sh --name leaf-pod --accelerator-type v4-32 --spot --output gs://my-bucket/runs/b7 \
-    --data kaggle:plant-pathology-2020-fgvc7 --kaggle-json ~/.kaggle/kaggle.json --recipe
+    --data kaggle:plant-pathology-2020-fgvc7 --kaggle-json ~/.kaggle/kaggle.json --recipe \
+    --weights-file weights/resnet152v2_imagenet.safetensors
   launch_tpu.sh --name leaf-pod --accelerator-type v4-32 --spot --output gs://my-bucket/runs/b7 \
-    --data kaggle:plant-pathology-2020-fgvc7 --recipe --resume    # after a preemption
+    --data kaggle:plant-pathology-2020-fgvc7 --recipe --resume \
+    --weights-file weights/resnet152v2_imagenet.safetensors    # after a preemption
 
 How it runs: every remote step is one `gcloud compute tpus tpu-vm ssh NAME --worker=all
 --command=...` (also on single-host TPUs); gcloud runs it on all workers at once, streams
-their output, each line prefixed "[worker N] ", and fails if any worker fails.
+their output, each line prefixed "[worker N] ", and fails if any worker fails. When training
+fails on one worker, the launcher stops it on every worker (SIGTERM, SIGKILL 10 s later), so
+that the hosts of a pod do not wait for it forever.
 Errors in the options exit with status 2 and one line on stderr; otherwise the exit status
-is that of the failing step (for training: that of a failed worker).
+is that of the failing step (for training: that of the first worker that failed).
 EOF
 }
 
@@ -116,7 +130,7 @@ EXISTING=0 RESUME=0 DELETE=0 DRY_RUN=0 SETUP_ONLY=0 SKIP_SETUP=0 RECIPE=0
 COPY_LOCAL=0 REPO='' REF='' DATA='' KAGGLE_JSON='' PREPARE_SIZE='' OUTPUT='' FETCH=''
 RECIPE_CONFIG=configs/ensemble.yaml SYNC_EVERY=600 PY=python3
 REMOTE_DIR=leaf_xla REMOTE_DATA=data/plant-pathology-2020-fgvc7 REMOTE_OUT=leaf_xla_runs
-ENVS=() CREATE_ARGS=() PIP_ARGS=() TRAIN_ARGS=()
+ENVS=() CREATE_ARGS=() PIP_ARGS=() TRAIN_ARGS=() WEIGHTS_FILES=()
 
 while (($#)); do
   opt=$1 val='' inline=0
@@ -142,7 +156,7 @@ while (($#)); do
     --name|--zone|--project|--accelerator-type|--version|--runtime-version|--queue-timeout|\
     --create-arg|--repo|--ref|--pip-arg|--python|--data|--kaggle-json|--prepare-size|\
     --recipe-config|--env|--output|--sync-every|--fetch|--remote-dir|--remote-data-dir|\
-    --remote-out-dir)
+    --remote-out-dir|--weights-file)
       if ((!inline)); then  # a value starting with -- needs the --option=VALUE form
         (($# >= 2)) || die "option $opt needs a value"
         [[ $2 != --* ]] || die "option $opt needs a value (for one starting with --, write $opt=$2)"
@@ -172,6 +186,7 @@ while (($#)); do
         --remote-dir) REMOTE_DIR=$val ;;
         --remote-data-dir) REMOTE_DATA=$val ;;
         --remote-out-dir) REMOTE_OUT=$val ;;
+        --weights-file) WEIGHTS_FILES+=("$val") ;;
       esac
       ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
@@ -201,10 +216,112 @@ fi
 [[ -z $PREPARE_SIZE || $PREPARE_SIZE =~ ^[1-9][0-9]*$ ]] \
   || die "bad --prepare-size '$PREPARE_SIZE': expected a positive integer"
 [[ $SYNC_EVERY =~ ^[0-9]+$ ]] || die "bad --sync-every '$SYNC_EVERY': expected seconds"
+[[ ${LAUNCH_TPU_STOP_GRACE_SECONDS:-0} =~ ^[0-9]+$ ]] \
+  || die "bad LAUNCH_TPU_STOP_GRACE_SECONDS '$LAUNCH_TPU_STOP_GRACE_SECONDS': expected seconds"
 [[ -z $OUTPUT || $OUTPUT == gs://?* ]] || die "bad --output '$OUTPUT': expected gs://BUCKET/PATH"
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "bad --env '$kv': expected KEY=VALUE"
 done
+
+# --weights-file LOCAL[:REMOTE] -> WEIGHTS_LOCAL[i] goes to WEIGHTS_REMOTE[i] (./ dropped).
+# A LOCAL that exists is taken whole, so a local name with a colon needs no REMOTE.
+WEIGHTS_LOCAL=() WEIGHTS_REMOTE=()
+for spec in ${WEIGHTS_FILES[@]+"${WEIGHTS_FILES[@]}"}; do
+  local_path=$spec remote=''
+  if [[ ! -f $spec && $spec == *:* ]]; then local_path=${spec%:*} remote=${spec##*:}; fi
+  [[ -f $local_path && -r $local_path ]] \
+    || die "--weights-file: no such file (or not readable): $local_path"
+  [[ -n $remote ]] || remote=weights/${local_path##*/}
+  WEIGHTS_LOCAL+=("$local_path")
+  WEIGHTS_REMOTE+=("${remote#./}")
+done
+
+# config_file NAME: this checkout's file of a config as find_config resolves it on a worker
+# (a path relative to the checkout, or the name of a shipped config); nothing if none.
+config_file() {
+  local name=$1 shipped
+  shipped=${name%.yaml}
+  shipped=$ROOT/src/leaf_xla/configs/${shipped##*/}.yaml
+  if [[ $name == /* ]]; then
+    [[ -f $name ]] && printf '%s' "$name"
+  elif [[ -f $ROOT/$name ]]; then
+    printf '%s' "$ROOT/$name"
+  elif [[ $name != */* || $name == configs/* || $name == ./* ]] && [[ -f $shipped ]]; then
+    printf '%s' "$shipped"
+  fi
+  return 0
+}
+# yaml_values KEY FILE: the values of every `KEY: value` line (any indent, quotes dropped).
+yaml_values() {
+  sed -n -e "s/^[[:space:]-]*$1:[[:space:]]*\([^#]*[^#[:space:]]\).*/\1/p" -- "$2" \
+    | sed -e "s/^[\"']\(.*\)[\"']\$/\1/"
+}
+# option_values NAME WORD...: the values of --NAME V / --NAME=V among the words.
+option_values() {
+  local name=$1 prev=''
+  shift
+  for word in "$@"; do
+    [[ $prev == "--$name" ]] && printf '%s\n' "$word"
+    [[ $word == "--$name="* ]] && printf '%s\n' "${word#*=}"
+    prev=$word
+  done
+  return 0
+}
+
+# needed_weights: "PATH<TAB>WHO" for each weights file the run's training reads: train args'
+# --weights (for --recipe: those after its `--`, for every member), else the configs' `weights:`.
+needed_weights() {
+  local run_args=() file name weights i
+  run_args=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
+  if ((RECIPE)); then
+    run_args=()
+    for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
+      if [[ ${TRAIN_ARGS[i]} == -- ]]; then run_args=("${TRAIN_ARGS[@]:i+1}"); break; fi
+    done
+  fi
+  weights=$(option_values weights ${run_args[@]+"${run_args[@]}"})
+  if [[ -n $weights ]]; then
+    printf '%s\ttrain argument --weights\n' "${weights##*$'\n'}"
+    return 0
+  fi
+  if ((RECIPE)); then
+    file=$(config_file "$RECIPE_CONFIG")
+    [[ -n $file ]] || return 0
+    yaml_values weights "$file" | sed "s|\$|\t--recipe-config $RECIPE_CONFIG|"
+    yaml_values config "$file" | while IFS= read -r name; do
+      file=$(config_file "$name")
+      [[ -n $file ]] && yaml_values weights "$file" | sed "s|\$|\tthe recipe's config $name|"
+    done
+  else
+    name=$(option_values config ${run_args[@]+"${run_args[@]}"})
+    [[ -n $name ]] || return 0
+    name=${name##*$'\n'}  # the last one counts
+    file=$(config_file "$name")
+    [[ -n $file ]] && yaml_values weights "$file" | sed "s|\$|\tconfig $name|"
+  fi
+  return 0
+}
+
+# Stop now, before any TPU exists, if training would not find a weights file on the workers:
+# one the run needs (a path relative to the checkout) that is neither sent by --weights-file
+# nor in the checkout that --copy-local sends.
+check_weights() {
+  local path who sent local_path
+  while IFS=$'\t' read -r path who; do
+    path=${path#./}
+    [[ -z $path || $path == /* || $path == \~* ]] && continue  # the VM's own path: not known here
+    for sent in ${WEIGHTS_REMOTE[@]+"${WEIGHTS_REMOTE[@]}"}; do
+      [[ $sent == "$path" ]] && continue 2
+    done
+    if ((COPY_LOCAL)) && git -C "$ROOT" ls-files --error-unmatch -- "$path" >/dev/null 2>&1; then
+      continue
+    fi
+    local_path=$path
+    [[ ! -f $path && -f $ROOT/$path ]] && local_path=$ROOT/$path
+    die "$who needs the weights file $path on every worker: pass --weights-file $local_path\
+$([[ $path == "weights/${local_path##*/}" ]] || printf ':%s' "$path") (nothing was started)"
+  done < <(needed_weights)
+}
 
 GEN='' CORES=0 POD=0
 if [[ -z $ACCEL ]]; then
@@ -240,6 +357,7 @@ if ((COPY_LOCAL)); then
   git -C "$ROOT" rev-parse --verify -q HEAD >/dev/null 2>&1 \
     || die "--copy-local: $ROOT is not a git checkout with a commit (git archive needs one); commit, or use --repo URL"
 fi
+if ((!SKIP_SETUP)); then check_weights; fi
 
 command -v gcloud >/dev/null 2>&1 \
   || die "gcloud not found on PATH; install the Google Cloud SDK (https://cloud.google.com/sdk)"
@@ -262,15 +380,19 @@ LOC=(--zone="$ZONE" --project="$PROJECT")
 VM=(compute tpus tpu-vm)
 QR=(compute tpus queued-resources)
 POLL=${LAUNCH_TPU_POLL_SECONDS:-30}
+STOP_GRACE=${LAUNCH_TPU_STOP_GRACE_SECONDS:-10}  # SIGTERM, then SIGKILL after this many seconds
 TARBALL='' KAGGLE_TMP=''
 TOUCHED=0   # a TPU was created or used: remind about it if we fail
 DELETED=0
 
 # q WORD: WORD quoted for a POSIX shell, readably: as is when safe, else in single quotes
 # (printf %q when it holds control characters such as a newline, to stay on one line).
+# A word starting with $DRY_VAR is a temp file of --dry-run, printed as its shell variable.
 q() {
   local s=$1 sq="'"
-  if [[ -n $s && $s != *[!A-Za-z0-9_./:=@%+,-]* ]]; then
+  if [[ $s == "$DRY_VAR"* ]]; then
+    printf '"$%s"' "${s#"$DRY_VAR"}"
+  elif [[ -n $s && $s != *[!A-Za-z0-9_./:=@%+,-]* ]]; then
     printf '%s' "$s"
   elif [[ $s == *[[:cntrl:]]* ]]; then
     printf '%q' "$s"
@@ -293,6 +415,19 @@ run() {
   fi
 }
 comment() { if ((DRY_RUN)); then printf '# %s\n' "$*"; fi; }
+
+# make_temp VAR PREFIX: VAR := a new temp file of mktemp (mode 0600, a name nobody can guess).
+# --dry-run prints the mktemp line and VAR stands for "$VAR" in the commands printed after it.
+DRY_VAR=$'\x01'
+make_temp() {
+  if ((DRY_RUN)); then
+    # shellcheck disable=SC2016  # printed for the user's shell
+    printf '%s=$(mktemp "${TMPDIR:-/tmp}/%s.XXXXXX")\n' "$1" "$2"
+    printf -v "$1" '%s' "$DRY_VAR$1"
+  else
+    printf -v "$1" '%s' "$(mktemp "${TMPDIR:-/tmp}/$2.XXXXXX")"
+  fi
+}
 
 # A path on the VM as a word for the remote shell: relative and ~/ paths are under $HOME.
 rpath() {
@@ -438,8 +573,7 @@ ensure_tpu() {
 # shellcheck disable=SC2329  # invoked by the EXIT trap
 cleanup() {
   local rc=$?
-  [[ -n $TARBALL && $DRY_RUN == 0 ]] && rm -f "$TARBALL"
-  [[ -n $KAGGLE_TMP ]] && rm -f "$KAGGLE_TMP"
+  if ((!DRY_RUN)); then rm -f ${TARBALL:+"$TARBALL"} ${KAGGLE_TMP:+"$KAGGLE_TMP"}; fi
   if ((rc != 0 && TOUCHED && !DELETED && !DRY_RUN)); then
     note "TPU $NAME may still be running (and billing); delete it with: gcloud ${VM[*]} delete $NAME ${LOC[*]}"
   fi
@@ -476,13 +610,11 @@ snapshot_tree() {
 
 code_step() {
   if ((COPY_LOCAL)); then
-    if ((DRY_RUN)); then
-      TARBALL=${TMPDIR:-/tmp}/leaf_xla-src.tar.gz
-    else
-      TARBALL=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-src.XXXXXX")
-    fi
+    make_temp TARBALL leaf_xla-src
     run git -C "$ROOT" archive --format=tar.gz -o "$TARBALL" "$TREE"
     scp_all "$TARBALL" leaf_xla_src.tar.gz
+    run rm -f "$TARBALL"
+    TARBALL=''
     ssh_all "mkdir -p $D && tar -xzf ~/leaf_xla_src.tar.gz -C $D && rm -f ~/leaf_xla_src.tar.gz"
   else
     local url ref
@@ -491,6 +623,26 @@ code_step() {
     ssh_all "if [ ! -d $D/.git ]; then git clone -q -- $url $D; fi; git -C $D fetch -q -- origin $ref; \
 git -C $D checkout -q --detach FETCH_HEAD; echo \"code: \$(git -C $D log -1 --oneline)\""
   fi
+}
+
+# --weights-file: each file is sent into a staging folder in the remote home (scp needs no
+# quoting there), then moved to its place under the checkout on every worker.
+WEIGHTS_STAGE=.leaf_xla_weights
+weights_step() {
+  ((${#WEIGHTS_LOCAL[@]})) || return 0
+  local i target moves=''
+  ssh_all "rm -rf ~/$WEIGHTS_STAGE && mkdir ~/$WEIGHTS_STAGE"
+  for i in "${!WEIGHTS_LOCAL[@]}"; do
+    scp_all "${WEIGHTS_LOCAL[i]}" "$WEIGHTS_STAGE/$i" \
+      || fail "copying --weights-file ${WEIGHTS_LOCAL[i]} to the workers failed"
+    case ${WEIGHTS_REMOTE[i]} in
+      /*|\~|\~/*) target=$(rpath "${WEIGHTS_REMOTE[i]}") ;;
+      *) target=$D/$(q "${WEIGHTS_REMOTE[i]}") ;;
+    esac
+    moves+="mkdir -p \"\$(dirname -- $target)\" && mv -f ~/$WEIGHTS_STAGE/$i $target && \
+echo \"weights: $target\" && "
+  done
+  ssh_all "${moves}rmdir ~/$WEIGHTS_STAGE"
 }
 
 install_step() {
@@ -503,19 +655,15 @@ install_step() {
 # is), sent from a 0600 copy so that scp creates it 0600, and is deleted after the download.
 KAGGLE_DIR=.leaf_xla_kaggle
 kaggle_token_step() {
-  local token
-  if ((DRY_RUN)); then
-    token=${TMPDIR:-/tmp}/leaf_xla-kaggle.json
-  else
-    token=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-kaggle.XXXXXX")  # mktemp: mode 0600
-    KAGGLE_TMP=$token
-  fi
-  run cp "$KAGGLE_JSON" "$token"
+  make_temp KAGGLE_TMP leaf_xla-kaggle
+  run cp "$KAGGLE_JSON" "$KAGGLE_TMP"
   ssh_all "umask 077 && rm -rf ~/$KAGGLE_DIR && mkdir ~/$KAGGLE_DIR"
-  if ! scp_all "$token" "$KAGGLE_DIR/kaggle.json"; then
+  if ! scp_all "$KAGGLE_TMP" "$KAGGLE_DIR/kaggle.json"; then
     ssh_all "rm -rf ~/$KAGGLE_DIR" || true
     fail "copying --kaggle-json to the workers failed"
   fi
+  run rm -f "$KAGGLE_TMP"
+  KAGGLE_TMP=''
 }
 
 data_step() {
@@ -631,6 +779,67 @@ after restoring $out on \$(hostname)\" >&2; exit 1; fi; \
 if [ \"\$w\" = 0 ]; then $(sync_functions) record_marks; fi; echo \"restored $out into $OUT_DIR\""
 }
 
+# A worker whose training fails prints FAILED_HERE; the launcher then runs STOP_BODY on every
+# worker: SIGTERM to the training's process group (found by the pid the train step recorded, if
+# it is still a leaf_xla process), SIGKILL after STOP_GRACE seconds; the training step of a
+# worker stopped so prints FAILED_HERE_STOPPED.
+FAILED_HERE='launch_tpu: training failed here'
+FAILED_HERE_STOPPED='launch_tpu: training stopped here because another worker failed'
+# shellcheck disable=SC2016  # for the remote shell
+STOP_BODY='S=~/.cache/leaf_xla_launch; p=$(cat "$S/train.pid" 2>/dev/null) || exit 0;
+grep -qa leaf_xla "/proc/$p/cmdline" 2>/dev/null || exit 0; touch "$S/stopped";
+kill -TERM -- "-$p" 2>/dev/null || true; n=0;
+while kill -0 -- "-$p" 2>/dev/null && [ $n -lt @GRACE@ ]; do sleep 1; n=$((n + 1)); done;
+kill -KILL -- "-$p" 2>/dev/null || true; echo "launch_tpu: stopped training here"'
+
+stop_command() {  # the remote command that stops training on a worker
+  local body=${STOP_BODY//@GRACE@/$STOP_GRACE}
+  remote "${body//$'\n'/ }"
+}
+
+# watch_workers: copy the training's output through; at the first worker failure it shows (the
+# worker's FAILED_HERE line, or gcloud's "Command execution on worker N failed"), stop training
+# on every worker, in the background, so that the output keeps flowing. Returns the failed
+# worker's exit status (gcloud's own may be that of a worker it stopped), 0 if none failed.
+watch_workers() {
+  local line stopper='' failed=0
+  local ours="^\[worker ([0-9]+)\] $FAILED_HERE \((exit status) ([0-9]+)\)"
+  local gcloud='Command execution on worker ([0-9]+) failed with (exit status|return code) ([0-9]+)'
+  while IFS= read -r line || [[ -n $line ]]; do
+    printf '%s\n' "$line"
+    ((failed)) && continue
+    [[ $line =~ $ours || $line =~ $gcloud ]] || continue
+    failed=${BASH_REMATCH[3]}
+    ((failed)) || failed=1
+    note "training failed on worker ${BASH_REMATCH[1]} (exit status ${BASH_REMATCH[3]}); \
+stopping training on every worker"
+    run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(stop_command)" </dev/null >&2 &
+    stopper=$!
+  done
+  if [[ -n $stopper ]] && ! wait "$stopper"; then
+    note "stopping training on the other workers failed: check them (gcloud ${VM[*]} ssh $NAME ${LOC[*]} --worker=all)"
+  fi
+  return "$failed"
+}
+
+# train_all: the training step on every worker, stopped on all of them when one fails (on a
+# pod the others would wait for it forever in a collective, and gcloud waits for them all).
+train_all() {
+  local command
+  command=$(train_command)
+  if ((DRY_RUN)); then
+    run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$command"
+    comment "when a worker's training fails, the launcher stops training on every worker with:"
+    comment "$(quoted gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(stop_command)")"
+    return 0
+  fi
+  printf '+ %s\n' "$(quoted gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$command")" >&2
+  gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$command" 2>&1 | watch_workers
+  local statuses=("${PIPESTATUS[@]}")
+  ((statuses[1])) && return "${statuses[1]}"
+  return "${statuses[0]}"
+}
+
 train_command() {  # the remote command of the training step
   local module env='' cmd out
   for kv in ${ENVS[@]+"${ENVS[@]}"}; do env+=" $(q "$kv")"; done
@@ -653,7 +862,16 @@ train_command() {  # the remote command of the training step
 syncer=\$!; "
     body+="fi; "
   fi
-  body+="rc=0; $cmd || rc=\$?; "
+  # training runs in a session of its own, so that the launcher can stop its whole process
+  # group (STOP_BODY), and what it leaves behind is killed (it would keep the ssh session open
+  # through the log pipe); a hang-up of the session (the launcher interrupted) still stops it;
+  # a failure is announced at once, for the launcher to stop the others
+  body+="S=~/.cache/leaf_xla_launch; mkdir -p \"\$S\"; rm -f \"\$S/stopped\"; \
+setsid $cmd & p=\$!; echo \$p > \"\$S/train.pid\"; \
+trap 'kill -TERM -- \"-\$p\" 2>/dev/null; exit 129' HUP; rc=0; wait \$p || rc=\$?; \
+kill -KILL -- \"-\$p\" 2>/dev/null || true; rm -f \"\$S/train.pid\"; \
+if [ \$rc != 0 ]; then if [ -f \"\$S/stopped\" ]; then echo \"$FAILED_HERE_STOPPED\"; \
+else echo \"$FAILED_HERE (exit status \$rc)\"; fi; fi; "
   if [[ -n $OUTPUT ]]; then
     body+="if [ \"\$w\" = 0 ]; then "
     ((SYNC_EVERY > 0)) && body+="kill \"\$syncer\" 2>/dev/null || true; "
@@ -681,6 +899,7 @@ fi
 
 ensure_tpu
 if ((!SKIP_SETUP)); then code_step; fi
+weights_step
 data_step
 if ((!SKIP_SETUP)); then install_step; fi
 prepare_step
@@ -694,7 +913,7 @@ if ((DRY_RUN)); then
     && printf '; worker 0 uploads them to %s' "$OUTPUT"):"
 fi
 rc=0
-run gcloud "${VM[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$(train_command)" || rc=$?
+train_all || rc=$?
 if ((rc)); then note "training failed (exit status $rc)"; fi
 
 fetch_failed=0

@@ -379,6 +379,22 @@ def test_a_non_finite_step_on_one_replica_is_skipped_by_every_replica(one_epoch,
     assert all(torch.equal(mine[k], other[k]) for k in mine)  # both replicas skipped it
 
 
+def test_a_non_finite_batchnorm_statistic_on_one_replica_is_skipped_by_every_replica(
+    one_epoch, tmp_path
+):
+    """BatchNorm statistics differ per replica: one replica's non-finite statistic (its loss
+    finite) must stop the step on every replica, or the weights part for good."""
+    record = tmp_path / "record"
+    env = hooked(record, fault="1:nanbuffer:3")
+    result, _, last, _ = resume_with(one_epoch, tmp_path, "--epochs", "2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("skipped 1 step(s) with a non-finite loss or gradients") == 1
+    state = torch.load(last, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    mine, other = (torch.load(record / f"last.pt-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(mine[k], other[k]) for k in mine), "the replicas' weights parted"
+
+
 def test_non_finite_steps_in_a_row_on_one_replica_stop_every_replica(one_epoch, tmp_path):
     result, alive, last, before = resume_with(
         one_epoch, tmp_path, "--epochs", "2", env=hooked(fault="1:nan:3:3")

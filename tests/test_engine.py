@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from leaf_xla import runtime
-from leaf_xla.engine import NonFiniteLoss, Trainer, create_optimizer, optimizer_tensors
+from leaf_xla.engine import NonFiniteLoss, Trainer, create_optimizer
+from leaf_xla.guard import optimizer_tensors
 from leaf_xla.loader import eval_batches
 from leaf_xla.mix import MixSpec
 
@@ -109,11 +110,10 @@ def test_bf16_keeps_fp32_master_weights():
 
 
 def test_non_finite_loss_names_epoch_and_step():
-    """A huge lr makes the weights overflow the logits after the first update, and every
-    later step is skipped; steps count from the epoch's start step (a resumed epoch starts
-    mid-way)."""
+    """A huge lr: every update would give weights beyond float32's range, so every step is
+    skipped; steps count from the epoch's start step (a resumed epoch starts mid-way)."""
     trainer = xla_trainer(tiny_model(), lambda p: torch.optim.SGD(p, lr=0.0))
-    with pytest.raises(NonFiniteLoss, match=r"gradients at epoch 2 steps 4 to 6"):
+    with pytest.raises(NonFiniteLoss, match=r"gradients at epoch 2 steps 3 to 5"):
         trainer.train_one_epoch(
             batches(4, seed=3), epoch=2, steps=7, start_step=3, lr_at=lambda e: 1e38
         )
@@ -127,22 +127,30 @@ def everything(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
+def conv_bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+        torch.nn.Linear(4 * (SIZE - 2) ** 2, CLASSES),
+    )  # fmt: skip
+
+
+def guarded_trainer(device: str, optimizer: str) -> Trainer:
+    """A conv + BatchNorm model with the optimizer `train` builds and a moving average."""
+    rt = runtime.setup(device, "none")
+    model = conv_bn_model().to(rt.device)
+    return Trainer(
+        model, rt, multilabel=False, mean=MEAN, std=STD, ema_decay=0.9,
+        optimizer=create_optimizer(model, optimizer, 0.0),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("device", ["xla", "cpu"])
 def test_a_non_finite_step_changes_nothing_and_is_counted(device):
     """A NaN target makes the loss and the gradients NaN: that step leaves the weights,
     BatchNorm statistics, Adam's moments and step count and the moving average bitwise as they
     were, in the same compiled graph as a good step; three in a row stop training."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-        torch.nn.Linear(4 * (SIZE - 2) ** 2, CLASSES),
-    )  # fmt: skip
-    rt = runtime.setup(device, "none")
-    model = model.to(rt.device)
-    trainer = Trainer(
-        model, rt, multilabel=False, mean=MEAN, std=STD, ema_decay=0.9,
-        optimizer=create_optimizer(model, "adam", 0.0),
-    )  # fmt: skip
+    trainer = guarded_trainer(device, "adam")
     good, bad = batches(2, seed=5), batches(3, seed=6)
     for batch in bad:
         batch["target"][0, 0] = float("nan")
@@ -160,6 +168,98 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(device):
     assert not torch.equal(everything(trainer)["model.0.weight"], before["model.0.weight"])
     with pytest.raises(NonFiniteLoss, match=r"at epoch 3 steps 0 to 2 \(3 in a row"):
         trainer.train_one_epoch(bad, epoch=3, steps=3, **lr)
+
+
+@pytest.mark.parametrize(
+    "device, optimizer", [("xla", "adam"), ("xla", "sgd"), ("cpu", "adamw"), ("cpu", "sgd")]
+)
+def test_finite_loss_with_a_nan_gradient_or_overflowing_weights_changes_nothing(device, optimizer):
+    """Two ways a step fails with a finite loss: a NaN gradient (here from a hook) and an
+    update that would take the weights past float32's range (lr 1e38). Both are skipped: the
+    state stays bitwise as it was, for each optimizer `train` builds."""
+    trainer = guarded_trainer(device, optimizer)
+    good = batches(2, seed=5)
+    trainer.train_one_epoch(good, epoch=0, steps=2, start_step=0, lr_at=lambda e: 1e-2)
+    before = everything(trainer)
+    trainer.train_one_epoch(good[:1], epoch=1, steps=1, start_step=0, lr_at=lambda e: 1e38)
+    assert trainer.nonfinite_steps() == 1
+    assert all(torch.equal(everything(trainer)[k], v) for k, v in before.items())
+    weight = trainer.model[0].weight
+    hook = weight.register_hook(lambda grad: grad * float("nan"))
+    trainer.train_one_epoch(good[:1], epoch=2, steps=1, start_step=0, lr_at=lambda e: 1e-2)
+    hook.remove()
+    assert trainer.nonfinite_steps() == 1
+    assert all(torch.equal(everything(trainer)[k], v) for k, v in before.items())
+    trainer.train_one_epoch(good[:1], epoch=3, steps=1, start_step=0, lr_at=lambda e: 1e-2)
+    assert trainer.nonfinite_steps() == 0
+    assert not torch.equal(everything(trainer)["model.0.weight"], before["model.0.weight"])
+
+
+def test_sync_free_adam_on_xla_trains_like_fused_adam_on_the_cpu_without_recompiling():
+    """The optimizer `train` builds on XLA (torch_xla's sync-free Adam) against torch's fused
+    Adam on the CPU, with a new lr every step: the same losses and weights, and nothing
+    compiles after the first epoch."""
+    trainers = {device: guarded_trainer(device, "adam") for device in ("xla", "cpu")}
+    data = batches(3, seed=7)
+    for epoch in range(3):
+        graphs = compiles()
+        losses = {
+            device: trainer.train_one_epoch(
+                data, epoch=epoch, steps=3, start_step=0, lr_at=lambda e: 1e-2 / (1 + e)
+            )
+            for device, trainer in trainers.items()
+        }
+        if epoch > 0:
+            assert compiles() == graphs, f"epoch {epoch} compiled new graphs"
+        assert losses["xla"] == pytest.approx(losses["cpu"], rel=1e-4)
+    xla, cpu = (everything(trainers[d]) for d in ("xla", "cpu"))
+    for key in ("model.0.weight", "model.3.weight", "ema.3.weight"):
+        torch.testing.assert_close(xla[key], cpu[key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_guarded_step_dispatches_no_more_ops_than_the_bare_torch_xla_loop():
+    """The host's cost per step, counted exactly (torch_xla's op counters): leaf_xla's step,
+    non-finite guard included, against pytorch/xla's bare loop (forward, loss, backward,
+    torch.optim.Adam, sync) on the same model. bench/host_cost.py does this for timm models."""
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    def ops() -> int:
+        names = (n for n in met.counter_names() if n.startswith("xla::"))
+        return sum(met.counter_value(n) or 0 for n in names)
+
+    def deep_model() -> torch.nn.Module:  # parameters and buffers as a real net has them
+        torch.manual_seed(0)
+        blocks = [(torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+                  for i in range(12)]  # fmt: skip
+        layers = [layer for block in blocks for layer in (*block, torch.nn.ReLU())]
+        flat = torch.nn.Linear(8 * SIZE * SIZE, CLASSES)
+        return torch.nn.Sequential(*layers, torch.nn.Flatten(), flat)
+
+    data = batches(2, seed=8)
+    rt = runtime.setup("xla", "none")
+    model = deep_model().to(rt.device)
+    optimizer = create_optimizer(model, "adam", 0.0)
+    trainer = Trainer(model, rt, multilabel=False, mean=MEAN, std=STD, optimizer=optimizer)
+    for epoch in range(2):  # the first compiles
+        counted = ops()
+        trainer.train_one_epoch(data, epoch=epoch, steps=2, start_step=0, lr_at=lambda e: 1e-3)
+    leaf = (ops() - counted) / 2
+
+    device = torch_xla.device()
+    model = deep_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        counted = ops()
+        for batch in data:
+            x, y = batch["image"].to(device), batch["target"].argmax(1).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x.float() / 255), y).backward()
+            optimizer.step()
+            torch_xla.sync()
+    bare = (ops() - counted) / 2
+    print(f"ops per step: leaf_xla {leaf:.0f}, bare loop {bare:.0f}")
+    assert leaf <= bare, f"leaf_xla's step dispatches {leaf:.0f} ops, the bare loop {bare:.0f}"
 
 
 def test_evaluate_returns_every_sample_once_in_order():

@@ -30,7 +30,7 @@ NOTE = """it's a "test" run"""  # spaces, a single and double quotes
 TRAIN_ARGS = ["--model", "tf_efficientnet_b7", "--note", NOTE, "--lr", "$HOME", "*"]
 
 FAKE_GCLOUD = r"""#!{python}
-import glob, json, os, shutil, sys
+import glob, json, os, shutil, subprocess, sys, threading
 
 state = os.environ["FAKE_STATE_DIR"]
 args = sys.argv[1:]
@@ -65,6 +65,39 @@ def flag(name):
         if a.startswith(name + "="):
             return a.split("=", 1)[1]
     return ""
+
+
+# --worker=all for real: the command runs under bash on every worker at once (homes and tools
+# as the tests' Worker class makes them, FAKE_W<N>_X=V sets X=V on worker N only); the output
+# is streamed line by line and a failure reported as it happens, as gcloud does.
+def run_on_workers(command, count):
+    root, lock, statuses = os.environ["FAKE_WORKER_ROOT"], threading.Lock(), {}
+
+    def one(n):
+        env = {**os.environ, "HOME": f"{root}/worker{n}", "FAKE_GCS": path("gcs"),
+               "PATH": f"{root}/worker{n}-bin{os.pathsep}{os.environ['PATH']}",
+               "FAKE_REMOTE_LOG": f"{root}/worker{n}-gcloud.jsonl"}
+        mine = f"FAKE_W{n}_"
+        env.update({k[len(mine):]: v for k, v in os.environ.items() if k.startswith(mine)})
+        proc = subprocess.Popen(["bash", "-c", command], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            with lock:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        statuses[n] = proc.wait()
+        if statuses[n]:
+            says = "return code" if os.environ.get("FAKE_OLD_GCLOUD") else "exit status"
+            with lock:
+                print(f"##### Command execution on worker {n} failed with {says} "
+                      f"{statuses[n]}. Continuing.", file=sys.stderr, flush=True)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return next((statuses[n] for n in range(count) if statuses[n]), 0)
 
 
 if os.path.basename(sys.argv[0]) != "gcloud":
@@ -106,6 +139,8 @@ if group == ["tpu-vm"]:
             print("##### Command execution on worker 1 failed with exit status 3.",
                   file=sys.stderr)
             sys.exit(3)
+        if os.environ.get("FAKE_WORKERS"):
+            sys.exit(run_on_workers(flag("--command"), int(os.environ["FAKE_WORKERS"])))
     elif verb == "scp":
         if os.environ.get("FAKE_SCP_FAIL"):
             sys.exit(1)
@@ -177,13 +212,15 @@ class Launcher:
         env.update(extra)
         return env
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None, **extra: str):
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **extra: str
+    ):
         return subprocess.run(
             [BASH, str(self.script), *args],
             env=env or self.env(**extra),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
 
     @property
@@ -247,10 +284,21 @@ if args[:2] == ["storage", "rsync"]:
 # prints what it got and, as FAKE_TRAIN_WRITES says (RUN:EPOCH:STEP:TEXT,...), writes each
 # RUN/last.pt at that state, best.pt and history.csv holding TEXT, and a leftover temp file.
 REMOTE_PYTHON = r"""#!{python}
-import json, os, sys, time
+import json, os, signal, sys, time
 
 if sys.argv[1] == "-c":
     os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+with open(os.path.join(os.environ["HOME"], "python.pid"), "w") as f:
+    f.write(str(os.getpid()))
+if os.environ.get("FAKE_PY_IGNORE_TERM"):  # as a process stuck in a collective may
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("FAKE_PY_CHILD_SLEEP"):  # a child (a loader worker, say) that outlives it
+    import subprocess
+
+    sleep = "import sys, time; time.sleep(float(sys.argv[1]))"
+    child = subprocess.Popen([sys.executable, "-c", sleep, os.environ["FAKE_PY_CHILD_SLEEP"]])
+    with open(os.path.join(os.environ["HOME"], "child.pid"), "w") as f:
+        f.write(str(child.pid))
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
                   "pjrt": os.environ.get("PJRT_DEVICE"),
                   "cache": os.environ.get("XLA_PERSISTENT_CACHE_PATH")}), flush=True)
@@ -352,9 +400,9 @@ def train_command(commands: list[str]) -> str:
 
 
 def args_after(command: str, module: str) -> list[str]:
-    """The arguments of `python3 -m MODULE ...` up to `|| rc=$?`, parsed like a shell would."""
+    """The arguments of `python3 -m MODULE ...` up to its `&`, parsed like a shell would."""
     start = command.index(f" -m {module} ") + len(f" -m {module} ")
-    return shlex.split(command[start : command.index(" || rc=$?", start)])
+    return shlex.split(command[start : command.index(" & p=$!", start)])
 
 
 def recipe_and_train_args(command: str) -> tuple[list[str], list[str]]:
@@ -371,6 +419,14 @@ def launch(tmp_path: Path) -> Launcher:
 
 
 BASE = ["--repo", "https://github.com/example/leaf_xla.git", "--ref", "v1.0"]
+KERAS_WEIGHTS = "weights/resnet152v2_imagenet.safetensors"  # configs/keras_resnet152v2.yaml
+
+
+def keras_weights(launch: Launcher) -> list[str]:
+    """The --weights-file that the ensemble recipe needs (its ResNet152V2 member)."""
+    local = launch.tmp / "resnet152v2_imagenet.safetensors"
+    local.write_bytes(b"keras weights")
+    return ["--weights-file", str(local)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,7 +612,8 @@ def test_remote_train_command_runs_in_bash(launch: Launcher, tmp_path: Path) -> 
 
 
 def test_recipe_runs_the_ensemble_with_extra_args(launch: Launcher) -> None:
-    result = launch(*BASE, "--accelerator-type", "v3-8", "--recipe", "--", "--folds", "0 1")
+    recipe = ["--recipe", *keras_weights(launch), "--", "--folds", "0 1"]
+    result = launch(*BASE, "--accelerator-type", "v3-8", *recipe)
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
     assert "leaf_xla.train" not in command
@@ -860,12 +917,32 @@ def test_sync_failures_are_shown_and_only_worker_0_uploads(launch: Launcher, tmp
     assert not bucket(launch).exists()
 
 
+def test_an_ampersand_in_output_and_remote_out_dir_stays_as_it_is(launch: Launcher, tmp_path):
+    """bash 5.2's patsub_replacement would turn `&` in a ${var//pattern/replacement} into the
+    matched pattern (gs://b/run&1 -> gs://b/run@OUT@1): uploads and --resume would disagree."""
+    args = [*BASE, "--accelerator-type", "v3-8", "--output", "gs://bkt/run&1"]
+    args += ["--remote-out-dir", "runs&x", "--sync-every", "0"]
+    dry = launch("--dry-run", *args)
+    assert dry.returncode == 0, dry.stderr
+    printed = [shlex.split(line) for line in dry.stdout.splitlines() if " ssh " in line]
+    train = train_command([flag(c, "--command") for c in printed])
+    assert "@OUT" not in train
+    assert "'gs://bkt/run&1'" in train and "~/'runs&x'" in train
+
+    result = launch(*args)
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    run = worker.run(train_command(launch.ssh_commands()), FAKE_TRAIN_WRITES="b7-fold0:1:0:e1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (worker.home / "runs&x" / "b7-fold0" / "best.pt").read_text() == "e1"
+    assert (launch.state / "gcs" / "bkt" / "run&1" / "b7-fold0" / "best.pt").read_text() == "e1"
+
+
 def test_recipe_resume_reaches_the_recipe_not_train(launch: Launcher, tmp_path: Path) -> None:
     save_run_state(bucket(launch) / "b7-fold0", 3, 0, "good")
     train_args = ["--fit-weights", "--", "--epochs", "2", "--note", NOTE]
-    result = launch(
-        *BASE, "--accelerator-type", "v3-8", "--recipe", *OUT, "--resume", "--", *train_args
-    )
+    recipe = ["--recipe", *keras_weights(launch), *OUT, "--resume", "--", *train_args]
+    result = launch(*BASE, "--accelerator-type", "v3-8", *recipe)
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
     recipe, train = recipe_and_train_args(command)
@@ -883,6 +960,7 @@ def test_dry_run_of_a_v4_32_recipe_resume_shows_the_pod_commands(launch: Launche
     """One writer per host: every worker restores the bucket and runs the recipe (train is one
     job across the hosts; predict and ensemble read each host's own files); worker 0 uploads."""
     args = ["--name", "leaf-pod", "--accelerator-type", "v4-32", "--spot", *OUT, "--recipe"]
+    args += keras_weights(launch)
     dry = launch("--dry-run", *BASE, *args, "--resume", "--", "--", "--epochs", "2")
     assert dry.returncode == 0, dry.stderr
     assert launch.calls == []
@@ -984,6 +1062,151 @@ def test_fetch_and_delete_also_after_a_failed_training(launch: Launcher) -> None
     assert fetched.is_dir()
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_a_failed_worker_stops_training_on_every_worker(launch: Launcher, tmp_path: Path):
+    """A pod of three hosts: worker 1's training fails at once, workers 0 and 2 would wait for it
+    forever (2 even ignores SIGTERM, as a process stuck in a collective may). gcloud's
+    --worker=all waits for every worker, so without the launcher stopping them it never ends."""
+    workers = [Worker(tmp_path, gcs=launch.state / "gcs", number=n) for n in range(3)]
+    launch.set_state(tpu="READY")
+    hosts = {"FAKE_WORKERS": "3", "FAKE_WORKER_ROOT": str(tmp_path)}
+    hosts |= {"FAKE_W0_FAKE_PY_SLEEP": "600", "FAKE_W1_FAKE_PY_RC": "3"}
+    hosts |= {"FAKE_W2_FAKE_PY_SLEEP": "600", "FAKE_W2_FAKE_PY_IGNORE_TERM": "1"}
+    try:
+        result = launch(
+            *("--existing", "--skip-setup", "--", "--epochs", "1"),
+            timeout=300,
+            LAUNCH_TPU_STOP_GRACE_SECONDS="2",
+            **hosts,
+        )
+    finally:  # whatever happened, leave no sleeping fake behind
+        pids = [int((w.home / "python.pid").read_text()) for w in workers]
+        stuck = [pid for pid in pids if alive(pid)]
+        for pid in stuck:
+            os.kill(pid, 9)
+    assert stuck == []
+    assert result.returncode == 3, result.stdout + result.stderr
+    named = [line for line in result.stderr.splitlines() if "training failed on worker" in line]
+    assert named == [
+        "launch_tpu.sh: training failed on worker 1 (exit status 3); "
+        "stopping training on every worker"
+    ]
+    for number in (0, 2):
+        assert f"[worker {number}] launch_tpu: training stopped here because" in result.stdout
+    assert "[worker 1] launch_tpu: training failed here (exit status 3)" in result.stdout
+    stops = [c for c in launch.ssh_commands() if "train.pid" in c and "leaf_xla.train" not in c]
+    assert len(stops) == 1
+    # the stop finds nothing to stop where training has ended (its pid file is gone)
+    assert not any((w.home / ".cache" / "leaf_xla_launch" / "train.pid").exists() for w in workers)
+    quiet = workers[1].run(stops[0])
+    assert quiet.returncode == 0 and quiet.stdout == ""
+
+
+def test_a_worker_that_fails_before_training_also_stops_the_others(launch: Launcher, tmp_path):
+    """No line of the worker's own then: gcloud's report of its failure is enough (in the
+    wording of older gcloud versions here)."""
+    workers = [Worker(tmp_path, gcs=launch.state / "gcs", number=n) for n in range(2)]
+    shutil.rmtree(workers[1].home / "leaf_xla")  # `cd` into the checkout fails there
+    launch.set_state(tpu="READY")
+    hosts = {"FAKE_WORKERS": "2", "FAKE_WORKER_ROOT": str(tmp_path), "FAKE_OLD_GCLOUD": "1"}
+    try:
+        result = launch(
+            "--existing", "--skip-setup", timeout=300, FAKE_W0_FAKE_PY_SLEEP="600", **hosts
+        )
+    finally:
+        pid = int((workers[0].home / "python.pid").read_text())
+        left = alive(pid)
+        if left:
+            os.kill(pid, 9)
+    assert not left
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "launch_tpu.sh: training failed on worker 1 (exit status 1); stopping" in result.stderr
+    assert "[worker 0] launch_tpu: training stopped here because" in result.stdout
+
+
+def test_what_training_leaves_behind_on_a_worker_is_killed(launch: Launcher, tmp_path: Path):
+    """A child that outlives the training process would hold the log pipe, and so the ssh
+    session and gcloud, open until it ends."""
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    try:
+        run = worker.run(
+            train_command(launch.ssh_commands()), FAKE_PY_RC="5", FAKE_PY_CHILD_SLEEP="600"
+        )
+    finally:
+        child = int((worker.home / "child.pid").read_text())
+        left = alive(child)
+        if left:
+            os.kill(child, 9)
+    assert not left
+    assert run.returncode == 5
+    assert "[worker 0] launch_tpu: training failed here (exit status 5)" in run.stdout
+
+
+def test_a_hang_up_of_the_session_still_stops_training(launch: Launcher, tmp_path: Path):
+    """Training runs in a session of its own (for the launcher to stop it as one group), out of
+    reach of the hang-up that sshd sends when the launcher is interrupted: the step passes it on."""
+    import signal
+    import time
+
+    result = launch(*BASE, "--accelerator-type", "v3-8")
+    assert result.returncode == 0, result.stderr
+    worker = Worker(tmp_path, gcs=launch.state / "gcs")
+    env = {
+        "HOME": str(worker.home),
+        "PATH": f"{worker.bin}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_PY_SLEEP": "600",
+    }
+    command = train_command(launch.ssh_commands())
+    session = subprocess.Popen(
+        [BASH, "-c", command], env=env, stdout=subprocess.PIPE, start_new_session=True
+    )
+    pid_file = worker.home / "python.pid"
+    try:
+        for _ in range(600):  # until training has started (no bound on how long that takes)
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        os.killpg(session.pid, signal.SIGHUP)
+        session.wait(timeout=120)
+    finally:
+        pid = int(pid_file.read_text())
+        left = alive(pid)
+        if left:
+            os.kill(pid, 9)
+        session.kill()
+    assert not left
+
+
+def test_no_stop_when_every_worker_succeeds_and_the_dry_run_shows_it(launch: Launcher):
+    for number in (0, 1):
+        Worker(launch.tmp, gcs=launch.state / "gcs", number=number)
+    launch.set_state(tpu="READY")
+    result = launch(
+        "--existing",
+        "--skip-setup",
+        FAKE_WORKERS="2",
+        FAKE_WORKER_ROOT=str(launch.tmp),
+        FAKE_W0_FAKE_PY_SLEEP="1",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(launch.ssh_commands()) == 1  # training only
+    assert result.stdout.count("leaf_xla.train") == 2
+    dry = launch("--existing", "--skip-setup", "--dry-run").stdout.splitlines()
+    stop = dry.index(
+        "# when a worker's training fails, the launcher stops training on every worker with:"
+    )
+    assert "kill -TERM" in dry[stop + 1] and "--worker=all" in dry[stop + 1]
+
+
 def test_no_delete_when_fetch_failed_and_nothing_on_a_bucket(launch: Launcher) -> None:
     result = launch(
         *BASE,
@@ -1036,6 +1259,11 @@ def test_copy_local_sends_a_git_archive(tmp_path: Path) -> None:
     assert "untracked files are not copied" in result.stderr
     extract = launch.ssh_commands()[0]
     assert "tar -xzf ~/leaf_xla_src.tar.gz -C ~/leaf_xla" in extract
+    # the dry run shows the same fresh temp file (mktemp), not a fixed name, and its removal
+    launch.set_state(tpu=None)
+    dry = launch("--accelerator-type", "v3-8", "--dry-run").stdout.splitlines()
+    assert 'TARBALL=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-src.XXXXXX")' in dry
+    assert dry[dry.index('rm -f "$TARBALL"') - 1].split()[5] == '"$TARBALL"'  # after the scp
 
 
 def test_copy_local_stops_when_git_cannot_record_the_changes(tmp_path: Path) -> None:
@@ -1073,6 +1301,77 @@ def test_copy_local_needs_a_commit_before_anything_runs(tmp_path: Path) -> None:
     result = launch("--accelerator-type", "v3-8")  # --copy-local is the default
     assert_one_line_error(result, "--copy-local", "commit")
     assert launch.calls == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--recipe"],  # configs/ensemble.yaml's ResNet152V2 member
+        ["--recipe", "--", "--fit-weights"],
+        ["--", "--config", "keras_resnet152v2", "--epochs", "1"],
+        ["--", "--config=configs/keras_resnet152v2.yaml"],
+    ],
+)
+def test_a_weights_file_the_run_needs_is_checked_before_any_tpu(
+    launch: Launcher, tmp_path: Path, args: list[str]
+) -> None:
+    result = launch(*BASE, "--accelerator-type", "v4-32", *args)
+    assert_one_line_error(result, "keras_resnet152v2", KERAS_WEIGHTS, "--weights-file")
+    assert launch.all_calls == []  # nothing looked up, nothing created
+    other = tmp_path / "other.safetensors"  # sent, but not where the config looks
+    other.write_bytes(b"w")
+    result = launch(*BASE, "--accelerator-type", "v4-32", "--weights-file", str(other), *args)
+    assert_one_line_error(result, KERAS_WEIGHTS)
+    sent = f"--weights-file={other}:{KERAS_WEIGHTS}"
+    result = launch(*BASE, "--accelerator-type", "v4-32", sent, *args)
+    assert result.returncode == 0, result.stderr
+    launch.set_state(tpu="READY")
+    result = launch(*BASE, "--existing", "--skip-setup", *args)  # the VM has it: not checked
+    assert result.returncode == 0, result.stderr
+
+
+def test_train_weights_argument_and_missing_files(launch: Launcher, tmp_path: Path) -> None:
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--", "--weights", "w/b7.pth")
+    assert_one_line_error(result, "--weights needs the weights file w/b7.pth", "--weights-file")
+    missing = tmp_path / "nope.safetensors"
+    result = launch(*BASE, "--accelerator-type", "v3-8", "--weights-file", str(missing))
+    assert_one_line_error(result, "--weights-file", str(missing))
+    assert launch.all_calls == []
+
+
+def test_weights_files_reach_every_worker_where_training_looks(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    keras = tmp_path / "resnet152v2_imagenet.safetensors"
+    keras.write_bytes(b"keras weights")
+    other = tmp_path / "b7.pth"
+    other.write_bytes(b"b7 weights")
+    result = launch(
+        *BASE,
+        *("--accelerator-type", "v4-32", "--remote-dir", "my code", "--recipe"),
+        *("--weights-file", str(keras), "--weights-file", f"{other}:sub dir/b7.pth"),
+        *("--data", "gs://bkt/plant"),
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [c for c in launch.calls if verb(c) in ("ssh", "scp")]
+    assert all("--worker=all" in c for c in calls)
+    stage, send_keras, send_other, move = calls[1:5]  # after the code, before the data
+    assert "gcloud storage rsync" in flag(calls[5], "--command")
+    assert [positional(c) for c in (send_keras, send_other)] == [
+        [str(keras), "leaf-xla:.leaf_xla_weights/0"],
+        [str(other), "leaf-xla:.leaf_xla_weights/1"],
+    ]
+    for number in (0, 1):  # two hosts: each gets both files where the run reads them
+        worker = Worker(tmp_path, gcs=launch.state / "gcs", number=number)
+        assert worker.run(flag(stage, "--command")).returncode == 0
+        for index, source in enumerate((keras, other)):  # what gcloud scp does
+            shutil.copy(source, worker.home / ".leaf_xla_weights" / str(index))
+        moved = worker.run(flag(move, "--command"))
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert (worker.home / "my code" / KERAS_WEIGHTS).read_bytes() == b"keras weights"
+        assert (worker.home / "my code" / "sub dir" / "b7.pth").read_bytes() == b"b7 weights"
+        assert not (worker.home / ".leaf_xla_weights").exists()
+        assert f"[worker {number}] weights: ~/'my code'/{KERAS_WEIGHTS}" in moved.stdout
 
 
 def test_kaggle_data_needs_credentials_on_the_vm(launch: Launcher, tmp_path: Path) -> None:
@@ -1153,6 +1452,41 @@ def test_kaggle_token_is_sent_0600_and_deleted_after_the_download(
         assert seen == {"folder": str(folder), "dir_mode": 0o700, "mode": 0o600}
         assert not folder.exists()
     assert not (worker.home / ".kaggle").exists()  # the user's own token folder: untouched
+
+
+def test_dry_run_copies_the_kaggle_token_to_a_fresh_temp_file_and_removes_it(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    """No fixed /tmp name another user could create first: the dry run prints the mktemp line
+    and the removal, and run as a script it does what the real run does."""
+    token = tmp_path / "kaggle.json"
+    token.write_text('{"username": "u", "key": "k"}')
+    args = [*BASE, "--accelerator-type", "v3-8", "--kaggle-json", str(token)]
+    args += ["--data", "kaggle:plant-pathology-2020-fgvc7"]
+    dry = launch("--dry-run", *args)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert "leaf_xla-kaggle.json" not in dry.stdout
+    make = lines.index('KAGGLE_TMP=$(mktemp "${TMPDIR:-/tmp}/leaf_xla-kaggle.XXXXXX")')
+    assert lines[make + 1] == f'cp {token} "$KAGGLE_TMP"'
+    scp = next(i for i, line in enumerate(lines) if " scp " in line)
+    assert shlex.split(lines[scp])[5] == "$KAGGLE_TMP"
+    assert lines[scp + 1] == 'rm -f "$KAGGLE_TMP"'
+
+    script = subprocess.run(  # the printed commands, run against the fake gcloud
+        [BASH, "-c", dry.stdout], env=launch.env(), capture_output=True, text=True, timeout=60
+    )
+    assert script.returncode == 0, script.stderr
+    (sent,) = (launch.state / "scp").iterdir()
+    assert sent.name.startswith("leaf_xla-kaggle.") and sent.name != "leaf_xla-kaggle.XXXXXX"
+    assert stat.S_IMODE(sent.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob("leaf_xla-kaggle*"))  # removed after the copy
+
+    launch.set_state(tpu=None)  # the script created it
+    real = launch(*args)
+    assert real.returncode == 0, real.stderr
+    assert f"+ rm -f {tmp_path}/leaf_xla-kaggle." in real.stderr
+    assert not list(tmp_path.glob("leaf_xla-kaggle*"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,3 +132,25 @@ def test_a_failed_write_on_host_1_stops_host_0_too(pod, tmp_path):
     for host in hosts:  # neither host replaced epoch 0's checkpoint: they still agree
         state = torch.load(host / "runs/test_resnet-fold0/last.pt", weights_only=True)
         assert (state["epoch"], state["step"]) == (1, 0)
+
+
+def test_hosts_with_different_folds_stop_before_training(pod, tmp_path):
+    """Each host reads the folds file from its own disk: hosts that split the data differently
+    would train different models, or run different step counts and hang at an epoch's end."""
+    import pandas as pd
+
+    hosts = []
+    for k, host in enumerate(pod):
+        hosts.append(tmp_path / f"host{k}")
+        shutil.copytree(host / "data", hosts[-1] / "data")
+        (hosts[-1] / "runs").mkdir()
+    folds = pd.read_csv(pod[0] / "runs" / "folds.csv")
+    folds.to_csv(hosts[0] / "runs" / "folds.csv", index=False)
+    folds["fold"] = folds["fold"].sample(frac=1.0, random_state=3).to_numpy()  # same sizes
+    folds.to_csv(hosts[1] / "runs" / "folds.csv", index=False)
+    train = ["leaf_xla.train", "--data-dir", "data", "--out-dir", "runs", "--model", "test_resnet"]
+    train += ["--config", "demo", *TRAIN]
+    for result in on_hosts(hosts, train):
+        assert_user_error(result, "replicas start from different states", "folds")
+    for host in hosts:
+        assert not list((host / "runs").glob("*/*.pt")), "a host trained"

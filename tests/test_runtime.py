@@ -102,3 +102,16 @@ def test_launch_options_round_trip():
         runtime.launch_from_args(parser.parse_args(["--nnodes", "2", "--node-rank", "2"]))
     with pytest.raises(UserError, match="ddp runs torch.distributed on cpu or cuda"):
         runtime.resolve_parallel("xla", "ddp")
+
+
+def test_the_compile_cache_is_on_by_default_on_a_tpu_only(monkeypatch, tmp_path):
+    """--compile-cache auto: under the output folder on a TPU (the folds of a model, a resumed
+    run and predict load the graphs compiled before), off elsewhere; passed on by the recipe."""
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    assert runtime.compile_cache_dir("auto", tmp_path) == tmp_path / "xla_cache"
+    assert runtime.compile_cache_dir("off", tmp_path) is None
+    assert runtime.compile_cache_dir(str(tmp_path / "c"), Path("runs")) == tmp_path / "c"
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    assert runtime.compile_cache_dir("auto", tmp_path) is None
+    options = runtime.launch_options(runtime.Launch(compile_cache="off"))
+    assert options[options.index("--compile-cache") + 1] == "off"

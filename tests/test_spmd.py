@@ -89,3 +89,40 @@ def test_spmd_with_mixing_and_ema_compiles_once(tmp_path, pp2020):
     assert moved and all(torch.isfinite(last["ema"][k]).all() for k in moved)
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in moved)
     assert (run_dir / "best_ema.pt").is_file()
+
+
+AGREE_SCRIPT = """
+import torch
+from leaf_xla import runtime
+rt = runtime.setup("xla", "spmd")
+same = torch.tensor([[7, -3, 2**30]] * 4, dtype=torch.int32)
+low, high = rt.host_min_max(same)
+assert torch.equal(low, high) and low.tolist() == [7, -3, 2**30], (low, high)
+differ = same.clone()
+differ[3, 1] = 5  # the rows of one device (on a pod: of one host) differ
+low, high = rt.host_min_max(differ)
+assert low.tolist() == [7, -3, 2**30] and high.tolist() == [7, 5, 2**30], (low, high)
+rt.loaders = 2  # as on a pod of two hosts: the values of this one agree with themselves
+rt.check_agree([1, 2, 3], "the run's state")
+rt.barrier("test")
+print("agreed")
+"""
+
+
+def test_spmd_hosts_compare_their_values_over_the_whole_mesh():
+    """Under multi-host SPMD each host loads its run folder from its own disk: the hosts
+    compare digests through one program over the mesh (each host's rows on its own devices).
+    One host here: 4 virtual devices stand in for the hosts' devices."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", AGREE_SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CPU_NUM_DEVICES": "4"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "agreed" in result.stdout

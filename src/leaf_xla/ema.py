@@ -37,22 +37,32 @@ class WeightEma:
         self.module.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """ema += (1 - decay) * (model - ema); a constant weight: the same graph every step."""
+    def update(self, model: torch.nn.Module, ok: torch.Tensor | None = None) -> None:
+        """ema += (1 - decay) * (model - ema); a constant weight: the same graph every step.
+
+        `ok` (0-d bool): where false, the weight is 0 and the average stays as it was (the
+        model's weights were kept finite, so `0 * (model - ema)` adds nothing)."""
         averaged, current = [], []
-        pairs = zip(self.module.state_dict().values(), model.state_dict().values())
-        for ema_value, model_value in pairs:
+        for ema_value, model_value in zip(tensors(self.module), tensors(model)):
             if ema_value.is_floating_point():
                 averaged.append(ema_value)
                 current.append(model_value)
             else:
                 ema_value.copy_(model_value)
-        torch._foreach_lerp_(averaged, current, weight=1.0 - self.decay)
+        if ok is None:
+            torch._foreach_lerp_(averaged, current, weight=1.0 - self.decay)
+        else:
+            weight = ok.float() * (1.0 - self.decay)
+            torch._foreach_lerp_(averaged, current, [weight] * len(averaged))
 
     @torch.no_grad()
     def set(self, model: torch.nn.Module) -> None:
         """Start the average at `model`'s weights."""
-        for ema_value, model_value in zip(
-            self.module.state_dict().values(), model.state_dict().values()
-        ):
+        for ema_value, model_value in zip(tensors(self.module), tensors(model)):
             ema_value.copy_(model_value)
+
+
+def tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers in a fixed order, as they are (`state_dict()` would dispatch a
+    detach per tensor: hundreds of ops per step on XLA)."""
+    return [*module.parameters(), *module.buffers()]

@@ -9,11 +9,9 @@ changes per step, so it traces to the same graph every time; loss totals and the
 counters live in device tensors that the host reads only at log points (asynchronously), at
 mid-epoch checkpoints and at epoch end (intended syncs).
 
-A non-finite step changes nothing: the step checks the averaged gradients, every replica's
-loss and the updated weights for finiteness, and where any is not finite it puts back the
-weights, BatchNorm statistics, optimizer state (Adam's step count included) and moving average
-with `torch.where`, all inside the compiled graph. The averaged gradients are the same on every
-replica, so every replica takes the same decision. `max_nonfinite_steps` such steps in a row
+A non-finite step changes nothing (guard.py: the update is kept only where the gradients,
+every replica's loss and BatchNorm statistics and the new weights are finite, decided inside
+the compiled graph and the same on every replica). `max_nonfinite_steps` such steps in a row
 stop training.
 
 Determinism: the device generator (dropout, drop path) is seeded from (seed, epoch, step,
@@ -24,6 +22,7 @@ generator state would not replay; a per-step seed makes it draw what the killed 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from leaf_xla import mix
 from leaf_xla.cli import UserError
 from leaf_xla.ema import WeightEma
+from leaf_xla.guard import create_update
 from leaf_xla.runtime import Runtime
 from leaf_xla.tta import TTA_FLIPS
 
@@ -50,45 +50,6 @@ class EpochTotals(NamedTuple):
     nonfinite_steps: torch.Tensor  # non-finite steps skipped
     stop_step: torch.Tensor  # where `max_nonfinite_steps` in a row were reached (-1: none)
     nonfinite_run: torch.Tensor  # the non-finite steps in a row that end the epoch so far
-
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """One 0-d bool on the device: every element of every tensor is finite."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
-    """The optimizer's state tensors (moments, Adam's step), by (parameter id, name)."""
-    return {
-        (id(p), name): value
-        for group in optimizer.param_groups
-        for p in group["params"]
-        for name, value in optimizer.state.get(p, {}).items()
-        if isinstance(value, torch.Tensor)
-    }
-
-
-def steps_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Adam's step count on the device (`capturable`), where torch keeps it on the host by
-    default: a skipped step can then put it back inside the graph. On the CPU it is there
-    already, and torch refuses `capturable` there. Also for a state loaded from a checkpoint
-    of another device: after the first step, a no-op."""
-    for group in optimizer.param_groups:
-        if "capturable" in group:
-            group["capturable"] = device.type != "cpu"
-            for p in group["params"]:
-                step = optimizer.state.get(p, {}).get("step")
-                if isinstance(step, torch.Tensor) and step.device != p.device:
-                    optimizer.state[p]["step"] = step.to(p.device, torch.float32)
-
-
-@torch.no_grad()
-def keep_unless(ok: torch.Tensor, live: list[torch.Tensor], kept: list[torch.Tensor | None]):
-    """Where `ok` is false, put `kept` back into `live` (None: state the step created, whose
-    value before it was zeros). Selected in the graph: no host sync."""
-    for now, before in zip(live, kept):
-        before = torch.zeros_like(now) if before is None else before
-        now.copy_(torch.where(ok, now, before))
 
 
 class Trainer:
@@ -120,6 +81,7 @@ class Trainer:
         # Both fixed for the trainer's life: with them off the step traces exactly as before.
         self.mixing = mixing
         self.ema = WeightEma(model, ema_decay) if ema_decay is not None else None
+        self.update = create_update(model, optimizer, rt, self.ema) if optimizer else None
         self.tta = [TTA_FLIPS[name] for name in tta]
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -128,6 +90,7 @@ class Trainer:
         self.shift = (-mean_t / std_t).to(rt.device)
         self._train_step = rt.compile(self.train_step, name="train_step")
         self._eval_step = rt.compile(self.eval_step, name="eval_step")
+        self.steps_run: dict[str, int] = {}  # by kind, in this process: the first ones compile
         self.reset_totals()
 
     def epoch_totals(self) -> EpochTotals:
@@ -158,8 +121,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = list(self.model.buffers())
-        kept_buffers = [b.clone() for b in buffers]  # the forward pass updates BatchNorm's
+        self.update.begin()  # before the forward pass updates BatchNorm's statistics
         targets = batch["target"]
         with self.rt.autocast():
             images = self.normalize(batch["image"])
@@ -171,7 +133,7 @@ class Trainer:
         loss = (self.loss(logits, targets) * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
         loss = loss.detach()
-        ok = self.guarded_update(loss, buffers, kept_buffers)
+        ok = self.update.step(loss)
         self.loss_total = self.loss_total + torch.where(ok, loss, torch.zeros_like(loss))
         self.bad_steps = self.bad_steps + (~ok).int()
         self.bad_run = torch.where(ok, torch.zeros_like(self.bad_run), self.bad_run + 1)
@@ -180,33 +142,6 @@ class Trainer:
         # Training batches hold no padding: a masked sample is one skipped as unreadable.
         self.skipped_total = self.skipped_total + (mask == 0).sum(dtype=torch.int32)
         self.step_counter = self.step_counter + 1
-
-    def guarded_update(
-        self, loss: torch.Tensor, buffers: list[torch.Tensor], kept_buffers: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """Average the gradients and step; undo the step (in the graph) unless the averaged
-        gradients, every replica's loss and the new weights are finite. Returns that verdict."""
-        self.rt.reduce_gradients(self.optimizer)
-        steps_on_device(self.optimizer, self.rt.device)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        loss_ok = self.rt.all_reduce(torch.isfinite(loss).float(), "min") > 0
-        ok = all_finite(grads) & loss_ok
-        state_before = {k: v.clone() for k, v in optimizer_tensors(self.optimizer).items()}
-        kept_params = [p.detach().clone() for p in params]
-        ema = list(self.ema.module.state_dict().values()) if self.ema is not None else []
-        kept_ema = [v.clone() for v in ema]
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        floats = [b for b in buffers if b.is_floating_point()]
-        ok = ok & all_finite([*params, *floats])  # never weights that are not finite
-        keep_unless(ok, params, kept_params)
-        keep_unless(ok, buffers, kept_buffers)
-        state = optimizer_tensors(self.optimizer)
-        keep_unless(ok, list(state.values()), [state_before.get(k) for k in state])
-        keep_unless(ok, ema, kept_ema)
-        return ok
 
     @torch.no_grad()
     def eval_step(
@@ -224,6 +159,19 @@ class Trainer:
         return probs / len(self.tta), loss
 
     # --- the loops ---------------------------------------------------------------------------
+
+    def beat(self, kind: str) -> None:
+        """A step of `kind` (train, eval, ema) finished: the watchdog's clock restarts. The
+        first two of each kind in this process compile (the first train step creates the
+        optimizer state, the second runs the steady graph): the watchdog allows for that."""
+        self.rt.heartbeat()
+        self.steps_run[kind] = self.steps_run.get(kind, 0) + 1
+        if self.steps_run[kind] < 2:
+            self.rt.expect_compile()
+
+    def expect_compile(self, kind: str) -> None:
+        if kind not in self.steps_run:
+            self.rt.expect_compile()
 
     def reset_totals(
         self, start_step: int = 0, loss_sum: float = 0.0, nonfinite: tuple[int, int] = (0, 0)
@@ -296,6 +244,7 @@ class Trainer:
         running mean loss every `log_every` steps, off the training thread.
         """
         self.model.train()
+        self.expect_compile("train")
         self.reset_totals(start_step, loss_sum, nonfinite)
         if self.mixing is not None:
             loader = mix.MixParams(
@@ -320,9 +269,12 @@ class Trainer:
             for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
                 lr = lr_at(epoch + step / steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr  # a scalar XLA uploads as data: no recompilation per value
+                    # A scalar XLA uploads as data (no recompilation per value), except 0 and 1,
+                    # which it folds into the graph as constants: one ulp away from them.
+                    group["lr"] = lr if lr not in (0.0, 1.0) else math.nextafter(lr, 0.5)
                 self.rt.seed_device(self.step_seed(epoch, step))  # uploaded as data too
                 self._train_step(batch)
+                self.beat("train")
                 bar.update(1)
                 if (step + 1) % log_every == 0 or step + 1 == steps:
                     self._log_later(step, lr, bar, log)
@@ -356,13 +308,18 @@ class Trainer:
         or (`ema`) of its moving average."""
         model = self.ema.module if ema else self.model
         model.eval()
+        kind = "ema" if ema else "eval"
+        self.expect_compile(kind)
         probs, indices, losses = [], [], []
         for batch in self.rt.device_loader(loader):
             p, loss = self._eval_step(batch, model)
+            self.beat(kind)
             probs.append(p)
             indices.append(batch["index"])
             losses.append(loss)
         # One graph and one transfer at the end (an intended sync), not one per batch.
+        self.expect_compile(f"{kind}-gather")
+        self.steps_run[f"{kind}-gather"] = 1
         probs_t = self.rt.all_gather(torch.cat(probs))
         index_t = self.rt.all_gather(torch.cat(indices))
         loss_t = self.rt.all_gather(torch.stack(losses).sum().view(1))
@@ -385,14 +342,32 @@ class Trainer:
 def create_optimizer(
     model: torch.nn.Module, name: str, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """Adam as in the seed; AdamW and SGD (Nesterov momentum) as options."""
-    params = model.parameters()
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-5, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-5, weight_decay=weight_decay)
+    """Adam as in the seed; AdamW and SGD (Nesterov momentum) as options.
+
+    Each skips its own update where the step is not finite (guard.py): on XLA torch_xla's
+    sync-free optimizers (one fused op per parameter), elsewhere torch's fused Adam/AdamW;
+    SGD off XLA is torch's, guarded by copies."""
+    params = list(model.parameters())
+    on_xla = params[0].device.type == "xla"
+    if name not in ("adam", "adamw", "sgd"):
+        raise UserError(f"--optimizer must be adam, adamw or sgd, got {name!r}")
+    if on_xla:
+        from torch_xla.amp import syncfree
+
+        if name == "sgd":
+            optimizer = syncfree.SGD(
+                params, lr=1e-5, momentum=0.9, nesterov=True, weight_decay=weight_decay
+            )
+            # Made before the first step: a skipped first step would otherwise keep the
+            # buffer the sync-free SGD makes from that step's (non-finite) gradient.
+            for p in params:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            return optimizer
+        kind = syncfree.Adam if name == "adam" else syncfree.AdamW
+        return kind(params, lr=1e-5, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(
             params, lr=1e-5, momentum=0.9, nesterov=True, weight_decay=weight_decay
         )
-    raise UserError(f"--optimizer must be adam, adamw or sgd, got {name!r}")
+    kind = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return kind(params, lr=1e-5, weight_decay=weight_decay, fused=True)

@@ -103,7 +103,9 @@ def _validation_ids(state: dict, data: DataSet, path: Path) -> list[str]:
 
 def predict_worker(job: Job) -> None:
     args, data = job.args, job.data
-    rt = runtime.setup(args.device, args.parallel, args.precision, timeout=args.dist_timeout)
+    # The runs' folder (<out-dir>) of the first checkpoint: train's graphs share its cache.
+    cache = runtime.compile_cache_dir(args.compile_cache, job.checkpoints[0].parent.parent)
+    rt = runtime.setup(args.device, args.parallel, args.precision, cache, args.dist_timeout)
     split = data.test if args.split == "test" else data.train
     position = {image_id: k for k, image_id in enumerate(split.ids)}
     row_of = {image_id: k for k, image_id in enumerate(job.ids)}

@@ -47,6 +47,9 @@ DEVICES = ("auto", "xla", "cpu", "cuda")
 PARALLEL = ("auto", "none", "spawn", "spmd", "ddp")
 PRECISIONS = ("fp32", "bf16")
 REDUCE_OPS = ("sum", "mean", "min", "max")
+# A first step's compilation of a big model takes minutes on a TPU host: how much longer the
+# XLA watchdog waits for a step that compiles.
+COMPILE_ALLOWANCE = 3600.0
 
 
 # --- choosing the device and the strategy ----------------------------------------------------
@@ -150,6 +153,7 @@ class Launch:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     timeout: float = 600.0  # seconds a collective waits for a slow replica before failing
+    compile_cache: str = "auto"  # XLA's persistent compilation cache: auto, off or a folder
 
 
 def add_launch_options(parser: Any) -> None:
@@ -168,7 +172,18 @@ def add_launch_options(parser: Any) -> None:
     group.add_argument("--master-addr", default="127.0.0.1", help="ddp: machine 0's address")
     group.add_argument("--master-port", type=int, help="ddp: its port (default: free / 29500)")
     group.add_argument(
-        "--dist-timeout", type=float, default=600.0, help="seconds a replica waits for the others"
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a replica waits for the others; on XLA also the longest a step may take "
+        f"(a step that compiles: {COMPILE_ALLOWANCE:.0f} s more) before the run stops",
+    )
+    group.add_argument(
+        "--compile-cache",
+        default="auto",
+        help="XLA's persistent compilation cache: a folder, off, or auto (on a TPU "
+        "<out-dir>/xla_cache, so that the folds of a model and a resumed run load its graphs "
+        "instead of compiling them again; off elsewhere, as XLA:CPU cannot load them back)",
     )
 
 
@@ -188,6 +203,7 @@ def launch_from_args(args: Any) -> Launch:
         master_addr=args.master_addr,
         master_port=args.master_port,
         timeout=args.dist_timeout,
+        compile_cache=args.compile_cache,
     )
 
 
@@ -201,7 +217,18 @@ def launch_options(launch: Launch) -> list[str]:
         options += ["--master-addr", launch.master_addr]
     if launch.master_port:
         options += ["--master-port", str(launch.master_port)]
+    options += ["--compile-cache", launch.compile_cache]
     return options + ["--dist-timeout", str(launch.timeout)]
+
+
+def compile_cache_dir(value: str, out_dir: Path) -> Path | None:
+    """--compile-cache as a folder, or None: auto is `out_dir`/xla_cache on a TPU."""
+    if value == "off":
+        return None
+    if value != "auto":
+        return Path(value)
+    on_tpu = os.environ.get("PJRT_DEVICE", "").upper() == "TPU"
+    return out_dir / "xla_cache" if on_tpu else None
 
 
 # --- one device ------------------------------------------------------------------------------
@@ -225,6 +252,7 @@ class Runtime:
     loader_rank: int = 0
     local_rank: int = 0
     precision: str = "fp32"
+    compile_cache: Path | None = None  # XLA's persistent compilation cache, where it is on
 
     @property
     def is_xla(self) -> bool:
@@ -263,6 +291,10 @@ class Runtime:
 
     def compile_count(self) -> int:
         """Graph compilations so far in this process (0 when eager: nothing compiles)."""
+        return 0
+
+    def cache_hits(self) -> int:
+        """Graphs loaded from the persistent compilation cache so far in this process."""
         return 0
 
     def upload(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -316,6 +348,17 @@ class Runtime:
     def barrier(self, tag: str) -> None:
         """Wait for every replica."""
 
+    def watched(self, limit: float) -> contextlib.AbstractContextManager:
+        """Within the block, XLA stops the process when no step finishes for `limit` seconds
+        (a step that compiles: COMPILE_ALLOWANCE more); collectives elsewhere time out."""
+        return contextlib.nullcontext()
+
+    def heartbeat(self) -> None:
+        """A step finished (XLA: the watchdog's clock restarts)."""
+
+    def expect_compile(self) -> None:
+        """The next step may compile a new graph: allow the watchdog that much longer."""
+
     def shutdown(self) -> None:
         """Release the process group (ddp)."""
 
@@ -323,7 +366,7 @@ class Runtime:
 
     def check_agree(self, values: list[int], what: str) -> None:
         """Raise on every replica if `values` differ between replicas."""
-        if self.loaders == 1 or self.parallel == "spmd":
+        if self.loaders == 1:
             return  # one process: nothing to compare
         # int32 words: what every backend reduces
         mine = torch.tensor([v % 2**31 for v in values], dtype=torch.int32)
@@ -398,8 +441,76 @@ class _Relay:
             self.error = err
 
 
+_report_dir: str | None = None  # where a spawned replica reports its failure (launch)
+
+
+class Watchdog:
+    """Stops this process, with one error line, when no step has finished for `limit` seconds.
+
+    XLA waits without bound: when a host of a pod fails, the replicas of the others wait in
+    their next collective for ever, and so would the launcher's ssh. A daemon thread watches
+    the time since the last `beat()`; `expect_compile()` extends the next wait by
+    COMPILE_ALLOWANCE."""
+
+    def __init__(self, limit: float, rank: int):
+        self.limit = limit
+        self.rank = rank
+        self.last = time.monotonic()
+        self.allowance = COMPILE_ALLOWANCE  # the first step compiles
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, name="leaf_xla-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self.last, self.allowance = time.monotonic(), 0.0
+
+    def expect_compile(self) -> None:
+        self.allowance = COMPILE_ALLOWANCE
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(min(5.0, self.limit / 4)):
+            waited = time.monotonic() - self.last
+            if waited > self.limit + self.allowance:
+                self._fail(waited)
+
+    def _fail(self, waited: float) -> None:
+        message = (
+            f"no training step finished for {waited:.0f} s on host {socket.gethostname()} "
+            f"(replica {self.rank}): a replica on another host has probably failed (its error "
+            "is in that host's output), or the device hangs; stopping (--dist-timeout)"
+        )
+        if _report_dir is not None:  # a spawned replica: the launching process prints it
+            _report(_report_dir, self.rank, UserError(message))
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+
 class XlaRuntime(Runtime):
     """One XLA device: lazy tensors, compiled steps, background uploads."""
+
+    watchdog: Watchdog | None = None
+
+    @contextlib.contextmanager
+    def watched(self, limit: float) -> Iterator[None]:
+        self.watchdog = Watchdog(limit, self.loader_rank)
+        try:
+            yield
+        finally:
+            self.watchdog.stop()
+            self.watchdog = None
+
+    def heartbeat(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat()
+
+    def expect_compile(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.expect_compile()
 
     def sync(self) -> None:
         import torch_xla
@@ -416,6 +527,11 @@ class XlaRuntime(Runtime):
 
         data = met.metric_data("CompileTime")
         return int(data[0]) if data else 0
+
+    def cache_hits(self) -> int:
+        import torch_xla.debug.metrics as met
+
+        return met.counter_value("PersistentCacheHit") or 0
 
     def upload(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         # XLA folds a 0-d 0 or 1 moved by `.to()` into the graph as a constant: a new graph
@@ -515,7 +631,9 @@ class XlaSpmdRuntime(XlaRuntime):
     """One process per host; the global batch is sharded over a 1-D mesh of all devices.
 
     The partitioner inserts the gradient all-reduce: there is one model, so the collectives of
-    the other backends are identities here, and so is the agreement check.
+    the other backends are identities here. But each host loads its run folder, folds and
+    soft targets from its own disk, so hosts compare them (`check_agree`), and meet before
+    their writers rename a checkpoint (`barrier`), through a program over the whole mesh.
     """
 
     mesh: Any = None
@@ -544,6 +662,37 @@ class XlaSpmdRuntime(XlaRuntime):
         sharding = {"image": spec(4), "target": spec(2), "index": spec(1), "mask": spec(1)}
         sharding.update(mix_lam=spec(1), mix_box=spec(2))  # --mixup, --cutmix (mix.py)
         return pl.MpDeviceLoader(relay, self.device, input_sharding=sharding)
+
+    def host_min_max(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column-wise min and max over the rows of every host, each host giving one row per
+        device of its own (int32, on the CPU). Every host runs the one program: a meeting."""
+        import torch_xla.core.xla_model as xm
+        import torch_xla.distributed.spmd as xs
+
+        spec = xs.ShardingSpec(self.mesh, ("data", None), minibatch=True)
+        whole = xm.send_cpu_data_to_device([rows], self.device, input_sharding=spec)[0]
+        low, high = whole.min(0).values, whole.max(0).values
+        for tensor in (low, high):
+            xs.mark_sharding(tensor, self.mesh, (None,))  # replicated: every host reads it
+        self.sync()
+        return low.cpu(), high.cpu()
+
+    def _local_rows(self, values: list[int]) -> torch.Tensor:
+        import torch_xla.runtime as xr
+
+        words = [v % 2**31 for v in values]
+        return torch.tensor([words] * xr.addressable_runtime_device_count(), dtype=torch.int32)
+
+    def check_agree(self, values: list[int], what: str) -> None:
+        if self.loaders == 1:
+            return  # one host: one copy of everything
+        low, high = self.host_min_max(self._local_rows(values))
+        if not torch.equal(low, high):
+            raise UserError(f"hosts disagree on {what}")
+
+    def barrier(self, tag: str) -> None:
+        if self.loaders > 1:
+            self.host_min_max(self._local_rows([0]))
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch_xla.distributed.spmd as xs
@@ -661,7 +810,6 @@ def setup(
     if kind != "xla":
         return Runtime(kind=kind, parallel="none", device=torch.device(kind), precision=precision)
 
-    import torch_xla
     import torch_xla.runtime as xr
 
     if parallel == "spmd":
@@ -670,6 +818,15 @@ def setup(
         xr.use_spmd()
     if compile_cache is not None:
         _initialize_compile_cache(compile_cache, parallel)
+    rt = _setup_xla(kind, parallel, precision)
+    rt.compile_cache = compile_cache
+    return rt
+
+
+def _setup_xla(kind: str, parallel: str, precision: str) -> XlaRuntime:
+    import torch_xla
+    import torch_xla.runtime as xr
+
     if parallel == "spmd":
         import torch_xla.distributed.spmd as xs
 
@@ -876,7 +1033,9 @@ def _launch_ddp(fn: Callable[..., None], args: tuple, launch: Launch, kind: str)
 
 
 def _xla_child(index: int, fn: Callable[..., None], args: tuple, report_dir: str) -> None:
+    global _report_dir
     del index  # the rank comes from torch_xla.runtime inside setup()
+    _report_dir = report_dir
     try:
         fn(*args)
     except BaseException as err:

@@ -193,7 +193,6 @@ def build_parser(
     run = parser.add_argument_group("runtime")
     identity(run, "--precision", choices=runtime.PRECISIONS, default="fp32")
     identity(run, "--seed", type=int, default=0)
-    run.add_argument("--compile-cache", type=Path, help="persistent XLA compilation cache folder")
     run.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     run.add_argument(
         "--force-resume",
@@ -390,6 +389,7 @@ class Run:
     meta: dict[str, Any]
     writer: Any = None  # TensorBoard, on each host's writer
     compiles_counted: int = 0  # compilations already in earlier history rows
+    cache_hits_counted: int = 0  # graphs loaded from the compile cache, likewise
 
     @property
     def global_batch(self) -> int:
@@ -406,7 +406,11 @@ def build(plan: Plan) -> Run:
     0's weights."""
     args, data = plan.args, plan.data
     rt = runtime.setup(
-        args.device, args.parallel, args.precision, args.compile_cache, args.dist_timeout
+        args.device,
+        args.parallel,
+        args.precision,
+        runtime.compile_cache_dir(args.compile_cache, args.out_dir),
+        args.dist_timeout,
     )
     rt.seed(args.seed)
     spec = ModelSpec(
@@ -537,17 +541,22 @@ def check_replicas_agree(run: Run, state: RunState) -> None:
     values = [state.epoch, state.step, *run.rt.module_digest(run.model)]
     if run.trainer.ema is not None:
         values += run.rt.module_digest(run.trainer.ema.module)
-    # Each host reads --soft-targets from its own disk: a differing copy would train another
-    # model on that host's shard.
-    soft = run.plan.soft_digest or ""
-    values += [int(soft[i : i + 7] or "0", 16) for i in (0, 7)]
+    # Each host reads --soft-targets and the folds file from its own disk: a differing copy
+    # would train another model on that host's shard, or run another number of steps and
+    # leave the others waiting at the epoch's end.
+    plan = run.plan
+    fold_digest = rundir.fold_digest(plan.data.train.ids, plan.val_index)
+    values += [len(run.train_set), run.steps]
+    for digest in (plan.soft_digest or "", fold_digest):
+        values += [int(digest[i : i + 7] or "0", 16) for i in (0, 7)]
     try:
         run.rt.check_agree(values, "the run's state")
     except UserError:
         raise UserError(
             f"the replicas start from different states of {run.plan.run_dir} (epoch, step, "
-            "weights or --soft-targets rows differ between hosts): give every host the same "
-            "run folder (copy host 0's) and soft-target CSV, then --resume again"
+            "weights, folds, training images or --soft-targets rows differ between hosts): "
+            "give every host the same data, folds file, run folder (copy host 0's) and "
+            "soft-target CSV, then --resume again"
         ) from None
 
 
@@ -615,6 +624,8 @@ def announce(run: Run) -> None:
             f"{args.precision}; augment {args.augment_preset}, mixing "
             f"{mix.describe(run.trainer.mixing)}, EMA {args.ema_decay or 'off'}"
         )
+        if rt.compile_cache is not None:
+            print(f"XLA compile cache: {rt.compile_cache} (graphs compiled before load from it)")
 
 
 def _score(auc: float) -> float:
@@ -709,6 +720,8 @@ def train_epoch(run: Run, state: RunState) -> None:
     row["seconds"] = time.time() - started
     row["compiles"] = rt.compile_count() - run.compiles_counted
     run.compiles_counted += row["compiles"]
+    row["cached_graphs"] = rt.cache_hits() - run.cache_hits_counted
+    run.cache_hits_counted += row["cached_graphs"]
     state.history.append(row)
     improved = _improves(auc, state.best_auc)
     state.best_auc = _score(auc) if improved else state.best_auc
@@ -806,6 +819,7 @@ def write_epoch(run: Run, state: RunState, improved: bool, improved_ema: bool) -
         run.writer.add_scalar("epoch/images_per_sec", row["images_per_sec"], row["epoch"])
         run.writer.flush()
     if run.rt.is_master:
+        cached = f", {row['cached_graphs']} from the compile cache" if row["cached_graphs"] else ""
         ema = (
             f"  EMA val AUC {row['ema_val_auc']:.4f}{'  (best)' if improved_ema else ''}"
             if "ema_val_auc" in row
@@ -815,7 +829,7 @@ def write_epoch(run: Run, state: RunState, improved: bool, improved_ema: bool) -
             f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
             f"val loss {row['val_loss']:.4f}  val AUC {row['val_auc']:.4f}"
             f"{'  (best)' if improved else ''}{ema}  {row['images_per_sec']:.1f} img/s  "
-            f"{row['compiles']} compile(s)"
+            f"{row['compiles']} compile(s){cached}"
         )
 
 
@@ -862,8 +876,10 @@ def train_worker(plan: Plan) -> None:
         print(f"resuming {plan.run_dir} at epoch {state.epoch} step {state.step}")
     announce(run)
     run.compiles_counted = run.rt.compile_count()
-    while not state.finished(args.epochs, args.patience):
-        train_epoch(run, state)
+    run.cache_hits_counted = run.rt.cache_hits()
+    with run.rt.watched(args.dist_timeout):
+        while not state.finished(args.epochs, args.patience):
+            train_epoch(run, state)
     if args.patience and state.flat_epochs >= args.patience and run.rt.is_master:
         print(f"early stop: no better validation AUC for {state.flat_epochs} epochs")
     report(run, state)

@@ -9,7 +9,9 @@ process and in every replica it spawns. Nothing happens unless a variable asks f
   and of its moving average (--ema-decay) to DIR/<checkpoint name>-ema-rank<R>.pt.
 - LEAF_XLA_TEST_FAULT=RANK:KIND:N[:COUNT]: on replica RANK only, KIND=enospc makes the N-th
   write of a last.pt fail with ENOSPC; KIND=nan makes the loss of its N-th training step NaN
-  (and of the COUNT - 1 steps after it: COUNT defaults to 1).
+  (and of the COUNT - 1 steps after it: COUNT defaults to 1); KIND=nanbuffer makes a BatchNorm
+  statistic NaN in those steps' forward pass instead, the loss staying finite; KIND=hang makes
+  its N-th training step wait for an hour (a replica stuck in a collective).
 """
 
 from __future__ import annotations
@@ -79,15 +81,33 @@ def _install_fault(spec: str) -> None:
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = failing_save
-    elif kind == "nan":
+    elif kind == "hang":
+        import time
+
+        loss = engine.Trainer.loss
+
+        def hanging_loss(self, logits, targets):
+            if mine() and self.model.training:
+                calls["n"] += 1
+                if calls["n"] == int(count):
+                    time.sleep(3600)
+            return loss(self, logits, targets)
+
+        engine.Trainer.loss = hanging_loss
+    elif kind in ("nan", "nanbuffer"):
         loss = engine.Trainer.loss
 
         def nan_loss(self, logits, targets):
             value = loss(self, logits, targets)
             if mine() and self.model.training:
                 calls["n"] += 1
-                if int(count) <= calls["n"] <= last:
+                if int(count) <= calls["n"] <= last and kind == "nan":
                     return value + float("nan")
+                if int(count) <= calls["n"] <= last:  # a new tensor: autograd saved the old
+                    for module in self.model.modules():
+                        if getattr(module, "running_var", None) is not None:
+                            module.running_var = torch.full_like(module.running_var, float("nan"))
+                            break
             return value
 
         engine.Trainer.loss = nan_loss
