@@ -210,7 +210,22 @@ def test_distill_end_to_end_targets_folds_submission_and_resume(
     # Targets that the first round does not give are refused, not trained on.
     soft_csv.write_text(soft_csv.read_text().replace("0.7", "0.6", 1))
     changed = recipe(config, pp2020, out, "--resume")
-    assert_user_error(changed, str(soft_csv), "differs from the targets", "--overwrite")
+    assert_user_error(changed, str(soft_csv), "differs from the targets", "--resume -- --overwrite")
+    # The advice works: the distilled members train again from the start, on the new targets;
+    # the first round's finished runs are kept.
+    advised = run_cli(
+        "leaf_xla.recipe",
+        *("--config", str(config), "--data-dir", str(pp2020), "--out-dir", str(out)),
+        *("--device", "cpu", "--resume", "--", "--epochs", "1", "--image-size", "32"),
+        "--overwrite",
+    )
+    assert advised.returncode == 0, advised.stdout[-2000:] + advised.stderr[-3000:]
+    assert advised.stdout.count("nothing to resume") == 2
+    assert f"soft targets: wrote {soft_csv}" in advised.stdout
+    for k in (0, 1):
+        state = torch.load(out / f"a-distill-fold{k}" / "last.pt", weights_only=True)
+        trained = [i for i in data.train.ids if fold_of[i] != k]
+        assert state["resume_identity"]["soft_targets"] == digest(rows, trained)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,20 @@ from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.files import atomic_write_text
 
 
+def identity(group: Any, *flags: str, **kwargs: Any) -> argparse.Action:
+    """`group.add_argument(*flags, **kwargs)` for a training option that is part of the run's
+    identity: a `--resume` that changes it is refused (rundir.resume_identity). Every other
+    training option is listed, with why its change is harmless, in rundir.NOT_IN_IDENTITY."""
+    action = group.add_argument(*flags, **kwargs)
+    action.identity = True
+    return action
+
+
+def identity_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of `parser` declared part of the run's identity (their `dest`s)."""
+    return [action.dest for action in parser._actions if getattr(action, "identity", False)]
+
+
 def shipped_configs() -> dict[str, Path]:
     """The configs inside the package, by name (the file name without `.yaml`)."""
     folder = resources.files("leaf_xla") / "configs"

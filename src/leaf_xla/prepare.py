@@ -67,10 +67,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     built, warnings = build_cache(cache, paths, args.workers, progress=True)
     data.warnings.extend(warnings)
     print_warnings(data)
-    print(
-        f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh "
-        f"({len(data.train.paths)} train + {len(data.test.paths)} test)"
-    )
+    counts = f"({len(data.train.paths)} train + {len(data.test.paths)} test)"
+    if cache.failed:
+        print(f"{cache.dir}: cannot be written; {built} image(s) decoded and checked {counts}")
+        return
+    print(f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh {counts}")
 
 
 if __name__ == "__main__":

@@ -335,9 +335,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     members = [train_and_predict(m, runs, args, tta) for m in models]
     if students:
-        write_soft_targets(recipe, runs, students, args, fit, soft_csv)
+        rewritten = write_soft_targets(recipe, runs, students, args, fit, soft_csv)
         distilled = distilled_models(recipe, soft_csv)
-        members += [train_and_predict(m, students, args, tta) for m in distilled]
+        # Runs on targets just rewritten start again (with --overwrite: the old ones go aside).
+        members += [
+            train_and_predict(m, students, args, tta, resume=not rewritten) for m in distilled
+        ]
 
     predictions, oofs, weights = (list(column) for column in zip(*members))
     submission = args.out_dir / "submission.csv"
@@ -352,17 +355,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def train_and_predict(
-    model: dict, runs: list[Run], args: argparse.Namespace, tta: list[str]
+    model: dict, runs: list[Run], args: argparse.Namespace, tta: list[str], resume: bool = True
 ) -> tuple[str, str, str]:
-    """Train a model's runs, predict the test set with them; (predictions CSV, its
-    comma-separated OOF files, weight) for the ensemble."""
+    """Train a model's runs (resumed under --resume unless `resume` is false), predict the
+    test set with them; (predictions CSV, its comma-separated OOF files, weight) for the
+    ensemble."""
     name = str(model["name"])
     mine = [r for r in runs if r.model == name]
     for run in mine:
         # Train decides whether a run is finished, together with every other host (a pod's
         # hosts each read their own disk, and must not part ways here).
-        resume = args.resume and (run.dir / "last.pt").is_file()
-        _run(run.command + (["--resume"] if resume else []))
+        resumed = resume and args.resume and (run.dir / "last.pt").is_file()
+        _run(run.command + (["--resume"] if resumed else []))
     out = args.out_dir / "predictions" / f"{name}.csv"
     _run(
         [
@@ -445,8 +449,9 @@ def write_soft_targets(
     args: argparse.Namespace,
     fit: bool,
     path: Path,
-) -> None:
+) -> bool:
     """`alpha * OOF + (1 - alpha) * label` for every training image, written once, atomically.
+    Returns whether it replaced a file of other targets (the distilled runs then start again).
 
     Every host computes it from its own run folders (each host's writer wrote every oof.csv)
     and so holds its own copy; train checks that the hosts' copies agree. A resumed recipe
@@ -473,13 +478,15 @@ def write_soft_targets(
     if path.is_file():
         if hashlib.sha256(path.read_bytes()).hexdigest()[:16] == digest:
             print(f"soft targets: {path} is up to date (sha256 {digest})")
-            return
+            return False
         if not all(r.options.overwrite for r in students):
             raise UserError(
                 f"{path} differs from the targets the first round's out-of-fold predictions "
-                "give now (was a first-round run trained again?): pass -- --overwrite to "
-                "train the distilled members again, or delete the file and their runs"
+                "give now (was a first-round run trained again?): pass --resume -- --overwrite "
+                "to train the distilled members again from the start (finished first-round "
+                "runs are kept), or delete the file and their runs"
             )
+    replaced = path.is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     teacher_name = distill.get("from", TEACHER_ENSEMBLE)
@@ -487,6 +494,7 @@ def write_soft_targets(
         f"soft targets: wrote {path} ({len(frame)} images, alpha {distill['alpha']} x "
         f"out-of-fold {teacher_name} + (1 - alpha) x label; sha256 {digest})"
     )
+    return replaced
 
 
 def summarize(out_dir: Path, runs: list[Run], submission: Path) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from leaf_xla import checkpoint, folds, mix, rundir, runtime, soft_targets
 from leaf_xla.cli import ArgumentParser, UserError
-from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
+from leaf_xla.config import add_config_option, identity, parse_args, save_config, yaml_value
 from leaf_xla.data import (
     LABEL_FORMATS,
     DataSet,
@@ -71,17 +71,18 @@ def build_parser(
     data.add_argument("--out-dir", type=Path, default=Path("runs"), help="where runs are written")
     data.add_argument("--run-name", help="run folder name (default: <model>-fold<k>)")
     data.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
-    data.add_argument("--classes", nargs="+", help="class names (default: from the data)")
+    identity(data, "--classes", nargs="+", help="class names (default: from the data)")
     data.add_argument(
         "--folds-file",
         type=Path,
         help="folds CSV shared by the ensemble (default: <out-dir>/folds.csv)",
     )
     data.add_argument("--n-folds", type=int, default=5)
-    data.add_argument("--fold", type=int, default=0, help="the fold used for validation")
+    identity(data, "--fold", type=int, default=0, help="the fold used for validation")
     data.add_argument("--holdout", type=float, help="validate on this fraction instead of folds")
     data.add_argument("--fold-seed", type=int, default=42)
-    data.add_argument(
+    identity(
+        data,
         "--image-size",
         type=parse_image_size,
         help="input size: 512 (square) or HEIGHTxWIDTH, e.g. 512x768 for landscape photos "
@@ -117,7 +118,7 @@ def build_parser(
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="timm name or Keras alias (EfficientNetB7, ...)")
+    identity(model, "--model", help="timm name or Keras alias (EfficientNetB7, ...)")
     model.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
@@ -130,22 +131,24 @@ def build_parser(
         help="local .safetensors/.pth to start from (offline); a .pth is read with "
         "weights_only=True: tensors only, no pickled code runs",
     )
-    model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head")
-    model.add_argument("--drop-path-rate", type=float, help="stochastic depth (model default)")
-    model.add_argument("--mean", type=float, nargs=3, help="normalisation mean (model default)")
-    model.add_argument("--std", type=float, nargs=3, help="normalisation std (model default)")
+    identity(model, "--drop-rate", type=float, default=0.0, help="dropout before the head")
+    identity(model, "--drop-path-rate", type=float, help="stochastic depth (model default)")
+    identity(model, "--mean", type=float, nargs=3, help="normalisation mean (model default)")
+    identity(model, "--std", type=float, nargs=3, help="normalisation std (model default)")
 
     aug = parser.add_argument_group("augmentation")
-    aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    aug.add_argument("--vflip", type=float, default=0.5, help="vertical flip probability")
-    aug.add_argument(
+    identity(aug, "--hflip", type=float, default=0.5, help="horizontal flip probability")
+    identity(aug, "--vflip", type=float, default=0.5, help="vertical flip probability")
+    identity(
+        aug,
         "--augment-preset",
         choices=list(PRESETS),
         default="seed",
         help="transforms after the flips; "
         + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
     )
-    aug.add_argument(
+    identity(
+        aug,
         "--augment",
         type=yaml_value,
         default=[],
@@ -157,9 +160,9 @@ def build_parser(
     opt.add_argument("--epochs", type=int, default=20)
     opt.add_argument("--batch-size", type=int, default=16, help="per replica (TPU core)")
     opt.add_argument("--eval-batch-size", type=int, help="per replica (default: 2x batch size)")
-    opt.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--label-smoothing", type=float, default=0.0)
+    identity(opt, "--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    identity(opt, "--weight-decay", type=float, default=0.0)
+    identity(opt, "--label-smoothing", type=float, default=0.0)
     opt.add_argument(
         "--max-nonfinite-steps",
         type=int,
@@ -167,7 +170,8 @@ def build_parser(
         help="a step with a non-finite loss or gradient changes nothing and is counted; stop "
         "after this many in a row",
     )
-    opt.add_argument(
+    identity(
+        opt,
         "--ema-decay",
         type=float,
         metavar="D",
@@ -176,7 +180,8 @@ def build_parser(
     )
     add_schedule_options(parser)
 
-    opt.add_argument(
+    identity(
+        opt,
         "--lr-update",
         choices=("step", "epoch"),
         default="step",
@@ -186,8 +191,8 @@ def build_parser(
 
     runtime.add_launch_options(parser)
     run = parser.add_argument_group("runtime")
-    run.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
-    run.add_argument("--seed", type=int, default=0)
+    identity(run, "--precision", choices=runtime.PRECISIONS, default="fp32")
+    identity(run, "--seed", type=int, default=0)
     run.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     run.add_argument(
         "--force-resume",
@@ -311,7 +316,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         soft_digest = soft_targets.digest(soft, train_ids)
     run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
     rundir.lock_run(run_dir)  # until this process ends: no other run touches the folder
-    rundir.recover_overwrite(run_dir)
+    rundir.recover_overwrite(run_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         if not any((run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")):
             raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
@@ -354,6 +359,10 @@ class RunState:
     epoch: int = 0  # the epoch in progress
     step: int = 0  # steps of `epoch` done
     epoch_loss_sum: float = 0.0  # their summed loss, for the epoch's history row
+    # Also of those steps: so that a resumed epoch counts and stops as an uninterrupted one.
+    epoch_nonfinite: int = 0  # non-finite steps skipped
+    epoch_nonfinite_run: int = 0  # of them, those in a row at `step`
+    epoch_skipped: int = 0  # training images skipped as unreadable (all replicas)
     best_auc: float = -math.inf
     best_ema_auc: float = -math.inf  # --ema-decay: the moving average's, for best_ema.pt
     flat_epochs: int = 0
@@ -514,6 +523,10 @@ def restore(run: Run) -> RunState:
         epoch=state["epoch"],
         step=state["step"],
         epoch_loss_sum=state["epoch_loss_sum"],
+        # Absent from checkpoints of older versions: counted from the resume on, as they did.
+        epoch_nonfinite=state.get("epoch_nonfinite", 0),
+        epoch_nonfinite_run=state.get("epoch_nonfinite_run", 0),
+        epoch_skipped=state.get("epoch_skipped", 0),
         best_auc=state["best_auc"],
         best_ema_auc=state.get("best_ema_auc", -math.inf),
         flat_epochs=state["flat_epochs"],
@@ -562,6 +575,9 @@ def snapshot(run: Run, state: RunState) -> dict[str, Any]:
         "epoch": state.epoch,
         "step": state.step,
         "epoch_loss_sum": state.epoch_loss_sum,
+        "epoch_nonfinite": state.epoch_nonfinite,
+        "epoch_nonfinite_run": state.epoch_nonfinite_run,
+        "epoch_skipped": state.epoch_skipped,
         "rng": checkpoint.plain_rng_state(run.rt.rng_state()),
         "best_auc": state.best_auc,
         "best_ema_auc": state.best_ema_auc,
@@ -645,8 +661,15 @@ def train_epoch(run: Run, state: RunState) -> None:
     def on_step(step: int) -> None:
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.steps:
             run.trainer.check_finite(epoch)  # K non-finite steps in a row stop here
-            loss_sum = float(run.trainer.epoch_totals()[0].item())
-            mid = replace(state, step=step, epoch_loss_sum=loss_sum)
+            totals = run.trainer.epoch_totals()
+            mid = replace(
+                state,
+                step=step,
+                epoch_loss_sum=float(totals.loss.item()),
+                epoch_nonfinite=int(totals.nonfinite_steps.item()),
+                epoch_nonfinite_run=int(totals.nonfinite_run.item()),
+                epoch_skipped=state.epoch_skipped + run.trainer.skipped_images(),
+            )
             average_buffers(run)
             checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, mid))
 
@@ -667,6 +690,7 @@ def train_epoch(run: Run, state: RunState) -> None:
         log=log,
         log_every=args.log_every,
         loss_sum=state.epoch_loss_sum,
+        nonfinite=(state.epoch_nonfinite, state.epoch_nonfinite_run),
     )
     train_seconds = time.time() - started
     nonfinite = run.trainer.nonfinite_steps()
@@ -675,7 +699,7 @@ def train_epoch(run: Run, state: RunState) -> None:
             f"warning: epoch {epoch}: skipped {nonfinite} step(s) with a non-finite loss or "
             "gradients (they changed no weights)"
         )
-    check_skipped(run, loader.skipped, epoch, samples=(run.steps - first) * run.global_batch)
+    check_skipped(run, loader.skipped, epoch, before=state.epoch_skipped)
     average_buffers(run)  # every replica evaluates (and saves) the same model
     val_targets = plan.data.train.targets[plan.val_index]
 
@@ -718,6 +742,7 @@ def train_epoch(run: Run, state: RunState) -> None:
     # --patience: epochs in which neither the model nor its moving average improved.
     state.flat_epochs = 0 if improved or improved_ema else state.flat_epochs + 1
     state.epoch, state.step, state.epoch_loss_sum = epoch + 1, 0, 0.0
+    state.epoch_nonfinite = state.epoch_nonfinite_run = state.epoch_skipped = 0
     write_epoch(run, state, improved, improved_ema)
     val_ids = [plan.data.train.ids[i] for i in plan.val_index]
     for better, ema, name, oof_name in [
@@ -809,10 +834,13 @@ def check_unreadable(
     )
 
 
-def check_skipped(run: Run, mine: list[int], epoch: int, samples: int) -> None:
-    """Name the training images skipped as unreadable this epoch; stop above the allowed
-    fraction. Every replica calls it and sees the same count, so all stop together."""
-    count = run.trainer.skipped_images()
+def check_skipped(run: Run, mine: list[int], epoch: int, before: int) -> None:
+    """Name the training images skipped as unreadable this epoch (`before`: how many before
+    the resume, if any, named by count only); stop when they are more than the allowed
+    fraction of the training images, the measure check_unreadable applies before training.
+    Every replica calls it and sees the same count, so all stop together."""
+    count = before + run.trainer.skipped_images()
+    samples = len(run.train_set)
     if count == 0:
         return
     # Fixed length (a loader's samples per epoch), -1 padded: one gathered shape every epoch.
