@@ -15,10 +15,10 @@ For each model and per-replica batch size, trains a few short epochs on random u
 All but "first s" are over the later epochs. Trace ms near step ms means Python limits the
 step. On XLA:CPU the "device" is the host's own cores: tracing and execution barely overlap.
 
-    PJRT_DEVICE=CPU python bench/train_step.py             # XLA:CPU, tiny models, 64px
+    PJRT_DEVICE=CPU python bench/train_step.py --device xla   # XLA:CPU, tiny models, 64px
     PJRT_DEVICE=TPU python bench/train_step.py --models tf_efficientnet_b7 \\
         --batch-sizes 8 16 --image-size 512 --precision bf16     # one TPU core
-    CPU_NUM_DEVICES=4 PJRT_DEVICE=CPU python bench/train_step.py --parallel spmd
+    CPU_NUM_DEVICES=4 PJRT_DEVICE=CPU python bench/train_step.py --device xla --parallel spmd
     python bench/train_step.py --device cuda --models tf_efficientnet_b7 inception_resnet_v2 \
         --image-size 512 --precision bf16                        # eager CUDA, no XLA columns
 """

@@ -37,6 +37,11 @@ def corrupt_inside(path: Path) -> None:
     path.write_bytes(b"\xff\xd8\xff\xe0" + noise.replace(b"\xff", b"\x00") + b"\xff\xd9")
 
 
+def cut_and_end(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3] + b"\xff\xd9")
+
+
 def set_cells(csv: str, row: int, **values) -> Callable[[Path], None]:
     def edit(data_dir: Path) -> None:
         frame = pd.read_csv(data_dir / csv, dtype=str)
@@ -126,6 +131,13 @@ DECODE_CASES = {
         r"images/Train_9\.jpg: cannot decode image \(",
         None,
     ),
+    # libjpeg-turbo refuses it; PIL decodes it with the missing rows grey.
+    "jpeg cut short with its end marker put back": (
+        on_image("Train_10.jpg", cut_and_end),
+        None,
+        r"images/Train_10\.jpg: corrupt JPEG data \(Corrupt JPEG data: premature end of data "
+        r"segment\), decoded with the damaged part filled in",
+    ),
 }
 
 
@@ -179,6 +191,29 @@ def test_decode_check_finds(kind, clean, tmp_path):
     assert found(warning, problems.warnings) if warning else problems.warnings == []
 
 
+def test_corrupt_jpeg_data_is_counted_alike_by_check_prepare_and_train(clean, tmp_path):
+    damaged = ("Train_3.jpg", "Train_10.jpg")
+    data_dir = broken_copy(
+        clean["pp2020"],
+        tmp_path / "data",
+        lambda d: [cut_and_end(d / "images" / name) for name in damaged],
+    )
+    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir))
+    listed = [line for line in result.stdout.splitlines() if "corrupt JPEG data" in line]
+    assert sorted(line.split("/")[-1].split(":")[0] for line in listed) == sorted(damaged)
+    prepared = run_cli("leaf_xla.prepare", "--data-dir", str(data_dir), "--size", "16")
+    assert prepared.returncode == 0 and prepared.stderr.count("corrupt JPEG data") == 2
+    started = run_cli(
+        "leaf_xla.train",
+        *TRAIN_ARGS,
+        *("--data-dir", str(data_dir), "--out-dir", str(tmp_path / "runs"), "--cache", "build"),
+        *("--cache-dir", str(tmp_path / "cache"), "--holdout", "0.4"),
+        *("--soft-targets", str(tmp_path / "absent.csv")),  # stops it after its report
+    )
+    assert started.stderr.count("corrupt JPEG data") == 2, started.stderr
+    assert "absent.csv" in started.stderr
+
+
 def test_decode_check_skips_files_already_reported(tmp_path):
     path = tmp_path / "gone.jpg"
     problems = Problems(errors=[f"{path}: missing image file"], bad_files={path})
@@ -220,7 +255,7 @@ def test_check_cli_summary(check_report):
     assert "label format: onehot" in out
     assert "train: train.csv (id column image_id), images in images/" in out
     assert "test images: 2" in out and "train images: 12" in out
-    assert "NOT usable for training: 6 error(s), 3 warning(s)" in out, out
+    assert "NOT usable for training: 6 error(s), 4 warning(s)" in out, out
 
 
 def test_no_decode_skips_the_decode_check(broken_pp2020):
@@ -316,6 +351,19 @@ def test_ids_outside_the_image_folder_are_errors(image_id, clean, tmp_path):
         f"train.csv row 5: image id {image_id!r} points outside images/; ids name files inside "
         "the image folder"
     ]
+
+
+@pytest.mark.parametrize("image_id", ["Train_3\x00.jpg", "Train\x1b[31m_3", "Train\t3"])
+def test_ids_with_control_characters_are_errors_naming_the_row(image_id, clean, tmp_path):
+    data_dir = broken_copy(
+        clean["pp2020"], tmp_path / "data", set_cells("train.csv", 3, image_id=image_id)
+    )
+    _, problems = scan(data_dir)
+    assert problems.errors == [
+        f"train.csv row 5: image id {image_id!r} holds a control character; ids are file names"
+    ]
+    code, errors, _, _ = check_cli(data_dir)
+    assert code != 0 and len(errors) == 1 and "train.csv row 5" in errors[0]
 
 
 def test_train_rejects_an_id_outside_the_image_folder(clean, tmp_path):

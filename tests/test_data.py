@@ -175,7 +175,7 @@ def test_plain_jpegs_take_the_turbo_path_and_match_pil(big_leaf, monkeypatch):
     fast, _ = decode(big_leaf, 300)
     assert calls == [(2048, 1365, (300, 300))]
     # The PIL path (taken for CMYK, EXIF turns, ...) gives the same image: one resize filter.
-    monkeypatch.setattr(data_module, "_decode_turbo", lambda *a: None)
+    monkeypatch.setattr(data_module, "_decode_turbo", lambda *a: "refused")
     slow, _ = decode(big_leaf, 300)
     assert np.abs(fast.astype(float) - slow).mean() < 0.5
 
@@ -251,6 +251,7 @@ def test_a_jpeg_libjpeg_turbo_refuses_goes_to_pil_and_names_the_file(big_leaf, t
     raw[table + 5 : table + 21] = b"\xff" * 16
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(bytes(raw))
-    assert data_module._decode_turbo(bytes(raw), 2048, 1365, (512, 512)) is None
+    refused = data_module._decode_turbo(bytes(raw), 2048, 1365, (512, 512))
+    assert isinstance(refused, str) and "subsampling" in refused  # libjpeg-turbo's complaint
     with pytest.raises(data_module.DecodeError, match="broken.jpg"):
         decode(broken, 512)

@@ -157,3 +157,4 @@ def test_demo(tmp_path) -> None:
     assert summary["ensemble"] >= 0.9, summary
     check_submission(tmp_path / "demo" / "submission.csv", tmp_path / "demo" / "data")
     assert "ensemble" in result.stdout and "submission:" in result.stdout
+    assert "on 1 xla replica(s)" in result.stdout  # the demo asks for XLA (auto would not)

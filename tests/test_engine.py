@@ -411,3 +411,22 @@ def test_soft_targets_loss_by_hand_and_no_new_graph(multilabel: bool) -> None:
 def lr0(epoch: float) -> float:
     del epoch
     return 0.0
+
+
+def test_an_optimizer_state_saved_on_one_device_trains_on_the_other():
+    """A run resumed on another device loads the state another optimizer saved (XLA's
+    sync-free Adam, torch's fused Adam): loading replaces the parameter groups' settings, and
+    the step must still skip on its flag."""
+    import torch_xla.core.xla_model as xm
+
+    data = batches(2, seed=9)
+    trainers = {device: guarded_trainer(device, "adam") for device in ("xla", "cpu")}
+    for trainer in trainers.values():
+        trainer.train_one_epoch(data, epoch=0, steps=2, start_step=0, lr_at=lambda e: 1e-2)
+    for source, target in (("xla", "cpu"), ("cpu", "xla")):
+        state = xm._maybe_convert_to_cpu(trainers[source].optimizer.state_dict())
+        trainers[target].optimizer.load_state_dict(state)
+        loss = trainers[target].train_one_epoch(
+            data, epoch=1, steps=2, start_step=0, lr_at=lambda e: 1e-2
+        )
+        assert np.isfinite(loss) and trainers[target].nonfinite_steps() == 0

@@ -4,7 +4,11 @@ any thread, and the resize cache with `prepare`."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -266,3 +270,181 @@ def test_prepare_names_images_it_cannot_decode(data_dir, capsys):
     # What did decode was kept: a rerun after a fix redoes the broken ones only.
     cache = ResizeCache(default_cache_root(data_dir), SIZE)
     assert len(cache.stale(read_dataset(data_dir).train.paths)) == 7
+
+
+# --- the resize cache after a crash, a full disk, another host -------------------------------
+
+
+def test_an_empty_or_cut_short_entry_is_a_miss_and_is_rewritten(data_dir):
+    """What a power cut after an un-fsynced rename leaves: the entry's name with no bytes."""
+    paths = read_dataset(data_dir).train.paths[:3]
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    cache.build(paths, 1, Problems())
+    cache.entry(paths[0]).write_bytes(b"")
+    entry = cache.entry(paths[1])
+    entry.write_bytes(entry.read_bytes()[:-5])
+    assert cache.stale(paths) == paths[:2]  # so prepare and --cache build redo them
+    images = LeafImages(paths, None, SIZE, cache=ResizeCache(cache.dir.parent, SIZE))
+    for k in (0, 1):
+        want = decode(paths[k], SIZE)[0]
+        assert np.array_equal(images.image(k, None), want)
+        assert np.array_equal(np.load(cache.entry(paths[k])), want)  # rewritten whole
+    cache.entry(paths[0]).write_bytes(b"")
+    assert cache.build(paths, 1, Problems()) == 1 and cache.stale(paths) == []
+
+
+def test_cache_entries_are_fsynced_before_and_after_the_rename(data_dir, monkeypatch):
+    paths = read_dataset(data_dir).train.paths[:1]
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))
+    )
+    cache.build(paths, 1, Problems())
+    entry = cache.entry(paths[0])
+    assert (
+        len(synced) == 2 and synced[0].endswith(".tmp") and Path(synced[0]).parent == entry.parent
+    )
+    assert synced[1] == str(entry.parent)
+
+
+@pytest.mark.parametrize("where", ["a file", "a file above", "read-only"])
+def test_building_into_an_unwritable_cache_warns_once_and_goes_on(data_dir, capsys, where):
+    paths = read_dataset(data_dir).train.paths[:3]
+    root = data_dir / "cache"
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        root.mkdir()
+        root.chmod(0o555)
+    else:
+        (data_dir / "cache").write_text("a file where a folder would go")
+        root = root if where == "a file" else root / "below"
+    problems = Problems()
+    assert ResizeCache(root, SIZE).build(paths, 2, problems) == 3  # each decoded and checked
+    assert not problems.errors
+    err = capsys.readouterr().err
+    assert err.count("warning: resize cache") == 1 and "cannot write" in err
+    # prepare says that nothing was cached, and exits 0.
+    prepare.main(["--data-dir", str(data_dir), "--size", str(SIZE), "--cache-dir", str(root)])
+    out, err = capsys.readouterr()
+    assert err.count("warning: resize cache") == 1 and "cannot be written; 85 image(s)" in out
+
+
+FSIZE_SCRIPT = """
+import resource, sys
+from pathlib import Path
+import numpy as np
+from leaf_xla.data import decode
+from leaf_xla.loader import LeafImages, ResizeCache
+path, root, limit = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a disk that fills mid-write
+images = LeafImages([path], None, 16, cache=ResizeCache(root, 16))
+assert np.array_equal(images.image(0, None), decode(path, 16)[0])
+"""
+
+
+def test_a_write_cut_short_by_a_full_disk_is_never_installed(data_dir, tmp_path):
+    path = read_dataset(data_dir).train.paths[0]
+    root = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-c", FSIZE_SCRIPT, str(path), str(root), str(SIZE * SIZE * 3 // 2)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: resize cache") == 1 and "cannot write" in result.stderr
+    cache = ResizeCache(root, SIZE)
+    assert not cache.entry(path).exists() and cache.stale([path]) == [path]
+    assert [p.name for p in cache.entry(path).parent.iterdir()] == []  # no temp file left
+
+
+def test_temp_names_are_unique_across_hosts_and_never_clobbered(data_dir, monkeypatch):
+    """Two hosts on a shared disk may run writers of equal pid and thread id."""
+    paths = read_dataset(data_dir).train.paths[:1]
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    array, stamp = decode(paths[0], SIZE)[0], (1, 2)
+    folder = cache.entry(paths[0], stamp).parent
+    renamed: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (renamed.append(Path(a).name), real_replace(a, b))
+    )
+    for host in ("host-a", "host-b"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        cache.write(paths[0], array, stamp)
+    assert "host-a" in renamed[0] and "host-b" in renamed[1]
+    # A temp file of another writer that happens to hold the name drawn is left alone.
+    theirs = folder / ".host-b-0bad.tmp"
+    theirs.write_bytes(b"another writer's entry, in flight")
+    tokens = iter(["0bad", "600d"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(tokens))
+    cache.write(paths[0], array, stamp)
+    assert renamed[-1] == ".host-b-600d.tmp"
+    assert theirs.read_bytes() == b"another writer's entry, in flight"
+    assert np.array_equal(np.load(cache.entry(paths[0], stamp)), array)
+
+
+def test_building_removes_temp_files_that_killed_writers_left(data_dir):
+    paths = read_dataset(data_dir).train.paths[:2]
+    cache = ResizeCache(default_cache_root(data_dir), SIZE)
+    cache.build(paths, 1, Problems())
+    old, young = (cache.entry(p).parent / ".otherhost-1234abcd.tmp" for p in paths)
+    for temp in (old, young):
+        temp.write_bytes(b"half an entry")
+    os.utime(old, (0, 0))  # long before any live write
+    assert cache.build(paths, 1, Problems()) == 0
+    assert not old.exists() and young.exists()  # a young one may be another host's, in flight
+
+
+# --- RAM in a container ----------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def fake_host(tmp_path: Path, own: str) -> tuple[Path, Path, Path]:
+    """/proc/meminfo of a 64 GiB host with 60 GiB available, /proc/self/cgroup, and a cgroup
+    folder to fill."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {64 * GIB >> 10} kB\nMemAvailable: {60 * GIB >> 10} kB\n")
+    (tmp_path / "self_cgroup").write_text(own)
+    return meminfo, tmp_path / "cgroup", tmp_path / "self_cgroup"
+
+
+def limit(folder: Path, names: tuple[str, str, str], limit: str, used: int, cache: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / names[0]).write_text(f"{limit}\n")
+    (folder / names[1]).write_text(f"{used}\n")
+    (folder / "memory.stat").write_text(f"anon {used - cache}\n{names[2]} {cache}\n")
+
+
+V2 = ("memory.max", "memory.current", "inactive_file")
+V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def test_ram_room_is_capped_by_the_containers_memory_limit(tmp_path):
+    host = (60 - 32) * GIB  # available less half the host's memory
+    meminfo, root, own = fake_host(tmp_path, "0::/kubepods/pod1\n")
+    assert loader.ram_room(meminfo, root, own) == host  # no cgroup files: the host's
+    # A pod limited to 8 GiB, 3 GiB in use of which 1 GiB is reclaimable file cache: it may
+    # grow to half its limit.
+    limit(root / "kubepods" / "pod1", V2, str(8 * GIB), 3 * GIB, GIB)
+    assert loader.ram_room(meminfo, root, own) == 8 * GIB - 2 * GIB - 4 * GIB
+    limit(root / "kubepods", V2, str(6 * GIB), 3 * GIB, GIB)  # the parent's is tighter
+    assert loader.ram_room(meminfo, root, own) == 6 * GIB - 2 * GIB - 3 * GIB
+    limit(root / "kubepods", V2, "max", 3 * GIB, GIB)
+    limit(root / "kubepods" / "pod1", V2, "max", 3 * GIB, GIB)
+    assert loader.ram_room(meminfo, root, own) == host
+    # A full container: nothing more.
+    limit(root / "kubepods" / "pod1", V2, str(4 * GIB), 4 * GIB, 0)
+    assert loader.ram_room(meminfo, root, own) == 0
+
+
+def test_ram_room_reads_cgroup_v1_limits(tmp_path):
+    meminfo, root, own = fake_host(tmp_path, "9:name=systemd:/\n4:memory:/docker/abc\n0::/\n")
+    # Docker mounts the container's own memory cgroup at /sys/fs/cgroup/memory.
+    limit(root / "memory", V1, str(8 * GIB), 3 * GIB, GIB)
+    assert loader.ram_room(meminfo, root, own) == 8 * GIB - 2 * GIB - 4 * GIB
+    limit(root / "memory", V1, str(9223372036854771712), 3 * GIB, GIB)  # v1's "no limit"
+    assert loader.ram_room(meminfo, root, own) == (60 - 32) * GIB

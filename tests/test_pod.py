@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -107,10 +106,8 @@ def test_hosts_that_disagree_on_the_run_to_resume_stop_with_one_error_each(pod, 
     shutil.rmtree(hosts[1] / "runs" / "tiny-fold0")  # host 1 lost its copy of the run
     recipe = ["leaf_xla.recipe", "--config", str(pod[0].parent / "recipe.yaml")]
     recipe += ["--data-dir", "data", "--out-dir", "runs", "--resume", "--", *TRAIN]
-    started = time.time()
     for result in on_hosts(hosts, recipe):
         assert_user_error(result, "replicas start from different states")
-    assert time.time() - started < 120
     # host 0's finished run is untouched
     last = torch.load(hosts[0] / "runs/tiny-fold0/last.pt", weights_only=True)
     assert last["epoch"] == 2
@@ -123,10 +120,8 @@ def test_a_failed_write_on_host_1_stops_host_0_too(pod, tmp_path):
         shutil.copytree(host / "data", hosts[-1] / "data")
     train = ["leaf_xla.train", "--data-dir", "data", "--out-dir", "runs", "--model", "test_resnet"]
     train += ["--config", "demo", *TRAIN]
-    started = time.time()
     # Replica 2 is host 1's writer: its second last.pt (epoch 1's) fails.
     results = on_hosts(hosts, train, env=hooked(fault="2:enospc:2"))
-    assert time.time() - started < 240
     assert_user_error(results[1], "No space left on device")
     assert_user_error(results[0], "another machine failed first")
     for host in hosts:  # neither host replaced epoch 0's checkpoint: they still agree

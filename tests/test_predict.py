@@ -40,7 +40,7 @@ def predict(out: Path, checkpoints: list[Path], data: Path, *options: str) -> pd
         [
             *("--checkpoint", *map(str, checkpoints), "--data-dir", str(data)),
             *("--out", str(out), "--batch-size", "8", "--workers", "2"),
-            *options,
+            *("--device", "xla", *options),  # this file tests the XLA path (options may differ)
         ]
     )
     return pd.read_csv(out)

@@ -96,7 +96,14 @@ def test_recipe_end_to_end_and_resume(pp2020: Path, tmp_path: Path) -> None:
     "text, fragment",
     [
         ("models: []", "non-empty list"),
-        ("epochs: 3\nmodels: [{name: a}]", "unknown key(s) epochs"),
+        ("epochs: 3\nmodels: [{name: a}]", "unknown key 'epochs'"),
+        ("fold: [1]\nmodels: [{name: a}]", "unknown key 'fold' (did you mean 'folds'?"),
+        (
+            "models: [{name: a, wieght: 2}]",
+            "models[0] unknown key 'wieght' (did you mean 'weight'?",
+        ),
+        ("models: [{model: a}]", "models[0] unknown key 'model' (the timm model goes in args"),
+        ("models: [{name: a}]\ndistill: {alpha: 0.3, form: a}", "unknown key 'form' (did you"),
         ("folds: 0\nmodels: [{name: a}]", "'folds' must be a list"),
         ("tta: [rotate]\nmodels: [{name: a}]", "'tta' must be a list of"),
         ("models: [{name: a, weight: heavy}]", "weight must be a number"),
@@ -203,7 +210,22 @@ def test_distill_end_to_end_targets_folds_submission_and_resume(
     # Targets that the first round does not give are refused, not trained on.
     soft_csv.write_text(soft_csv.read_text().replace("0.7", "0.6", 1))
     changed = recipe(config, pp2020, out, "--resume")
-    assert_user_error(changed, str(soft_csv), "differs from the targets", "--overwrite")
+    assert_user_error(changed, str(soft_csv), "differs from the targets", "--resume -- --overwrite")
+    # The advice works: the distilled members train again from the start, on the new targets;
+    # the first round's finished runs are kept.
+    advised = run_cli(
+        "leaf_xla.recipe",
+        *("--config", str(config), "--data-dir", str(pp2020), "--out-dir", str(out)),
+        *("--device", "cpu", "--resume", "--", "--epochs", "1", "--image-size", "32"),
+        "--overwrite",
+    )
+    assert advised.returncode == 0, advised.stdout[-2000:] + advised.stderr[-3000:]
+    assert advised.stdout.count("nothing to resume") == 2
+    assert f"soft targets: wrote {soft_csv}" in advised.stdout
+    for k in (0, 1):
+        state = torch.load(out / f"a-distill-fold{k}" / "last.pt", weights_only=True)
+        trained = [i for i in data.train.ids if fold_of[i] != k]
+        assert state["resume_identity"]["soft_targets"] == digest(rows, trained)
 
 
 @pytest.mark.parametrize(
@@ -343,6 +365,7 @@ def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) 
     args = argparse.Namespace(data_dir=tmp_path, out_dir=tmp_path / "runs", device="auto")
     args.__dict__.update(parallel="auto", nprocs=None, nnodes=1, node_rank=0)
     args.__dict__.update(master_addr="127.0.0.1", master_port=None, dist_timeout=600.0)
+    args.compile_cache = "auto"
     runs = plan_runs(config["models"], config["folds"], args, [])
     check_every_fold(path, config, runs, config["folds"])  # distillation is allowed
     soft = tmp_path / "soft.csv"
@@ -355,6 +378,30 @@ def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) 
         assert run.options.pretrained_tag == "racm_in1k" and run.options.vflip == 0.5
     assert all(r.options.soft_targets == soft for r in students)
     assert config["distill"]["alpha"] == 0.3 and config["tta"] == ["none", "hflip", "vflip"]
+
+
+def test_recipe_options_and_folds_are_checked_before_anything_trains(
+    pp2020: Path, tmp_path: Path
+) -> None:
+    """A typo inside a model's args, a fold the folds file cannot have, a typo after `--`:
+    each is one line naming the recipe file and the model, before any training."""
+    config, out = tmp_path / "typo.yaml", tmp_path / "runs"
+    b_args = "{model: test_resnet, image_szie: 48}"
+    config.write_text(RECIPE.replace("{model: test_resnet, seed: 1}", b_args))
+    result = recipe(config, pp2020, out)
+    assert_user_error(
+        result, f"{config}: model b: unknown option --image-szie; did you mean --image-size?"
+    )
+    config.write_text(RECIPE.replace("folds: [0]", "folds: [0, 7]"))
+    result = recipe(config, pp2020, out)
+    assert_user_error(result, f"{config}: model a: folds lists fold 7", "4 folds (0..3)")
+    config.write_text(RECIPE)
+    result = run_cli(
+        *("leaf_xla.recipe", "--config", str(config), "--data-dir", str(pp2020)),
+        *("--out-dir", str(out), "--", "--epohcs", "1"),
+    )
+    assert_user_error(result, "train options after --: unknown option --epohcs; did you mean")
+    assert not list(out.glob("*/*.pt")) and "$ " not in result.stdout
 
 
 def test_recipe_summary_ends_with_what_is_wrong_with_the_ensemble(tmp_path: Path, capsys) -> None:

@@ -15,7 +15,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import assert_user_error, run_cli
+from test_ddp import hooked
 from test_train import reference_run, train_args
+
+from leaf_xla import folds
+from leaf_xla.data import read_dataset
+from leaf_xla.loader import train_batches
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +199,89 @@ def test_resume_with_strong_augmentation_mixing_and_ema_is_bitwise(tmp_path, pp2
     oof_ema = pd.read_csv(ref_dir / "oof_ema.csv")
     again = pd.read_csv(predicted).set_index("image_id").loc[oof_ema["image_id"]]
     np.testing.assert_allclose(again.to_numpy(), oof_ema.iloc[:, 1:].to_numpy(), atol=1e-4)
+
+
+# --- what an epoch counts survives its resume (eager CPU: quick, one replica) ---------------
+
+# 48 training images in 6 steps of 8; last.pt after steps 2 and 4, and at the epoch's end.
+COUNTED = [
+    *("--model", "test_resnet", "--config", "demo", "--image-size", "32", "--epochs", "1"),
+    *("--batch-size", "8", "--checkpoint-every", "2", "--sustain-epochs", "0", "--seed", "3"),
+    *("--workers", "1", "--cache", "off", "--device", "cpu", "--parallel", "none"),
+]
+
+
+def counted_run(data: Path, out: Path, *extra: str, fault: str | None = None):
+    env = hooked(fault=fault) if fault else None
+    args = ["leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COUNTED, *extra]
+    return run_cli(*args, env=env)
+
+
+def back_to_step_4(out: Path, tmp_path: Path) -> Path:
+    """A copy of a finished one-epoch run whose last.pt is the save at step 4 (last.prev.pt):
+    what a kill between that save and the epoch's end leaves."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    shutil.copy(copy / RUN / "last.prev.pt", copy / RUN / "last.pt")
+    assert torch.load(copy / RUN / "last.pt", weights_only=True)["step"] == 4
+    return copy
+
+
+def test_a_resumed_epoch_counts_its_non_finite_steps_as_the_uninterrupted_one(tmp_path, pp2020):
+    # Steps 1 to 3 get a NaN loss: 3 in a row, one fewer than stops the run.
+    out = tmp_path / "out"
+    result = counted_run(pp2020, out, "--max-nonfinite-steps", "4", fault="0:nan:2:3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = pd.read_csv(out / RUN / "history.csv")
+    assert whole["nonfinite_steps"].tolist() == [3]
+    resumed = back_to_step_4(out, tmp_path)
+    result = counted_run(pp2020, resumed, "--max-nonfinite-steps", "4", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 3 step(s) with a non-finite loss" in result.stdout
+    again = pd.read_csv(resumed / RUN / "history.csv")
+    assert again["nonfinite_steps"].tolist() == [3]
+    assert again["train_loss"].tolist() == pytest.approx(whole["train_loss"].tolist(), rel=1e-6)
+
+
+def test_non_finite_steps_in_a_row_across_a_resume_stop_where_they_would_have(tmp_path, pp2020):
+    # Steps 2 to 5 non-finite, 3 in a row stop: at step 4, after the save at step 4.
+    out = tmp_path / "out"
+    result = counted_run(pp2020, out, "--max-nonfinite-steps", "3", fault="0:nan:3:4")
+    assert_user_error(result, "non-finite loss or gradients at epoch 0 steps 2 to 4")
+    assert torch.load(out / RUN / "last.pt", weights_only=True)["step"] == 4
+    # Resumed at step 4, steps 4 and 5 still non-finite: the streak goes on from 2.
+    resumed = counted_run(pp2020, out, "--max-nonfinite-steps", "3", "--resume", fault="0:nan:1:2")
+    assert_user_error(resumed, "non-finite loss or gradients at epoch 0 steps 2 to 4")
+
+
+def test_a_resumed_epoch_allows_the_same_unreadable_images(tmp_path, pp2020):
+    """--max-bad-fraction counts the whole epoch's skipped images (those before the resume
+    too) against all the training images, before training and at every epoch's end."""
+    data = tmp_path / "data"
+    shutil.copytree(pp2020, data, ignore=shutil.ignore_patterns(".leaf_xla_cache"))
+    out = tmp_path / "out"
+    dataset = read_dataset(data)
+    fold_of = folds.load_or_create(
+        out / "folds.csv", dataset.train.ids, dataset.train.targets, 4, 42, None
+    )
+    train_paths = [dataset.train.paths[i] for i in np.flatnonzero(fold_of != 0)]
+    steps = train_batches(len(train_paths), 8, 1, 0, seed=3, epoch=0)
+    victims = [train_paths[steps[step][0][0]] for step in (1, 5)]  # one each side of step 4
+    for victim in victims:  # a broken Huffman table: only the decoder tells
+        raw = bytearray(victim.read_bytes())
+        table = raw.index(b"\xff\xc4")
+        raw[table + 5 : table + 21] = b"\xff" * 16
+        victim.write_bytes(bytes(raw))
+    bad = ("--skip-bad-images", "--max-bad-fraction", "0.05")  # 2 of 48 is 4%
+    result = counted_run(data, out, *bad)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: epoch 0: skipped 2 unreadable training images" in result.stdout
+    resumed = back_to_step_4(out, tmp_path)
+    result = counted_run(data, resumed, *bad, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: epoch 0: skipped 2 unreadable training images" in result.stdout
+    assert victims[1].name in result.stdout
+    # Above the fraction, the count is of all the training images, as before training.
+    again = back_to_step_4(out, tmp_path / "again")
+    result = counted_run(data, again, "--skip-bad-images", "--max-bad-fraction", "0.03", "--resume")
+    assert_user_error(result, "epoch 0: 2 of 48 training images cannot be decoded")

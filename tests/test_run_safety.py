@@ -6,6 +6,7 @@ plain CPU device (quick), since what is tested here is the run folder, not the g
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -97,6 +98,30 @@ def test_an_overwrite_that_fails_before_best_pt_keeps_the_old_run(old_run, pp202
     assert "is back in place" in result.stderr
     assert snapshot(old_run) == before
     assert hidden(old_run.parent) == []
+
+
+def test_a_resume_after_a_killed_overwrite_loses_neither_run(old_run, pp2020):
+    """An --overwrite run killed after a mid-epoch last.pt and before its first best.pt: the
+    old run is still aside, the new run's folder holds the newer state."""
+    out = old_run.parent
+    aside = out / f".{RUN}.overwritten"
+    old_run.rename(aside)
+    old_run.mkdir()
+    shutil.copy(aside / "config.yaml", old_run / "config.yaml")
+    state = torch.load(aside / "last.prev.pt", weights_only=True)  # at epoch 2 step 4
+    state["best_score"] = -math.inf  # as a run before its first best.pt
+    torch.save(state, old_run / "last.pt")
+    old, new = snapshot(aside), snapshot(old_run)
+    for flags in (["--resume"], []):
+        refused = run_cli(*train_args(pp2020, out, *flags, "--device", "cpu"))
+        assert_user_error(refused, "stopped before its first best.pt", "--resume --overwrite")
+        assert snapshot(aside) == old and snapshot(old_run) == new
+    resumed = run_cli(*train_args(pp2020, out, "--resume", "--overwrite", "--device", "cpu"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the run that --overwrite started" in resumed.stderr
+    assert f"resuming {old_run} at epoch 2 step 4" in resumed.stdout
+    assert torch.load(old_run / "last.pt", weights_only=True)["epoch"] == 3
+    assert hidden(out) == []  # the old run went once the new one saved best.pt
 
 
 def test_an_overwrite_replaces_the_old_run_once_it_has_trained(old_run, pp2020):

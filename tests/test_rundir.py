@@ -19,6 +19,7 @@ import yaml
 
 from leaf_xla import rundir
 from leaf_xla.cli import UserError
+from leaf_xla.config import identity_options
 from leaf_xla.train import build_parser
 
 
@@ -254,6 +255,37 @@ def test_augmentation_and_mixing_are_part_of_the_identity():
     message = str(caught.value)
     assert "mixup: 0.0 -> 0.4" in message and "mix-prob: 1.0 -> 0.5" in message
     assert "augment-preset: 'seed' -> 'strong'" in message
+
+
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (("--lr-update", "epoch"), "lr-update: 'step' -> 'epoch'"),
+        (("--augment", "[{Blur: {p: 0.5}}]"), "augment: [] -> [{'Blur': {'p': 0.5}}]"),
+        (("--hflip", "0"), "hflip: 0.5 -> 0.0"),
+        (("--vflip", "0"), "vflip: 0.5 -> 0.0"),
+        (("--drop-rate", "0.3"), "drop-rate: 0.0 -> 0.3"),
+        (("--drop-path-rate", "0.1"), "drop-path-rate: None -> 0.1"),
+        (("--precision", "bf16"), "precision: 'fp32' -> 'bf16'"),
+        (("--mean", "0.5", "0.5", "0.5"), "mean: None -> [0.5, 0.5, 0.5]"),
+        (("--std", "0.2", "0.2", "0.2"), "std: None -> [0.2, 0.2, 0.2]"),
+    ],
+)
+def test_every_setting_that_changes_the_weights_is_refused(argv, shown):
+    with pytest.raises(UserError) as caught:
+        rundir.check_resume(saved(options()), identity(options(*argv)), Path("x"), force=False)
+    assert shown in str(caught.value)
+
+
+def test_every_training_option_is_in_the_identity_or_listed_as_harmless():
+    """A new option must be declared one or the other (config.identity marks the first)."""
+    parser = build_parser()
+    declared = {action.dest for action in parser._actions if action.dest != "help"}
+    compared = set(identity_options(parser))
+    assert compared.isdisjoint(rundir.NOT_IN_IDENTITY)
+    assert declared - compared - set(rundir.NOT_IN_IDENTITY) == set(), "declare these"
+    assert set(rundir.NOT_IN_IDENTITY) <= declared, "no longer options"
+    assert compared <= set(identity(options()))
 
 
 def test_another_class_count_cannot_be_forced():

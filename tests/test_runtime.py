@@ -55,6 +55,17 @@ def test_auto_without_a_tpu_does_not_import_torch_xla(monkeypatch):
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
 
 
+def test_auto_does_not_pick_xla_on_the_cpu(monkeypatch):
+    """PJRT_DEVICE=CPU compiles every graph for no speed: auto is plain CPU (or CUDA) there,
+    and XLA on the CPU stays one --device xla away."""
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    assert runtime.resolve_device("auto") in ("cpu", "cuda")
+    assert runtime.resolve_device("xla") == "xla"
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    monkeypatch.setattr(runtime, "xla_configured", lambda: True)
+    assert runtime.resolve_device("auto") == "xla"
+
+
 def test_the_compile_cache_is_initialised_once_per_process(monkeypatch, tmp_path):
     import torch_xla.runtime as xr
 

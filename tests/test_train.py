@@ -76,6 +76,9 @@ def test_no_compilation_after_the_first_epoch(reference):
     # train.py reads torch_xla's CompileTime counter in the process that compiles.
     assert history["compiles"][0] > 0, "the count is not measured"
     assert list(history["compiles"][1:]) == [0, 0]
+    # Said while the first step compiles, not in later epochs.
+    said = (reference / "stdout.txt").read_text().count("compiling the training step")
+    assert said == 1
     # ... although the lr changed at every step of every epoch (ramp, then decay).
     lrs = [lr for _, lr in tensorboard_scalars(reference)["train/lr"]]
     assert len(set(lrs)) == len(lrs) == 3 * STEPS

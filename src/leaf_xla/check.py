@@ -10,7 +10,6 @@ decodes every image once, which takes a while on a big set; --no-decode skips th
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, scan, verify_images
 from leaf_xla.formats import FORMATS, submission_example
 
@@ -79,9 +78,7 @@ def describe(data: DataSet) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.check", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m leaf_xla.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
     parser.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
     parser.add_argument("--classes", nargs="+", help="class names (default: from the data)")

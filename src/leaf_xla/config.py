@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,8 +22,22 @@ from typing import Any
 
 import yaml
 
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.files import atomic_write_text
+
+
+def identity(group: Any, *flags: str, **kwargs: Any) -> argparse.Action:
+    """`group.add_argument(*flags, **kwargs)` for a training option that is part of the run's
+    identity: a `--resume` that changes it is refused (rundir.resume_identity). Every other
+    training option is listed, with why its change is harmless, in rundir.NOT_IN_IDENTITY."""
+    action = group.add_argument(*flags, **kwargs)
+    action.identity = True
+    return action
+
+
+def identity_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of `parser` declared part of the run's identity (their `dest`s)."""
+    return [action.dest for action in parser._actions if getattr(action, "identity", False)]
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -126,7 +141,13 @@ def apply_config(
     """
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
-    for key, value in load_yaml(path).items():
+    config = load_yaml(path)
+    if "models" in config and "models" not in actions:
+        raise UserError(
+            f"{path} is an ensemble config (it lists models), not a training config: run it "
+            f"with python -m leaf_xla.recipe --config {path}"
+        )
+    for key, value in config.items():
         dest = str(key).replace("-", "_")
         if dest not in actions and only_known_keys:
             continue
@@ -169,15 +190,19 @@ def save_config(args: argparse.Namespace, path: Path) -> None:
 
 
 def _summary(path: Path) -> str:
-    """A config's first comment line, which says what it is for."""
+    """The first sentence of a config's leading comment, which says what it is for."""
+    lines = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    end = re.search(r"\.(?=\s|$)", text)
+    return text[: end.end()] if end else text
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="leaf-xla configs",
         description="List the configs shipped with leaf_xla: pass a name to --config.",
     )

@@ -11,7 +11,6 @@ including Keras 3 `.weights.h5` and `.keras` archives. A ResNet nested in a bigg
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import re
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.keras_resnet import ARCH_LAYERS, KerasResNetV2, keras_layer_names
 
 KerasWeights = dict[str, dict[str, np.ndarray]]  # layer name -> weight name -> array
@@ -174,7 +173,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="leaf-xla convert_keras",
         description="Convert Keras ResNet*V2 weights (h5, no TensorFlow needed) to safetensors "
         "for the timm models keras_resnet{50,101,152}v2.",

@@ -239,6 +239,12 @@ def _files(
     for k, image_id in enumerate(ids):
         if not image_id:
             problems.errors.append(f"{csv_name} row {k + 2}: empty image id")
+        elif any(ord(c) < 32 or ord(c) == 127 for c in image_id):  # a NUL fails every open()
+            problems.errors.append(
+                f"{csv_name} row {k + 2}: image id {image_id!r} holds a control character; "
+                "ids are file names"
+            )
+            problems.bad_files.add(paths[k])
         elif Path(image_id).is_absolute() or ".." in Path(image_id).parts:
             problems.errors.append(
                 f"{csv_name} row {k + 2}: image id {image_id!r} points outside "
@@ -457,7 +463,7 @@ def resize_bilinear(rgb: np.ndarray, shape: ImageShape) -> np.ndarray:
     return out
 
 
-def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np.ndarray | None:
+def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np.ndarray | str:
     """A plain RGB JPEG: libjpeg-turbo's DCT-scaled decode (simplejpeg), then torch's
     antialiased bilinear resize.
 
@@ -465,8 +471,8 @@ def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np
     pixels as OpenCV's or PIL's decode at the same scale, in less CPU time (see README,
     "Performance"). The resize is PIL's BILINEAR filter (the same output to about 0.002 of
     255) at a fraction of the time of PIL's or of cv2.INTER_AREA. Both run without the GIL, so
-    the loader's threads scale. None when libjpeg-turbo refuses the file: PIL then tries, and
-    reports the error.
+    the loader's threads scale. libjpeg-turbo's complaint where it refuses the file: PIL then
+    tries, and reports the error (or fills in what is damaged).
     """
     turn = _turns(width, height, shape)
     stored = shape[::-1] if turn else shape  # the target in the file's own orientation
@@ -475,8 +481,8 @@ def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np
         rgb = simplejpeg.decode_jpeg(
             data, "rgb", min_height=-(-height // scale), min_width=-(-width // scale)
         )
-    except ValueError:
-        return None
+    except ValueError as err:
+        return str(err)
     if rgb.shape[:2] != stored:
         rgb = resize_bilinear(rgb, stored)
     if turn:
@@ -484,7 +490,9 @@ def _decode_turbo(data: bytes, width: int, height: int, shape: ImageShape) -> np
     return rgb
 
 
-def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[np.ndarray, str]:
+def decode(
+    path: Path, size: int | str | Sequence[int] | None = None, notes: list[str] | None = None
+) -> tuple[np.ndarray, str]:
     """Decode to an RGB uint8 array, EXIF orientation applied, resized to `size`.
 
     `size`: an --image-size value (512, "480x768" = height x width); None keeps the full size.
@@ -495,8 +503,12 @@ def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[n
     cut short, another format under a .jpg name, a full-size decode) goes through PIL: `draft`
     picks libjpeg's DCT scale the same way, then exif_transpose, convert and the same bilinear
     filter. Returns the array and the file's original mode ("RGB", "CMYK", ...).
+
+    `notes`: gets a warning for a JPEG that libjpeg-turbo refuses and PIL decodes (PIL fills
+    what is damaged or missing with grey, silently).
     """
     shape = None if size is None else image_shape(size)
+    complaint = None
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
@@ -511,8 +523,9 @@ def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[n
                 and data.rstrip(b"\0").endswith(b"\xff\xd9")  # else PIL says it is truncated
             ):
                 array = _decode_turbo(data, *image.size, shape)
-                if array is not None:
+                if not isinstance(array, str):
                     return array, mode
+                complaint = array
             if shape is not None:
                 # A photo that turns: both sides at least the larger target side.
                 turning = exif_turned or _turns(*image.size, shape)
@@ -526,10 +539,21 @@ def decode(path: Path, size: int | str | Sequence[int] | None = None) -> tuple[n
                     image = image.transpose(Image.Transpose.ROTATE_90)
                 if image.size != shape[::-1]:
                     image = image.resize(shape[::-1], Image.Resampling.BILINEAR)
-            return np.asarray(image), mode
+            array = np.asarray(image)
     except DECODE_ERRORS as err:
         reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
         raise DecodeError(path, reason) from None
+    if complaint is not None and notes is not None:
+        notes.append(
+            f"{path}: corrupt JPEG data ({complaint}), decoded with the damaged part filled in; "
+            "check the image or replace it"
+        )
+    return array, mode
+
+
+def decode_warning(path: Path, mode: str, notes: list[str]) -> str | None:
+    """One warning for a decoded file: its decode notes and its colour mode, if any."""
+    return "; ".join(filter(None, [*notes, mode_warning(path, mode)])) or None
 
 
 def verify_images(
@@ -545,11 +569,12 @@ def verify_images(
     todo = [p for p in paths if p not in problems.bad_files]
 
     def one(path: Path) -> tuple[str | None, str | None]:
+        notes: list[str] = []
         try:
-            _, mode = decode(path, VERIFY_SIZE)
+            _, mode = decode(path, VERIFY_SIZE, notes)
         except DecodeError as err:
             return str(err), None
-        return None, mode_warning(path, mode)
+        return None, decode_warning(path, mode, notes)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for path, (error, warning) in zip(todo, pool.map(one, todo)):

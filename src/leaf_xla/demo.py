@@ -9,43 +9,45 @@ them and writes demo/submission.csv with a summary of validation AUCs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla import recipe, synth
+from leaf_xla import recipe, synth, train
+from leaf_xla.cli import ArgumentParser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.demo", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m leaf_xla.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("demo"))
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--config", default="demo_ensemble", help="ensemble YAML to run")
+    parser.add_argument(
+        "--device",
+        choices=("xla", "cpu", "cuda"),
+        help="default: xla (on the CPU) when torch_xla is installed, else cpu",
+    )
     args, extra = parser.parse_known_args(argv)
+    train.build_parser().parse_args(extra)  # the options for train: typos fail here
     data_dir = args.out_dir / "data"
     if not (data_dir / "train.csv").is_file():
         synth.write_dataset(data_dir, args.n_train, args.n_test, seed=0, size=(256, 171))
         print(f"wrote a synthetic data set to {data_dir}")
-    # The XLA CPU device when torch_xla is installed: the same code path as on a TPU.
+    # The XLA CPU device when torch_xla is installed: the same code path as on a TPU, asked
+    # for by name (--device auto means plain CPU on a machine without an accelerator).
+    device = args.device
     try:
         import torch_xla  # noqa: F401
 
         os.environ.setdefault("PJRT_DEVICE", "CPU")
+        device = device or "xla"
     except ImportError:
-        pass
+        device = device or "cpu"
     recipe_argv = [
-        "--config",
-        args.config,
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(args.out_dir),
-        "--resume",
+        *("--config", args.config, "--data-dir", str(data_dir)),
+        *("--out-dir", str(args.out_dir), "--device", device, "--resume"),
     ]
     recipe.main(recipe_argv + (["--", *extra] if extra else []))
 

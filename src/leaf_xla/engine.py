@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,15 @@ from leaf_xla.tta import TTA_FLIPS
 
 class NonFiniteLoss(UserError):
     pass
+
+
+class EpochTotals(NamedTuple):
+    """An epoch's totals so far (0-d device tensors)."""
+
+    loss: torch.Tensor  # mean over replicas of the summed losses of the steps taken
+    nonfinite_steps: torch.Tensor  # non-finite steps skipped
+    stop_step: torch.Tensor  # where `max_nonfinite_steps` in a row were reached (-1: none)
+    nonfinite_run: torch.Tensor  # the non-finite steps in a row that end the epoch so far
 
 
 class Trainer:
@@ -83,13 +93,15 @@ class Trainer:
         self.steps_run: dict[str, int] = {}  # by kind, in this process: the first ones compile
         self.reset_totals()
 
-    def epoch_totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This epoch so far: (mean over replicas of the summed losses of the steps taken,
-        non-finite steps skipped, the step at which `max_nonfinite_steps` in a row were reached:
-        -1 for none). The counts are the same on every replica: max taken to make sure."""
-        loss = self.rt.all_reduce(self.loss_total, "mean")
-        bad_steps = self.rt.all_reduce(self.bad_steps, "max")
-        return loss, bad_steps, self.rt.all_reduce(self.stop_step, "max")
+    def epoch_totals(self) -> EpochTotals:
+        """This epoch so far, on the device. The counts are the same on every replica: max
+        taken to make sure."""
+        return EpochTotals(
+            loss=self.rt.all_reduce(self.loss_total, "mean"),
+            nonfinite_steps=self.rt.all_reduce(self.bad_steps, "max"),
+            stop_step=self.rt.all_reduce(self.stop_step, "max"),
+            nonfinite_run=self.rt.all_reduce(self.bad_run, "max"),
+        )
 
     # --- the compiled steps -----------------------------------------------------------------
 
@@ -161,8 +173,11 @@ class Trainer:
         if kind not in self.steps_run:
             self.rt.expect_compile()
 
-    def reset_totals(self, start_step: int = 0, loss_sum: float = 0.0) -> None:
-        """Start the epoch's totals at `start_step` (a resumed epoch: with its loss so far)."""
+    def reset_totals(
+        self, start_step: int = 0, loss_sum: float = 0.0, nonfinite: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Start the epoch's totals at `start_step`; a resumed epoch with its loss and its
+        non-finite steps so far (how many, and how many of them end it in a row)."""
         # Uploaded as data, not computed: no graph to compile, whatever the values.
         (
             self.loss_total,
@@ -174,7 +189,7 @@ class Trainer:
         ) = self.rt.upload(
             [
                 torch.tensor(loss_sum, dtype=torch.float32),
-                *(torch.tensor(v, dtype=torch.int32) for v in (start_step, 0, 0, -1, 0)),
+                *(torch.tensor(v, dtype=torch.int32) for v in (start_step, *nonfinite, -1, 0)),
             ]
         )
 
@@ -219,16 +234,21 @@ class Trainer:
         log: Callable[[int, float, float], None] | None = None,
         log_every: int = 20,
         loss_sum: float = 0.0,
+        nonfinite: tuple[int, int] = (0, 0),
     ) -> float:
         """Train over `loader` (this epoch's batches from `start_step` on); the epoch's mean loss.
 
-        `loss_sum`: the summed loss of steps before `start_step` (a resumed epoch). `on_step(step)`
+        `loss_sum`, `nonfinite`: the summed loss of steps before `start_step` (a resumed epoch)
+        and its non-finite steps (how many, how many in a row at its end). `on_step(step)`
         runs after each step (mid-epoch checkpoints); `log(step, loss, lr)` gets the epoch's
         running mean loss every `log_every` steps, off the training thread.
         """
         self.model.train()
+        # XLA compiles the step in this process's first epoch: said once, and the bar's rate
+        # is timed from the step after it, not extrapolated from the compile.
+        compiling = self.rt.kind == "xla" and "train" not in self.steps_run
         self.expect_compile("train")
-        self.reset_totals(start_step, loss_sum)
+        self.reset_totals(start_step, loss_sum, nonfinite)
         if self.mixing is not None:
             loader = mix.MixParams(
                 loader,
@@ -247,9 +267,14 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        if compiling and self.rt.is_master:
+            bar.write("compiling the training step, first time only")
         step = start_step - 1
         with bar:  # cleared on errors too, so that an error message starts its own line
             for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
+                if compiling and step == start_step + 2:  # the compiled step has run: time anew
+                    bar.reset(total=steps)
+                    bar.initial = bar.n = bar.last_print_n = step
                 lr = lr_at(epoch + step / steps)
                 for group in self.optimizer.param_groups:
                     # A scalar XLA uploads as data (no recompilation per value), except 0 and 1,
@@ -266,8 +291,8 @@ class Trainer:
         if step + 1 != steps:  # never an epoch that ends early in silence
             raise RuntimeError(f"epoch {epoch}: the loader stopped at step {step + 1} of {steps}")
         self.check_finite(epoch)
-        loss_total, skipped, _ = self.epoch_totals()  # epoch end: intended sync
-        return float(loss_total.item()) / max(1, steps - int(skipped.item()))
+        totals = self.epoch_totals()  # epoch end: intended sync
+        return float(totals.loss.item()) / max(1, steps - int(totals.nonfinite_steps.item()))
 
     def _log_later(
         self,

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.config import find_config, load_yaml
 from leaf_xla.data import read_csv, read_dataset
 from leaf_xla.ensemble_fit import combine, fit_weights
@@ -280,7 +280,7 @@ def advice(oof: OutOfFold, oof_report: dict, weights: np.ndarray, fitted: bool) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m leaf_xla.ensemble", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("predictions", nargs="+", help="test prediction CSVs, one per model")

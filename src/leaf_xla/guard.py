@@ -50,18 +50,24 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple[int, str],
     }
 
 
-def fit_loaded_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+def fit_loaded_state(
+    optimizer: torch.optim.Optimizer, device: torch.device, fused: bool = False
+) -> None:
     """The optimizer state as the update needs it, also when loaded from a checkpoint of
     another device or optimizer: Adam's step count on the device (torch's `capturable` on XLA
     and CUDA, where torch keeps it on the host by default; the CPU refuses it), so that a
     skipped step can put it back inside the graph; the sync-free Adam's `max_exp_avg_sq`
     placeholder where torch's Adam saved none; the sync-free SGD's momentum buffer (made
-    before the first step) and a step count beside a buffer torch's SGD saved. After the first
-    step, a no-op."""
+    before the first step) and a step count beside a buffer torch's SGD saved; `fused`: torch's
+    fused kernels, which a state saved by another optimizer (XLA's sync-free one) would turn
+    off, since loading replaces the parameter groups' settings. After the first step, a
+    no-op."""
     syncfree = _syncfree_types()
     syncfree_adam = isinstance(optimizer, syncfree[:2])
     syncfree_sgd = isinstance(optimizer, syncfree[2:])
     for group in optimizer.param_groups:
+        if fused:
+            group["fused"], group["foreach"] = True, None
         if "capturable" in group and not group.get("fused"):
             group["capturable"] = device.type != "cpu"
         for p in group["params"]:
@@ -231,7 +237,8 @@ class FoundInfUpdate(GuardedUpdate):
 
     def step(self, loss: torch.Tensor) -> torch.Tensor:
         self.rt.reduce_gradients(self.optimizer)
-        fit_loaded_state(self.optimizer, self.rt.device)
+        syncfree = isinstance(self.optimizer, _syncfree_types())
+        fit_loaded_state(self.optimizer, self.rt.device, fused=not syncfree)
         params = [p for p in self.params() if p.grad is not None]
         # A non-finite gradient makes the trial weights non-finite: one check covers both.
         trial = self.trial_params(params)

@@ -17,9 +17,13 @@ the decoded array itself, so where an image comes from never changes a batch.
 
 from __future__ import annotations
 
+import io
 import os
+import secrets
+import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,15 +38,19 @@ from leaf_xla.data import (
     DecodeError,
     Problems,
     decode,
+    decode_warning,
     image_shape,
-    mode_warning,
     parse_image_size,
 )
+from leaf_xla.files import fsync_path
 
 # Resized images stay in RAM while the host has more than this share of its memory available
-# (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it).
+# (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it), and,
+# in a container, while its memory cgroup uses less than 1 - this share of its limit.
 RAM_FLOOR = 0.5
 RAM_RECHECK = 256 << 20  # bytes kept between two looks at /proc/meminfo
+# A cache temp file older than this (seconds) is a killed writer's: a live write takes far less.
+TEMP_AGE = 3600
 
 Stamp = tuple[int, int]
 
@@ -71,15 +79,21 @@ class ResizeCache:
     An entry is `<size>px/<folder>/<file name>/<bytes>-<mtime_ns>.npy` (`512px` for a square,
     `480x768px` for height x width): named by its source's
     size and modification time, so a changed image never matches its old entry, and no manifest
-    has to be shared by the processes that fill the cache at once. Each entry is written to a
-    temp file and renamed into place: a reader (another process, another host on a shared disk)
-    sees a whole entry or none, and two writers of one entry write the same bytes.
+    has to be shared by the processes that fill the cache at once. Each entry is serialised in
+    memory, written with checked writes to a temp file whose name no other writer (process,
+    thread or host on a shared disk) can hold, fsynced, renamed into place, and its folder
+    fsynced: a reader sees a whole entry or none, after a kill, a full disk or a power cut too.
+    An entry of the wrong byte size, or one that does not load, is a miss and is written again.
+    A cache that cannot be written is one warning; images are then decoded every epoch.
     """
 
     def __init__(self, root: Path, size: int | str):
         self.dir = root / f"{parse_image_size(size)}px"
         self.size = size
         self.shape = image_shape(size)
+        self.failed: str | None = None  # why the first write that failed did (then no more)
+        self._lock = threading.Lock()
+        self._entry_bytes: int | None = None
 
     @staticmethod
     def key(path: Path) -> str:
@@ -90,10 +104,20 @@ class ResizeCache:
         size, mtime = stamp or _stamp(path)
         return self.dir / self.key(path) / f"{size}-{mtime}.npy"
 
+    @property
+    def entry_bytes(self) -> int:
+        """The size of every whole entry (the .npy header is the same for one shape)."""
+        if self._entry_bytes is None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.zeros((*self.shape, 3), np.uint8))
+            self._entry_bytes = buffer.tell()
+        return self._entry_bytes
+
     def is_fresh(self, path: Path) -> bool:
+        """The entry of `path` is there, whole (an empty or cut-short file is stale)."""
         try:
-            return self.entry(path).is_file()
-        except FileNotFoundError:
+            return self.entry(path).stat().st_size == self.entry_bytes
+        except (FileNotFoundError, NotADirectoryError):
             return False
 
     def stale(self, paths: Sequence[Path]) -> list[Path]:
@@ -105,27 +129,47 @@ class ResizeCache:
         stamp = _stamp(path)
         try:
             array = np.load(self.entry(path, stamp))
-        except (OSError, ValueError):  # missing, or cut short by a crash before it reached disk
+        except (OSError, ValueError, EOFError):  # missing, empty or torn: decoded and rewritten
             return None, stamp
         if array.shape != (*self.shape, 3) or array.dtype != np.uint8:
             return None, stamp
         return array, stamp
 
     def write(self, path: Path, array: np.ndarray, stamp: Stamp) -> None:
+        """Install the entry of `path` (OSError where the cache cannot be written)."""
         final = self.entry(path, stamp)
         final.parent.mkdir(parents=True, exist_ok=True)
-        # Unique per writer; no fsync: a lost entry is only decoded again.
-        tmp = final.with_name(f".{os.getpid()}-{threading.get_ident()}.tmp")
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        tmp = _write_temp(final.parent, buffer.getbuffer())
         try:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        for old in final.parent.glob("*.npy"):  # the entry of the image before it changed
-            if old != final:
-                old.unlink(missing_ok=True)
+        fsync_path(final.parent)
+        _remove_leftovers(final.parent, keep=final)
+
+    def store(self, path: Path, array: np.ndarray, stamp: Stamp) -> None:
+        """`write`, where a failure is only slower: warn once, then write no more."""
+        if self.failed is not None:
+            return
+        try:
+            self.write(path, array, stamp)
+        except OSError as err:
+            with self._lock:
+                if self.failed is None:
+                    self.failed = err.strerror or str(err)
+                    print(
+                        f"warning: resize cache {self.dir}: cannot write ({self.failed}); "
+                        "images are decoded every epoch",
+                        file=sys.stderr,
+                    )
+
+    def remove_stale_temps(self) -> None:
+        """Delete the temp files that killed writers left (old enough not to be in flight)."""
+        for folder in {tmp.parent for tmp in self.dir.glob("*/*/.*.tmp")}:
+            _remove_leftovers(folder)
 
     def build(
         self,
@@ -138,19 +182,23 @@ class ResizeCache:
 
         Every rebuilt file is decoded, so this is also the expensive validation:
         undecodable files land in `problems.errors`, odd colour modes in its warnings.
+        A cache that cannot be written is a warning (`failed`); the files are still checked.
         """
         todo = self.stale(paths)
+        if self.dir.is_dir():
+            self.remove_stale_temps()
 
         def one(path: Path) -> tuple[str | None, str | None]:
+            notes: list[str] = []
             try:
                 stamp = _stamp(path)  # before decoding: a file changed meanwhile stays stale
-                array, mode = decode(path, self.size)
+                array, mode = decode(path, self.size, notes)
             except DecodeError as err:
                 return str(err), None
             except FileNotFoundError:
                 return f"{path}: missing image file", None
-            self.write(path, array, stamp)
-            return None, mode_warning(path, mode)
+            self.store(path, array, stamp)
+            return None, decode_warning(path, mode, notes)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for path, (error, warning) in zip(todo, pool.map(one, todo)):
@@ -160,15 +208,108 @@ class ResizeCache:
         return len(todo)
 
 
-def ram_room() -> int:
-    """Bytes the host can give before its available memory falls to RAM_FLOOR of the total
-    (0 where /proc/meminfo is missing)."""
+def _write_temp(folder: Path, data: memoryview) -> Path:
+    """A new temp file in `folder` holding `data`, fsynced. Named by host and a random token,
+    created with O_EXCL: never another writer's file, whichever host it runs on. Each write is
+    checked: a full disk is an OSError here, not a short file renamed into place."""
+    host = socket.gethostname()
+    while True:
+        tmp = folder / f".{host}-{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _remove_leftovers(folder: Path, keep: Path | None = None) -> None:
+    """Delete an entry folder's older entries (of the image before it changed) and the temp
+    files that killed writers left: those older than TEMP_AGE, as a young one may be in flight."""
+    for other in folder.iterdir():
+        try:
+            if other.suffix == ".npy" and keep is not None and other != keep:
+                other.unlink()
+            elif other.suffix == ".tmp" and time.time() - other.stat().st_mtime > TEMP_AGE:
+                other.unlink()
+        except FileNotFoundError:  # another writer cleaned it first
+            pass
+
+
+def ram_room(
+    meminfo: Path = Path("/proc/meminfo"),
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    own_cgroup: Path = Path("/proc/self/cgroup"),
+) -> int:
+    """Bytes the host can give before its available memory falls to RAM_FLOOR of the total
+    (0 where /proc/meminfo is missing); in a container (Docker, a Kubernetes pod), no more
+    than its memory cgroup can give before its use reaches 1 - RAM_FLOOR of its limit:
+    /proc/meminfo shows the host's memory there, and the limit's excess is a kill."""
+    try:
+        lines = meminfo.read_text().splitlines()
     except OSError:
         return 0
     kib = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.endswith("kB")}
-    return max(0, kib.get("MemAvailable", 0) - int(RAM_FLOOR * kib.get("MemTotal", 0))) << 10
+    room = max(0, kib.get("MemAvailable", 0) - int(RAM_FLOOR * kib.get("MemTotal", 0))) << 10
+    for folder, names in _memory_cgroups(cgroup_root, own_cgroup):
+        room = min(room, _cgroup_room(folder, *names))
+    return room
+
+
+# (limit, usage, reclaimable page cache in memory.stat) of cgroup v2 and v1.
+CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _memory_cgroups(root: Path, own: Path) -> list[tuple[Path, tuple[str, str, str]]]:
+    """This process's memory cgroup folders and their ancestors' (any may set a limit)."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, names = root, CGROUP_V2
+        elif "memory" in controllers.split(","):
+            base, names = root / "memory", CGROUP_V1
+        else:
+            continue
+        # Where a cgroup namespace hides the path, the mount is the process's own cgroup.
+        folder = base / path.strip("/")
+        found += [(p, names) for p in (folder, *folder.parents) if p == base or base in p.parents]
+    return found
+
+
+def _cgroup_room(folder: Path, limit_name: str, usage_name: str, cache_name: str) -> int:
+    """What a cgroup can give before its use (less reclaimable cache) reaches 1 - RAM_FLOOR of
+    its limit; a huge number where it has none (or its files are not there)."""
+    try:
+        text = (folder / limit_name).read_text().strip()
+        usage = int((folder / usage_name).read_text())
+    except (OSError, ValueError):
+        return 1 << 62
+    if text == "max" or int(text) >= 1 << 60:  # v1 writes "no limit" as a page-rounded 2^63
+        return 1 << 62
+    limit = int(text)
+    try:
+        stat = dict(line.split()[:2] for line in (folder / "memory.stat").read_text().splitlines())
+        usage -= int(stat.get(cache_name, 0))
+    except (OSError, ValueError):
+        pass
+    return max(0, limit - usage - int(RAM_FLOOR * limit))
 
 
 # --- samples and batches --------------------------------------------------------------------
@@ -204,7 +345,6 @@ class LeafImages:
         self.num_classes = num_classes if targets is None else targets.shape[1]
         self.transform_factory = transform_factory
         self.cache = cache if cache is not None and cache.shape == self.shape else None
-        self.writing = self.cache is not None  # until a write fails (read-only, full disk)
         self.in_ram = in_ram
         self.kept: dict[int, np.ndarray] = {}
         self._credit = 0  # bytes that may still be kept before the next look at meminfo
@@ -227,25 +367,11 @@ class LeafImages:
                 pass  # decode names the missing file
         if array is None:
             array = decode(path, self.size)[0]
-            if stamp is not None and self.writing:
-                self._write(path, array, stamp)
+            if stamp is not None:
+                self.cache.store(path, array, stamp)
         if self.in_ram:
             self._keep(position, array)
         return array
-
-    def _write(self, path: Path, array: np.ndarray, stamp: Stamp) -> None:
-        """Fill the cache; a cache that cannot be written is only slower: warn once, go on."""
-        try:
-            self.cache.write(path, array, stamp)
-        except OSError as err:
-            with self._lock:
-                if self.writing:
-                    self.writing = False
-                    print(
-                        f"warning: resize cache {self.cache.dir}: cannot write "
-                        f"({err.strerror or err}); images are decoded every epoch",
-                        file=sys.stderr,
-                    )
 
     def _keep(self, position: int, array: np.ndarray) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from leaf_xla.cli import UserError
+from leaf_xla.config import identity
 
 MIX_STREAM = 2  # this generator's word in its seed: no other stream draws from the same seed
 
@@ -47,7 +48,8 @@ class MixSpec:
 
 
 def add_mix_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
+    identity(
+        group,
         "--mixup",
         type=float,
         default=0.0,
@@ -55,7 +57,8 @@ def add_mix_options(group: argparse._ArgumentGroup) -> None:
         help="mixup: blend pairs of images and their targets with a Beta(ALPHA, ALPHA) weight "
         "(timm's mixup_alpha; 0: off)",
     )
-    group.add_argument(
+    identity(
+        group,
         "--cutmix",
         type=float,
         default=0.0,
@@ -63,13 +66,15 @@ def add_mix_options(group: argparse._ArgumentGroup) -> None:
         help="CutMix: paste a box of the paired image, its area from Beta(ALPHA, ALPHA) "
         "(timm's cutmix_alpha; 0: off)",
     )
-    group.add_argument(
+    identity(
+        group,
         "--mix-prob",
         type=float,
         default=1.0,
         help="probability that a batch is mixed (timm's prob)",
     )
-    group.add_argument(
+    identity(
+        group,
         "--mixup-switch-prob",
         type=float,
         default=0.5,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from leaf_xla import checkpoint, folds, formats, runtime
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.data import DataSet, read_dataset
 from leaf_xla.engine import Trainer
 from leaf_xla.files import atomic_to_csv
@@ -37,10 +37,9 @@ class Job:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m leaf_xla.predict",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
@@ -153,6 +152,30 @@ def predict_worker(job: Job) -> None:
     rt.shutdown()
 
 
+def read_for_checkpoint(args: argparse.Namespace, path: Path, state: dict) -> DataSet:
+    """The data set, read with the checkpoint's label format and classes. When that fails
+    and the data reads as another format or other classes, the checkpoint is the mistake."""
+    needs = {"need_train": args.split == "train", "need_test": args.split == "test"}
+    try:
+        return read_dataset(args.data_dir, state["label_format"], state["classes"], **needs)
+    except UserError:
+        try:
+            own = read_dataset(args.data_dir, **needs)
+        except UserError:
+            own = None
+        if own is not None and (own.label_format, own.classes) != (
+            state["label_format"],
+            state["classes"],
+        ):
+            raise UserError(
+                f"{path} was trained on {state['label_format']} data with classes "
+                f"{', '.join(state['classes'])}, but {args.data_dir} is {own.label_format} data "
+                f"with classes {', '.join(own.classes)}: predict with a checkpoint trained on "
+                "this data set"
+            ) from None
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.out.exists() and not args.overwrite:
@@ -170,13 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{path}: label format {state['label_format']} differs from {first}'s "
                 f"{states[0]['label_format']}; average only models of one data set"
             )
-    data = read_dataset(
-        args.data_dir,
-        states[0]["label_format"],
-        classes,
-        need_train=args.split == "train",
-        need_test=args.split == "test",
-    )
+    data = read_for_checkpoint(args, first, states[0])
     if args.split == "test":
         ids = data.test.ids
         sample = data.sample_submission

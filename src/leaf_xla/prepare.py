@@ -11,14 +11,13 @@ Running this again only redoes what is missing or stale.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.data import (
     LABEL_FORMATS,
     Problems,
@@ -45,9 +44,7 @@ def build_cache(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.prepare", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m leaf_xla.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
     parser.add_argument(
         "--size",
@@ -70,10 +67,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     built, warnings = build_cache(cache, paths, args.workers, progress=True)
     data.warnings.extend(warnings)
     print_warnings(data)
-    print(
-        f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh "
-        f"({len(data.train.paths)} train + {len(data.test.paths)} test)"
-    )
+    counts = f"({len(data.train.paths)} train + {len(data.test.paths)} test)"
+    if cache.failed:
+        print(f"{cache.dir}: cannot be written; {built} image(s) decoded and checked {counts}")
+        return
+    print(f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh {counts}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,19 @@ set, ensemble, and print a summary. Each step is a subprocess running the same C
     python -m leaf_xla.recipe --config ensemble --data-dir data/plant-pathology-2020-fgvc7 \\
         --out-dir runs [--fit-weights] [--resume] [-- --epochs 10 ...extra train options]
 
-Ensemble config keys: `folds` (list), `tta` (list), `fit_weights` (bool), `models`: a list of
-{name, config (a training config), weight, args (training option overrides)}, and `distill`
-(optional): {alpha, from, members, weight}. Options after `--` go to every train run. `--resume`
+The ensemble config (YAML; every key but `models` optional):
+
+    folds: [0, 1]              # the folds to train (default [0]), each below train's n_folds
+    tta: [none, hflip]         # views predict averages: none, hflip, vflip, hvflip
+    fit_weights: false         # fit the weights on out-of-fold predictions (or --fit-weights)
+    models:
+      - name: b7               # run folders <name>-fold<k>; also the timm model, unless set
+        config: tf_efficientnet_b7   # a training config: a path or a shipped name
+        weight: 1.0            # the member's ensemble weight
+        args: {epochs: 10}     # train options for this member, as in a training config
+    distill: {alpha: 0.3, from: ensemble, members: [b7], weight: 1.0}   # see below
+
+Options after `--` go to every train run (`-- --epochs 3 --device cpu`). `--resume`
 continues interrupted runs (train says which are finished); prediction and the ensemble always
 run again.
 
@@ -27,6 +37,7 @@ format's: see metrics.py), with ROC AUC beside it.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import subprocess
@@ -40,7 +51,7 @@ import pandas as pd
 
 from leaf_xla import folds as folds_module
 from leaf_xla import runtime
-from leaf_xla.cli import UserError
+from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.config import find_config, load_yaml, parse_args
 from leaf_xla.data import DataSet, parse_image_size, read_dataset
 from leaf_xla.files import atomic_write_text
@@ -84,12 +95,13 @@ def _as_options(overrides: dict) -> list[str]:
 def load_recipe(path: Path) -> dict:
     """The ensemble config, checked before anything trains."""
     recipe = load_yaml(path)
-    unknown = set(recipe) - RECIPE_KEYS
-    if unknown:
+    if "models" not in recipe and set(recipe) - RECIPE_KEYS:
         raise UserError(
-            f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
-            f"expected {', '.join(sorted(RECIPE_KEYS))}"
+            f"{path} is a training config, not an ensemble config (it lists no models): give "
+            "it to python -m leaf_xla.train --config, or name it in an ensemble config's "
+            "models (config: ...)"
         )
+    _check_keys(f"{path}:", recipe, RECIPE_KEYS)
     folds = recipe.get("folds", [0])
     if not isinstance(folds, list) or not folds or not all(_whole(f) and f >= 0 for f in folds):
         raise UserError(f"{path}: 'folds' must be a list of fold numbers, got {folds!r}")
@@ -104,9 +116,13 @@ def load_recipe(path: Path) -> dict:
     if not isinstance(models, list) or not models:
         raise UserError(f"{path}: 'models' must be a non-empty list")
     for k, model in enumerate(models):
-        if not isinstance(model, dict) or set(model) - MODEL_KEYS or "name" not in model:
+        if not isinstance(model, dict):
+            raise UserError(f"{path}: models[{k}] must be a mapping with a name, got {model!r}")
+        _check_keys(f"{path}: models[{k}]", model, MODEL_KEYS)
+        if "name" not in model:
             raise UserError(
-                f"{path}: models[{k}] needs a name and may have "
+                f"{path}: models[{k}] needs a name (its run folders' name, and the timm model "
+                f"unless args sets model); it may also have "
                 f"{', '.join(sorted(MODEL_KEYS - {'name'}))}"
             )
         weight = model.get("weight", 1.0)
@@ -123,9 +139,24 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
+def _check_keys(where: str, mapping: dict, allowed: set[str]) -> None:
+    """An unknown key is named, with the closest allowed one."""
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            if key == "model" and "name" in allowed:
+                hint = "the timm model goes in args: {model: ...}, or is the name; "
+            raise UserError(
+                f"{where} unknown key {key!r} ({hint}expected {', '.join(sorted(allowed))})"
+            )
+
+
 def _check_distill(path: Path, distill: object, names: list[str]) -> None:
     where = f"{path}: distill"
-    if not isinstance(distill, dict) or set(distill) - DISTILL_KEYS or "alpha" not in distill:
+    if isinstance(distill, dict):
+        _check_keys(f"{where}:", distill, DISTILL_KEYS)
+    if not isinstance(distill, dict) or "alpha" not in distill:
         raise UserError(
             f"{where} needs alpha and may have {', '.join(sorted(DISTILL_KEYS - {'alpha'}))}"
         )
@@ -187,42 +218,73 @@ def _run(command: list[str]) -> None:
 
 
 def plan_runs(
-    models: list[dict], fold_list: list[int], args: argparse.Namespace, extra: list[str]
+    models: list[dict],
+    fold_list: list[int],
+    args: argparse.Namespace,
+    extra: list[str],
+    recipe_path: Path | str = "recipe",
 ) -> list[Run]:
-    """Every model x fold train command, parsed as train will parse it (bad options fail here,
-    not after the first model has trained)."""
+    """Every model x fold train command, parsed as train will parse it (bad options and folds
+    fail here, naming the recipe file and the model, not after the first model has trained)."""
+    from leaf_xla.train import build_parser
+
+    try:
+        build_parser().parse_args(extra)
+    except UserError as err:
+        raise UserError(f"the train options after --: {err}") from None
+    runs = []
+    for model in models:
+        try:
+            runs += _plan_model(model, fold_list, args, extra)
+        except UserError as err:
+            raise UserError(f"{recipe_path}: model {model['name']}: {err}") from None
+    return runs
+
+
+def _plan_model(
+    model: dict,
+    fold_list: list[int],
+    args: argparse.Namespace,
+    extra: list[str],
+) -> list[Run]:
+    """One model's runs (see plan_runs)."""
     from leaf_xla.train import build_parser
 
     runs = []
-    for model in models:
-        name = str(model["name"])
-        overrides = model.get("args", {})
-        train_config = {}
-        config_args = []
-        if "config" in model:
-            path = find_config(str(model["config"]))
-            train_config = load_yaml(path)
-            config_args = ["--config", str(path)]
-        arch = overrides.get("model") or train_config.get("model") or name
-        for fold in fold_list:
-            run_name = f"{name}-fold{fold}"
-            train_args = [
-                *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
-                *("--run-name", run_name, "--fold", str(fold)),
-                *runtime.launch_options(runtime.launch_from_args(args)),
-                *config_args,
-                *("--model", str(arch)),
-                *_as_options({k: v for k, v in overrides.items() if k != "model"}),
-                *extra,
-            ]
-            options = parse_args(build_parser(), train_args)
-            if options.weights and not Path(options.weights).is_file():
-                raise UserError(
-                    f"{name}: weights file {options.weights} not found (e.g. convert Keras' "
-                    "ResNet152V2 file with python -m leaf_xla.convert_keras, see its config)"
-                )
-            command = [sys.executable, "-m", "leaf_xla.train", *train_args]
-            runs.append(Run(name, fold, args.out_dir / run_name, command, options))
+    name = str(model["name"])
+    overrides = model.get("args", {})
+    train_config = {}
+    config_args = []
+    if "config" in model:
+        path = find_config(str(model["config"]))
+        train_config = load_yaml(path)
+        config_args = ["--config", str(path)]
+    arch = overrides.get("model") or train_config.get("model") or name
+    for fold in fold_list:
+        run_name = f"{name}-fold{fold}"
+        train_args = [
+            *("--data-dir", str(args.data_dir), "--out-dir", str(args.out_dir)),
+            *("--run-name", run_name, "--fold", str(fold)),
+            *runtime.launch_options(runtime.launch_from_args(args)),
+            *config_args,
+            *("--model", str(arch)),
+            *_as_options({k: v for k, v in overrides.items() if k != "model"}),
+            *extra,
+        ]
+        options = parse_args(build_parser(), train_args)
+        if options.weights and not Path(options.weights).is_file():
+            raise UserError(
+                f"weights file {options.weights} not found (e.g. convert Keras' "
+                "ResNet152V2 file with python -m leaf_xla.convert_keras, see its config)"
+            )
+        folds = 1 if options.holdout is not None else options.n_folds
+        if fold >= folds:
+            split = (
+                "a --holdout split (fold 0)" if folds == 1 else f"{folds} folds (0..{folds - 1})"
+            )
+            raise UserError(f"folds lists fold {fold}, but it trains with {split}")
+        command = [sys.executable, "-m", "leaf_xla.train", *train_args]
+        runs.append(Run(name, fold, args.out_dir / run_name, command, options))
     return runs
 
 
@@ -230,12 +292,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.recipe", description=__doc__.split("\n\n")[0]
+    parser = ArgumentParser(
+        prog="python -m leaf_xla.recipe",
+        usage="%(prog)s [--config YAML] --data-dir DIR --out-dir DIR [options] "
+        "[-- TRAIN OPTIONS...]",
+        description=__doc__,  # the ensemble YAML's keys and the `--` pass-through
     )
     parser.add_argument("--config", default="ensemble", help="ensemble YAML (or its name)")
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
+    parser.add_argument("--out-dir", type=Path, required=True, help="runs, predictions, submission")
     runtime.add_launch_options(parser)  # passed to train and predict
     parser.add_argument(
         "--fit-weights",
@@ -252,14 +317,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(recipe_path)
     tta = [str(t) for t in recipe.get("tta", ["none"])]
     fit = args.fit_weights or bool(recipe.get("fit_weights", False))
-    read_dataset(args.data_dir, need_test=True)  # fail on bad data before the first compile
     fold_list = [int(f) for f in recipe.get("folds", [0])]
     models = recipe["models"]
-    runs = plan_runs(models, fold_list, args, extra)
+    runs = plan_runs(models, fold_list, args, extra, recipe_path)
     students, soft_csv = [], args.out_dir / "distill" / "soft_targets.csv"
     if "distill" in recipe:
         check_every_fold(recipe_path, recipe, runs, fold_list)
-        students = plan_runs(distilled_models(recipe, soft_csv), fold_list, args, extra)
+        distilled = distilled_models(recipe, soft_csv)
+        students = plan_runs(distilled, fold_list, args, extra, recipe_path)
+    read_dataset(args.data_dir, need_test=True)  # fail on bad data before the first compile
     if not args.resume:
         started = [
             r.dir for r in runs + students if not r.options.overwrite and any(r.dir.glob("*.pt"))
@@ -272,9 +338,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     members = [train_and_predict(m, runs, args, tta) for m in models]
     if students:
-        write_soft_targets(recipe, runs, students, args, fit, soft_csv)
+        rewritten = write_soft_targets(recipe, runs, students, args, fit, soft_csv)
         distilled = distilled_models(recipe, soft_csv)
-        members += [train_and_predict(m, students, args, tta) for m in distilled]
+        # Runs on targets just rewritten start again (with --overwrite: the old ones go aside).
+        members += [
+            train_and_predict(m, students, args, tta, resume=not rewritten) for m in distilled
+        ]
 
     predictions, oofs, weights = (list(column) for column in zip(*members))
     submission = args.out_dir / "submission.csv"
@@ -290,17 +359,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def train_and_predict(
-    model: dict, runs: list[Run], args: argparse.Namespace, tta: list[str]
+    model: dict, runs: list[Run], args: argparse.Namespace, tta: list[str], resume: bool = True
 ) -> tuple[str, str, str]:
-    """Train a model's runs, predict the test set with them; (predictions CSV, its
-    comma-separated OOF files, weight) for the ensemble."""
+    """Train a model's runs (resumed under --resume unless `resume` is false), predict the
+    test set with them; (predictions CSV, its comma-separated OOF files, weight) for the
+    ensemble."""
     name = str(model["name"])
     mine = [r for r in runs if r.model == name]
     for run in mine:
         # Train decides whether a run is finished, together with every other host (a pod's
         # hosts each read their own disk, and must not part ways here).
-        resume = args.resume and (run.dir / "last.pt").is_file()
-        _run(run.command + (["--resume"] if resume else []))
+        resumed = resume and args.resume and (run.dir / "last.pt").is_file()
+        _run(run.command + (["--resume"] if resumed else []))
     out = args.out_dir / "predictions" / f"{name}.csv"
     _run(
         [
@@ -383,8 +453,9 @@ def write_soft_targets(
     args: argparse.Namespace,
     fit: bool,
     path: Path,
-) -> None:
+) -> bool:
     """`alpha * OOF + (1 - alpha) * label` for every training image, written once, atomically.
+    Returns whether it replaced a file of other targets (the distilled runs then start again).
 
     Every host computes it from its own run folders (each host's writer wrote every oof.csv)
     and so holds its own copy; train checks that the hosts' copies agree. A resumed recipe
@@ -412,13 +483,15 @@ def write_soft_targets(
     if path.is_file():
         if hashlib.sha256(path.read_bytes()).hexdigest()[:16] == digest:
             print(f"soft targets: {path} is up to date (sha256 {digest})")
-            return
+            return False
         if not all(r.options.overwrite for r in students):
             raise UserError(
                 f"{path} differs from the targets the first round's out-of-fold predictions "
-                "give now (was a first-round run trained again?): pass -- --overwrite to "
-                "train the distilled members again, or delete the file and their runs"
+                "give now (was a first-round run trained again?): pass --resume -- --overwrite "
+                "to train the distilled members again from the start (finished first-round "
+                "runs are kept), or delete the file and their runs"
             )
+    replaced = path.is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     teacher_name = distill.get("from", TEACHER_ENSEMBLE)
@@ -426,6 +499,7 @@ def write_soft_targets(
         f"soft targets: wrote {path} ({len(frame)} images, alpha {distill['alpha']} x "
         f"out-of-fold {teacher_name} + (1 - alpha) x label; sha256 {digest})"
     )
+    return replaced
 
 
 def summarize(out_dir: Path, runs: list[Run], submission: Path) -> dict:

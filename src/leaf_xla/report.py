@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
 
 from leaf_xla.files import atomic_path  # noqa: E402
 
@@ -20,9 +22,24 @@ if TYPE_CHECKING:
     from leaf_xla.schedule import Schedule
 
 
+def _figure(width: float, height: float) -> tuple[plt.Figure, plt.Axes]:
+    """One plot, laid out by matplotlib's constrained layout: titles, tick labels and the
+    legend beside the axes (see `_legend`) all fit on the canvas."""
+    return plt.subplots(figsize=(width, height), layout="constrained")
+
+
+def _legend(fig: plt.Figure) -> None:
+    """The legend right of the axes, never over a curve."""
+    fig.legend(loc="outside right upper", fontsize=8)
+
+
+def _epoch_axis(ax: plt.Axes) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 1, 2, not 1.5
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
-    """Every plot is saved here: laid out, written to a temporary name and renamed."""
-    fig.tight_layout()
+    """Every plot is saved here: written to a temporary name and renamed."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)
@@ -31,9 +48,9 @@ def _save(fig: plt.Figure, path: Path) -> None:
 def lr_plot(schedule: Schedule, epochs: int, path: Path, steps_per_epoch: int = 20) -> None:
     """The learning rate over the epochs, as the optimizer sees it (every update)."""
     xs = [i / steps_per_epoch for i in range(epochs * steps_per_epoch + 1)]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = _figure(7, 3.5)
     ax.plot(xs, [schedule(x) for x in xs])
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel("learning rate")
     ax.set_title("warm-up, sustain, exponential decay")
     ax.grid(alpha=0.3)
@@ -47,29 +64,38 @@ def roc_plot(
     path: Path,
     title: str = "ROC per class",
 ) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _figure(7, 4.8)
     for k, name in enumerate(classes):
         if 0 < targets[:, k].sum() < len(targets):
             fpr, tpr, _ = roc_curve(targets[:, k], probs[:, k])
-            ax.plot(fpr, tpr, label=name)
+            auc = roc_auc_score(targets[:, k], probs[:, k])
+            ax.plot(fpr, tpr, label=f"{_wrap(name)} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_aspect("equal")
+    _legend(fig)
     _save(fig, path)
+
+
+def _wrap(name: str) -> str:
+    """A long class name (Cassava's) on lines of a tick label's width."""
+    return textwrap.fill(name, 20)
 
 
 def confusion_plot(
     targets: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path
 ) -> None:
     matrix = confusion_matrix(targets.argmax(1), probs.argmax(1), labels=range(len(classes)))
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _figure(6, 6)
     ax.imshow(matrix, cmap="Greens")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        color = "white" if value > matrix.max() / 2 else "black"  # readable on dark cells
+        ax.text(j, i, str(value), ha="center", va="center", color=color)
+    names = [_wrap(name) for name in classes]
+    ax.set_xticks(range(len(classes)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (validation, best epoch)")
@@ -87,22 +113,22 @@ def training_plots(
     """loss.png, auc.png, lr.png, roc.png and (single-label) confusion.png in <run>/plots."""
     out = run_dir / "plots"
     history = pd.read_csv(run_dir / "history.csv")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(7, 4)
     ax.plot(history["epoch"], history["train_loss"], "o-", label="train")
     ax.plot(history["epoch"], history["val_loss"], "o-", label="validation")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel("loss")
-    ax.legend()
+    _legend(fig)
     _save(fig, out / "loss.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(8, 4)
     ax.plot(history["epoch"], history["val_auc"], "o-", linewidth=2, label="mean")
     for name in classes:
         if f"auc_{name}" in history:
-            ax.plot(history["epoch"], history[f"auc_{name}"], "--", label=name)
-    ax.set_xlabel("epoch")
+            ax.plot(history["epoch"], history[f"auc_{name}"], "--", label=_wrap(name))
+    _epoch_axis(ax)
     ax.set_ylabel("validation ROC AUC")
-    ax.legend(fontsize=8)
+    _legend(fig)
     _save(fig, out / "auc.png")
 
     lr_plot(schedule, epochs, out / "lr.png")

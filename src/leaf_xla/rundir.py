@@ -17,6 +17,7 @@ import argparse
 import atexit
 import datetime
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -34,38 +35,52 @@ from leaf_xla.cli import UserError
 from leaf_xla.files import atomic_write_text, fsync_path
 
 RESUMES = "config.resumes.yaml"
-# What decides the weights a run ends with; a resume that changes one is refused by default
-# (ema_decay too: a resume that turns the average on would start it at the resumed weights).
-TRAINING_KEYS = (
-    "seed",
-    "optimizer",
-    "weight_decay",
-    "label_smoothing",
-    "ema_decay",
-    "augment_preset",
-    "mixup",
-    "cutmix",
-    "mix_prob",
-    "mixup_switch_prob",
-)
-SCHEDULE_KEYS = (
-    "lr_start",
-    "lr_max",
-    "lr_min",
-    "ramp_epochs",
-    "sustain_epochs",
-    "decay",
-    "scale_lr",
-)
-OPTION_KEYS = (*TRAINING_KEYS, *SCHEDULE_KEYS, "fold")
-IDENTITY_KEYS = (
-    "classes",
-    "model",
-    "image_size",
-    *OPTION_KEYS,
-    "fold_digest",
-    "soft_targets",
-    "global_batch",
+# The training options that are not part of the run's identity (config.identity declares the
+# others, where they are defined), each with why a resume may change it.
+NOT_IN_IDENTITY = {
+    "config": "its values are the other options'",
+    "data_dir": "where the data is; its classes and folds are compared",
+    "out_dir": "where the run is",
+    "run_name": "where the run is",
+    "label_format": "how the labels are read; the classes are compared",
+    "folds_file": "the digest of which images validate is compared",
+    "n_folds": "the digest of which images validate is compared",
+    "holdout": "the digest of which images validate is compared",
+    "fold_seed": "the digest of which images validate is compared",
+    "soft_targets": "the digest of the rows trained on is compared",
+    "cache": "where the pixels come from, not which",
+    "cache_dir": "where the pixels come from, not which",
+    "workers": "decoding threads: the batches are the same",
+    "skip_bad_images": "what stops the run, not what it trains",
+    "max_bad_fraction": "what stops the run, not what it trains",
+    "max_nonfinite_steps": "what stops the run, not what it trains",
+    "pretrained": "the starting weights: a resume loads last.pt's",
+    "pretrained_tag": "the starting weights: a resume loads last.pt's",
+    "weights": "the starting weights: a resume loads last.pt's",
+    "epochs": "how long: a resume may train on",
+    "patience": "how long: a resume may train on",
+    "batch_size": "the global batch (x replicas) is compared",
+    "eval_batch_size": "evaluation covers every image once whatever its batch",
+    "device": "where it runs; the global batch and precision are compared",
+    "parallel": "where it runs; the global batch and precision are compared",
+    "nprocs": "where it runs; the global batch and precision are compared",
+    "nnodes": "where it runs; the global batch and precision are compared",
+    "node_rank": "where it runs; the global batch and precision are compared",
+    "master_addr": "where it runs; the global batch and precision are compared",
+    "master_port": "where it runs; the global batch and precision are compared",
+    "dist_timeout": "how long a replica waits",
+    "compile_cache": "a cache of compiled graphs",
+    "resume": "how this process starts",
+    "force_resume": "how this process starts",
+    "overwrite": "how this process starts",
+    "checkpoint_every": "when state is saved, not what",
+    "log_every": "what is printed",
+}
+# What older checkpoints, saved before `resume_identity`, are compared on (from their config).
+LEGACY_KEYS = (
+    *("seed", "optimizer", "weight_decay", "label_smoothing", "ema_decay", "augment_preset"),
+    *("mixup", "cutmix", "mix_prob", "mixup_switch_prob", "lr_start", "lr_max", "lr_min"),
+    *("ramp_epochs", "sustain_epochs", "decay", "scale_lr", "fold"),
 )
 # Options whose change says nothing about the run (how this process was asked to start).
 NOT_RECORDED = {"resume", "force_resume", "overwrite", "config"}
@@ -206,11 +221,35 @@ def commit_overwrite(run_dir: Path) -> None:
     Overwrite(run_dir).commit()
 
 
-def recover_overwrite(run_dir: Path) -> None:
-    """Settle an `--overwrite` that a kill cut short (its aside folder is still there)."""
+def recover_overwrite(run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Settle an `--overwrite` that a kill cut short (its aside folder is still there).
+
+    A new run that saved best.pt replaces the old one; one that saved no state is undone (the
+    old run put back). One that saved a last.pt but no best.pt is newer than the old run:
+    `--resume --overwrite` continues it (the old run is deleted once it saves best.pt),
+    `--overwrite` starts again; anything else is refused, so that neither run is lost.
+    """
     pending = Overwrite(run_dir)
-    if pending.aside.exists():
+    if not pending.aside.exists():
+        return
+    newer = not (run_dir / "best.pt").is_file() and any(
+        (run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")
+    )
+    if not newer or (overwrite and not resume):
         pending.finish()
+    elif resume and overwrite:
+        print(
+            f"--resume --overwrite: resuming the run that --overwrite started in {run_dir}; "
+            f"{pending.aside}, the run it replaces, is deleted once it saves best.pt",
+            file=sys.stderr,
+        )
+    else:
+        raise UserError(
+            f"{run_dir} holds a run started with --overwrite that stopped before its first "
+            f"best.pt, and {pending.aside} the run it was replacing: pass --resume --overwrite "
+            f"to continue the new run (the old one is deleted once it saves best.pt), "
+            f"--overwrite to start again, or delete {run_dir} to go back to the old run"
+        )
 
 
 def fold_digest(ids: Sequence[str], val_index: np.ndarray) -> str:
@@ -224,6 +263,15 @@ def fold_digest(ids: Sequence[str], val_index: np.ndarray) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+@functools.cache
+def train_identity_options() -> tuple[str, ...]:
+    """The train options declared part of the run's identity (config.identity)."""
+    from leaf_xla.config import identity_options
+    from leaf_xla.train import build_parser  # train imports this module
+
+    return tuple(identity_options(build_parser()))
+
+
 def resume_identity(
     args: argparse.Namespace,
     *,
@@ -233,17 +281,17 @@ def resume_identity(
     soft_targets: str | None = None,
     replicas: int | None = None,
 ) -> dict[str, Any]:
-    """What a resume must not change (store it in checkpoints as `resume_identity`).
+    """What a resume must not change (store it in checkpoints as `resume_identity`): every
+    option declared part of the identity, the resolved classes and image size, and digests.
 
     `soft_targets`: the digest of the `--soft-targets` rows trained on (None: the labels).
     `replicas`: None where the replica count is not known yet (before the runtime starts):
     the global batch is then left out.
     """
     identity = {
+        **{k: getattr(args, k) for k in train_identity_options()},
         "classes": list(classes),
-        "model": args.model,
         "image_size": image_size,  # 512 as before for a square, "480x768" otherwise
-        **{k: getattr(args, k) for k in OPTION_KEYS},
         "fold_digest": fold_digest,
         "soft_targets": soft_targets,
     }
@@ -257,7 +305,7 @@ def saved_identity(state: dict[str, Any]) -> dict[str, Any]:
     if "resume_identity" in state:
         return state["resume_identity"]
     config = state["config"]
-    legacy = {k: config[k] for k in OPTION_KEYS if k in config}
+    legacy = {k: config[k] for k in LEGACY_KEYS if k in config}
     return {
         **legacy,
         "classes": state["classes"],
@@ -267,9 +315,10 @@ def saved_identity(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def resume_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: saved -> new` for each identity value both hold and that differs."""
+    """`key: saved -> new` for each identity value both hold and that differs (a checkpoint
+    of an older version holds fewer)."""
     diff = []
-    for key in IDENTITY_KEYS:
+    for key in new:
         if key in saved and key in new and saved[key] != new[key]:
             if key == "fold_digest":
                 diff.append("fold assignment: other validation images (the folds file changed)")

@@ -104,9 +104,15 @@ def xla_configured() -> bool:
 
 
 def resolve_device(name: str) -> str:
-    """auto -> xla when configured (or a TPU is visible), else cuda when present, else cpu."""
+    """auto -> xla on an accelerator (a TPU is visible, or PJRT_DEVICE names one), else cuda
+    when present, else cpu.
+
+    XLA on the CPU (PJRT_DEVICE=CPU) compiles every graph, tens of seconds per process, and
+    trains no faster than plain CPU: it is used only when asked for, `--device xla`.
+    """
     if name == "auto":
-        if xla_configured():
+        on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+        if not on_cpu and xla_configured():
             return "xla"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "xla" and not xla_configured():

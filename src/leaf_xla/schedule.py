@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leaf_xla.cli import SettingError
-from leaf_xla.config import add_config_option, parse_args
+from leaf_xla.cli import ArgumentParser, SettingError
+from leaf_xla.config import add_config_option, identity, parse_args
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ def from_args(args: argparse.Namespace, replicas: int = 1) -> Schedule:
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learning rate (the seed's warm-up / sustain / decay)")
-    group.add_argument("--lr-start", type=float, default=1e-5)
-    group.add_argument(
+    identity(group, "--lr-start", type=float, default=1e-5)
+    identity(
+        group,
         "--lr",
         "--lr-max",
         dest="lr_max",
@@ -74,11 +75,12 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
         default=5e-5,
         help="peak learning rate for one replica",
     )
-    group.add_argument("--lr-min", type=float, default=1e-5)
-    group.add_argument("--ramp-epochs", type=float, default=5)
-    group.add_argument("--sustain-epochs", type=float, default=0)
-    group.add_argument("--decay", type=float, default=0.8, help="per-epoch decay factor")
-    group.add_argument(
+    identity(group, "--lr-min", type=float, default=1e-5)
+    identity(group, "--ramp-epochs", type=float, default=5)
+    identity(group, "--sustain-epochs", type=float, default=0)
+    identity(group, "--decay", type=float, default=0.8, help="per-epoch decay factor")
+    identity(
+        group,
         "--scale-lr",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -87,10 +89,9 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m leaf_xla.schedule",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_option(parser)
     parser.add_argument("--epochs", type=int, default=20)

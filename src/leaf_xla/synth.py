@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from leaf_xla import formats
-from leaf_xla.cli import SettingError
+from leaf_xla.cli import ArgumentParser, SettingError
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 
 # Plant Pathology 2020's train split: 516 healthy, 91 multiple_diseases, 622 rust, 592 scab.
@@ -328,9 +328,7 @@ def _flip_labels(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m leaf_xla.synth", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m leaf_xla.synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
     parser.add_argument("--n-train", type=int, default=240, help="training images")
     parser.add_argument("--n-test", type=int, default=60, help="test images")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 import types
@@ -26,8 +27,8 @@ import pandas as pd
 import torch
 
 from leaf_xla import checkpoint, folds, mix, rundir, runtime, soft_targets
-from leaf_xla.cli import UserError
-from leaf_xla.config import add_config_option, parse_args, save_config, yaml_value
+from leaf_xla.cli import ArgumentParser, UserError
+from leaf_xla.config import add_config_option, identity, parse_args, save_config, yaml_value
 from leaf_xla.data import (
     LABEL_FORMATS,
     DataSet,
@@ -60,10 +61,9 @@ if TYPE_CHECKING:
 def build_parser(
     prog: str = "python -m leaf_xla.train", description: str | None = None
 ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description=description or __doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_option(parser)
     data = parser.add_argument_group("data")
@@ -71,14 +71,14 @@ def build_parser(
     data.add_argument("--out-dir", type=Path, default=Path("runs"), help="where runs are written")
     data.add_argument("--run-name", help="run folder name (default: <model>-fold<k>)")
     data.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
-    data.add_argument("--classes", nargs="+", help="class names (default: from the data)")
+    identity(data, "--classes", nargs="+", help="class names (default: from the data)")
     data.add_argument(
         "--folds-file",
         type=Path,
         help="folds CSV shared by the ensemble (default: <out-dir>/folds.csv)",
     )
     data.add_argument("--n-folds", type=int, default=5)
-    data.add_argument("--fold", type=int, default=0, help="the fold used for validation")
+    identity(data, "--fold", type=int, default=0, help="the fold used for validation")
     data.add_argument("--holdout", type=float, help="validate on this fraction instead of folds")
     data.add_argument("--fold-seed", type=int, default=42)
     data.add_argument(
@@ -89,7 +89,8 @@ def build_parser(
         "from the label format: auc (Plant Pathology 2020), f1_samples (2021), accuracy "
         "(Cassava, generic)",
     )
-    data.add_argument(
+    identity(
+        data,
         "--image-size",
         type=parse_image_size,
         help="input size: 512 (square) or HEIGHTxWIDTH, e.g. 512x768 for landscape photos "
@@ -125,7 +126,7 @@ def build_parser(
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="timm name or Keras alias (EfficientNetB7, ...)")
+    identity(model, "--model", help="timm name or Keras alias (EfficientNetB7, ...)")
     model.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
@@ -138,22 +139,24 @@ def build_parser(
         help="local .safetensors/.pth to start from (offline); a .pth is read with "
         "weights_only=True: tensors only, no pickled code runs",
     )
-    model.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the head")
-    model.add_argument("--drop-path-rate", type=float, help="stochastic depth (model default)")
-    model.add_argument("--mean", type=float, nargs=3, help="normalisation mean (model default)")
-    model.add_argument("--std", type=float, nargs=3, help="normalisation std (model default)")
+    identity(model, "--drop-rate", type=float, default=0.0, help="dropout before the head")
+    identity(model, "--drop-path-rate", type=float, help="stochastic depth (model default)")
+    identity(model, "--mean", type=float, nargs=3, help="normalisation mean (model default)")
+    identity(model, "--std", type=float, nargs=3, help="normalisation std (model default)")
 
     aug = parser.add_argument_group("augmentation")
-    aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    aug.add_argument("--vflip", type=float, default=0.5, help="vertical flip probability")
-    aug.add_argument(
+    identity(aug, "--hflip", type=float, default=0.5, help="horizontal flip probability")
+    identity(aug, "--vflip", type=float, default=0.5, help="vertical flip probability")
+    identity(
+        aug,
         "--augment-preset",
         choices=list(PRESETS),
         default="seed",
         help="transforms after the flips; "
         + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS),
     )
-    aug.add_argument(
+    identity(
+        aug,
         "--augment",
         type=yaml_value,
         default=[],
@@ -165,9 +168,9 @@ def build_parser(
     opt.add_argument("--epochs", type=int, default=20)
     opt.add_argument("--batch-size", type=int, default=16, help="per replica (TPU core)")
     opt.add_argument("--eval-batch-size", type=int, help="per replica (default: 2x batch size)")
-    opt.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--label-smoothing", type=float, default=0.0)
+    identity(opt, "--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    identity(opt, "--weight-decay", type=float, default=0.0)
+    identity(opt, "--label-smoothing", type=float, default=0.0)
     opt.add_argument(
         "--max-nonfinite-steps",
         type=int,
@@ -175,7 +178,8 @@ def build_parser(
         help="a step with a non-finite loss or gradient changes nothing and is counted; stop "
         "after this many in a row",
     )
-    opt.add_argument(
+    identity(
+        opt,
         "--ema-decay",
         type=float,
         metavar="D",
@@ -184,7 +188,8 @@ def build_parser(
     )
     add_schedule_options(parser)
 
-    opt.add_argument(
+    identity(
+        opt,
         "--lr-update",
         choices=("step", "epoch"),
         default="step",
@@ -194,8 +199,8 @@ def build_parser(
 
     runtime.add_launch_options(parser)
     run = parser.add_argument_group("runtime")
-    run.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
-    run.add_argument("--seed", type=int, default=0)
+    identity(run, "--precision", choices=runtime.PRECISIONS, default="fp32")
+    identity(run, "--seed", type=int, default=0)
     run.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     run.add_argument(
         "--force-resume",
@@ -272,6 +277,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     unreadable = {}  # training images that --skip-bad-images will skip: checked once folds exist
     if args.skip_bad_images and data is not None:
         unreadable = problems.take_file_errors(data.train.paths)
+    if data is not None:
+        warn_unreadable_test_images(problems.take_file_errors(data.test.paths), data)
     problems.raise_if_any(str(args.data_dir), args.data_dir)
     metric = resolve(args.metric, data.label_format, data.multilabel)
     from leaf_xla.check import submission_lines
@@ -305,6 +312,8 @@ def prepare(args: argparse.Namespace) -> Plan:
     if unreadable:
         check_unreadable(unreadable, data, val_index, len(train_index), args.max_bad_fraction)
     print_warnings(data)
+    for warning in setting_warnings(args, image_size):
+        print(f"warning: {warning}", file=sys.stderr)
 
     train_targets, soft_digest = data.train.targets[train_index], None
     if args.soft_targets:
@@ -320,7 +329,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         soft_digest = soft_targets.digest(soft, train_ids)
     run_dir = args.out_dir / rundir.check_name(args.run_name or f"{args.model}-fold{args.fold}")
     rundir.lock_run(run_dir)  # until this process ends: no other run touches the folder
-    rundir.recover_overwrite(run_dir)
+    rundir.recover_overwrite(run_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         if not any((run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")):
             raise UserError(f"--resume: {run_dir / 'last.pt'} not found")
@@ -364,6 +373,10 @@ class RunState:
     epoch: int = 0  # the epoch in progress
     step: int = 0  # steps of `epoch` done
     epoch_loss_sum: float = 0.0  # their summed loss, for the epoch's history row
+    # Also of those steps: so that a resumed epoch counts and stops as an uninterrupted one.
+    epoch_nonfinite: int = 0  # non-finite steps skipped
+    epoch_nonfinite_run: int = 0  # of them, those in a row at `step`
+    epoch_skipped: int = 0  # training images skipped as unreadable (all replicas)
     best_score: float = -math.inf  # of the run's metric (Plan.metric)
     best_ema_score: float = -math.inf  # --ema-decay: the moving average's, for best_ema.pt
     flat_epochs: int = 0
@@ -524,6 +537,10 @@ def restore(run: Run) -> RunState:
         epoch=state["epoch"],
         step=state["step"],
         epoch_loss_sum=state["epoch_loss_sum"],
+        # Absent from checkpoints of older versions: counted from the resume on, as they did.
+        epoch_nonfinite=state.get("epoch_nonfinite", 0),
+        epoch_nonfinite_run=state.get("epoch_nonfinite_run", 0),
+        epoch_skipped=state.get("epoch_skipped", 0),
         best_score=saved_best(state, run.plan.metric, ema=False),
         best_ema_score=saved_best(state, run.plan.metric, ema=True),
         flat_epochs=state["flat_epochs"],
@@ -585,6 +602,9 @@ def snapshot(run: Run, state: RunState) -> dict[str, Any]:
         "epoch": state.epoch,
         "step": state.step,
         "epoch_loss_sum": state.epoch_loss_sum,
+        "epoch_nonfinite": state.epoch_nonfinite,
+        "epoch_nonfinite_run": state.epoch_nonfinite_run,
+        "epoch_skipped": state.epoch_skipped,
         "rng": checkpoint.plain_rng_state(run.rt.rng_state()),
         "metric": run.plan.metric.name,
         "best_score": state.best_score,
@@ -636,6 +656,14 @@ def announce(run: Run) -> None:
             f"{args.precision}; augment {args.augment_preset}, mixing "
             f"{mix.describe(run.trainer.mixing)}, EMA {args.ema_decay or 'off'}"
         )
+        left_out = len(run.train_set) - run.steps * run.global_batch
+        if left_out:
+            print(
+                f"note: each epoch leaves out {left_out} of the {len(run.train_set)} training "
+                f"images (a different random set each epoch), too few to fill a batch of "
+                f"{run.global_batch}; a global batch (--batch-size x replicas) that divides "
+                f"{len(run.train_set)} uses them all"
+            )
         if rt.compile_cache is not None:
             print(f"XLA compile cache: {rt.compile_cache} (graphs compiled before load from it)")
 
@@ -680,8 +708,15 @@ def train_epoch(run: Run, state: RunState) -> None:
     def on_step(step: int) -> None:
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.steps:
             run.trainer.check_finite(epoch)  # K non-finite steps in a row stop here
-            loss_sum = float(run.trainer.epoch_totals()[0].item())
-            mid = replace(state, step=step, epoch_loss_sum=loss_sum)
+            totals = run.trainer.epoch_totals()
+            mid = replace(
+                state,
+                step=step,
+                epoch_loss_sum=float(totals.loss.item()),
+                epoch_nonfinite=int(totals.nonfinite_steps.item()),
+                epoch_nonfinite_run=int(totals.nonfinite_run.item()),
+                epoch_skipped=state.epoch_skipped + run.trainer.skipped_images(),
+            )
             average_buffers(run)
             checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, mid))
 
@@ -702,6 +737,7 @@ def train_epoch(run: Run, state: RunState) -> None:
         log=log,
         log_every=args.log_every,
         loss_sum=state.epoch_loss_sum,
+        nonfinite=(state.epoch_nonfinite, state.epoch_nonfinite_run),
     )
     train_seconds = time.time() - started
     nonfinite = run.trainer.nonfinite_steps()
@@ -710,7 +746,7 @@ def train_epoch(run: Run, state: RunState) -> None:
             f"warning: epoch {epoch}: skipped {nonfinite} step(s) with a non-finite loss or "
             "gradients (they changed no weights)"
         )
-    check_skipped(run, loader.skipped, epoch, samples=(run.steps - first) * run.global_batch)
+    check_skipped(run, loader.skipped, epoch, before=state.epoch_skipped)
     average_buffers(run)  # every replica evaluates (and saves) the same model
     val_targets = plan.data.train.targets[plan.val_index]
 
@@ -755,6 +791,7 @@ def train_epoch(run: Run, state: RunState) -> None:
     # --patience: epochs in which neither the model nor its moving average improved.
     state.flat_epochs = 0 if improved or improved_ema else state.flat_epochs + 1
     state.epoch, state.step, state.epoch_loss_sum = epoch + 1, 0, 0.0
+    state.epoch_nonfinite = state.epoch_nonfinite_run = state.epoch_skipped = 0
     write_epoch(run, state, improved, improved_ema)
     val_ids = [plan.data.train.ids[i] for i in plan.val_index]
     for better, ema, name, oof_name in [
@@ -771,6 +808,48 @@ def train_epoch(run: Run, state: RunState) -> None:
             oof.insert(0, "image_id", val_ids)
             atomic_to_csv(oof, plan.run_dir / oof_name)
     checkpoint.save(rt, plan.run_dir / "last.pt", snapshot(run, state))
+
+
+STRONG_PRESET_SIZE = 480  # the shorter side the `strong` preset was designed for
+FINE_TUNING_LR = 1e-4  # peaks below this suit pretrained weights, not training from scratch
+
+
+def setting_warnings(args: argparse.Namespace, image_size: int | str) -> list[str]:
+    """Settings that run, but are unlikely to learn: said before anything compiles."""
+    warnings = []
+    schedule = from_args(args)
+    if args.epochs <= args.ramp_epochs and schedule.lr_start < schedule.lr_max:
+        last = schedule(args.epochs - 1 if args.lr_update == "epoch" else args.epochs)
+        warnings.append(
+            f"--epochs {args.epochs} <= --ramp-epochs {args.ramp_epochs:g}: the whole run is the "
+            f"warm-up, the learning rate rising from {schedule.lr_start:g} to {last:.3g} at the "
+            f"end (peak --lr {schedule.lr_max:g}); lower --ramp-epochs or raise --epochs"
+        )
+    if not args.pretrained and not args.weights and args.lr_max < FINE_TUNING_LR:
+        warnings.append(
+            f"--no-pretrained trains from random weights, but the peak --lr {args.lr_max:g} is a "
+            f"fine-tuning rate; from scratch, raise --lr (e.g. 1e-3) or drop --no-pretrained"
+        )
+    shorter = min(image_shape(image_size))
+    if args.augment_preset == "strong" and shorter < STRONG_PRESET_SIZE / 3:
+        warnings.append(
+            f"--augment-preset strong was designed for about {STRONG_PRESET_SIZE} px images: at "
+            f"{image_size} px its 3-px blurs and 20% shifts, zooms and rotations can hide what "
+            "the model should learn; use --augment-preset seed or a larger --image-size"
+        )
+    return warnings
+
+
+def warn_unreadable_test_images(unreadable: dict[Path, str], data: DataSet) -> None:
+    """Training never reads the test images: a missing or broken one is a warning here (predict
+    and check still refuse it)."""
+    if unreadable:
+        first = next(iter(unreadable.values()))
+        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+        data.warnings.append(
+            f"{first}{more}: a test image; training goes on without it, but predict will refuse "
+            "the data set until it is fixed"
+        )
 
 
 def check_unreadable(
@@ -804,10 +883,13 @@ def check_unreadable(
     )
 
 
-def check_skipped(run: Run, mine: list[int], epoch: int, samples: int) -> None:
-    """Name the training images skipped as unreadable this epoch; stop above the allowed
-    fraction. Every replica calls it and sees the same count, so all stop together."""
-    count = run.trainer.skipped_images()
+def check_skipped(run: Run, mine: list[int], epoch: int, before: int) -> None:
+    """Name the training images skipped as unreadable this epoch (`before`: how many before
+    the resume, if any, named by count only); stop when they are more than the allowed
+    fraction of the training images, the measure check_unreadable applies before training.
+    Every replica calls it and sees the same count, so all stop together."""
+    count = before + run.trainer.skipped_images()
+    samples = len(run.train_set)
     if count == 0:
         return
     # Fixed length (a loader's samples per epoch), -1 padded: one gathered shape every epoch.
@@ -921,11 +1003,26 @@ def train_worker(plan: Plan) -> None:
     run.rt.shutdown()
 
 
+def resume_advice(run_dir: Path, argv: Sequence[str]) -> str:
+    """What a Ctrl-C leaves: the checkpoint that holds the run's state and the command that
+    continues it."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return f"nothing was saved to {run_dir} yet: run the same command again to start over"
+    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    command = shlex.join(["python", "-m", "leaf_xla.train", *again, "--resume"])
+    return f"{last} holds the run's last saved state; continue it with:\n  {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(build_parser(), argv)
     layout = runtime.launch_from_args(args)
     plan = runtime.on_host_writer(lambda: prepare(args), layout)
-    runtime.launch(train_worker, (plan,), layout)
+    try:
+        runtime.launch(train_worker, (plan,), layout)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_advice(plan.run_dir, argv)) from None
 
 
 if __name__ == "__main__":
