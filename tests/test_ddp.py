@@ -407,7 +407,7 @@ def test_non_finite_steps_in_a_row_on_one_replica_stop_every_replica(one_epoch, 
 def test_torchrun_starts_the_same_job(one_epoch, tmp_path):
     """Under torchrun every process runs the command: the host's local rank 0 prepares the
     run (folds, run folder) once, and training matches a job started with --nprocs (up to
-    float rounding: torchrun sets OMP_NUM_THREADS=1, which changes torch's CPU reductions)."""
+    float rounding)."""
     data, reference = one_epoch
     out = tmp_path / "out"
     command = [
@@ -415,7 +415,10 @@ def test_torchrun_starts_the_same_job(one_epoch, tmp_path):
         *("-m", "leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COMMON),
         *("--parallel", "ddp", "--batch-size", "4", "--epochs", "1"),
     ]
-    result = run_cli(*command, timeout=300)
+    # torchrun sets OMP_NUM_THREADS=1 unless it is set: the reference's thread count, so that
+    # torch's CPU reductions (and Adam, which amplifies their last bits) round alike.
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = run_cli(*command, timeout=300, env=threads)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("6 steps of 8 per epoch (4 per replica) on 2 cpu") == 1
     mine, theirs = (
