@@ -42,6 +42,7 @@ NOT_IN_IDENTITY = {
     "data_dir": "where the data is; its classes and folds are compared",
     "out_dir": "where the run is",
     "run_name": "where the run is",
+    "metric": "which score picks best.pt; a resume under another one re-scores the history",
     "label_format": "how the labels are read; the classes are compared",
     "folds_file": "the digest of which images validate is compared",
     "n_folds": "the digest of which images validate is compared",
