@@ -172,13 +172,19 @@ def time_stages(raws: list[bytes], shape: Shape, args) -> None:
         )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/ tests parse the lines they show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with images/*.jpg")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
     parser.add_argument("--n", type=int, default=100, help="photos")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mad-photos", type=int, default=10, help="photos the MAD averages")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     torch.set_num_threads(1)
     paths = sorted((args.data / "images").glob("*.jpg"))[: args.n]

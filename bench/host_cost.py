@@ -195,7 +195,8 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/ tests parse the lines they show with it)."""
     parser = argparse.ArgumentParser(
         prog="python bench/host_cost.py",
         description=__doc__.split("\n\n")[0],
@@ -216,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="report the largest compiled graph's buffers (dumps XLA's HLO: slower)",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first one compiles)")

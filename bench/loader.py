@@ -169,7 +169,8 @@ def speedup(ours: float, seed: float, rate: bool) -> float:
     return ours / seed if rate else seed / ours
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/ tests parse the lines they show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="folder with images/*.jpg")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/leaf_xla_bench"))
@@ -187,6 +188,11 @@ def main() -> None:
     parser.add_argument("--paths-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     if args.worker:

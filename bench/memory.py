@@ -17,7 +17,7 @@ import torch
 from leaf_xla.config import parse_args
 from leaf_xla.data import image_shape
 from leaf_xla.models import ModelSpec, count_parameters, create_model
-from leaf_xla.train import build_parser
+from leaf_xla.train import build_parser as train_parser
 
 SEED_CONFIGS = [
     "tf_efficientnet_b7",
@@ -44,9 +44,15 @@ def activation_elements(model: torch.nn.Module, size: int | str) -> int:
     return total
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/ tests parse the lines they show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=SEED_CONFIGS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     print(
         "| config | params | px | batch/core | precision | activations | weights+grads+Adam "
@@ -54,7 +60,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.configs:
-        cfg = parse_args(build_parser(), ["--config", name])
+        cfg = parse_args(train_parser(), ["--config", name])
         model = create_model(ModelSpec(cfg.model, 4, pretrained=False)).eval()
         params = count_parameters(model)
         per_image = activation_elements(model, cfg.image_size)

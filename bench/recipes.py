@@ -118,7 +118,8 @@ def scores(path: Path, labels: pd.DataFrame) -> list[float]:
     return [float(np.nanmean(aucs)), *map(float, aucs)]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/ tests parse the lines they show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data seeds")
     parser.add_argument("--n-train", type=int, default=250)
@@ -134,6 +135,11 @@ def main() -> None:
     parser.add_argument("--winner-augment-preset", default="strong", help="seed or strong")
     parser.add_argument("--device", default="cpu", help="tiny models: plain CPU compiles nothing")
     parser.add_argument("--work", type=Path, default=Path("bench_recipes"))
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     options = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     width, height = (int(v) for v in options.source_size.split("x"))

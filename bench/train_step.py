@@ -144,7 +144,8 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (docs/ tests parse the lines they show with it)."""
     parser = argparse.ArgumentParser(
         prog="python bench/train_step.py",
         description=__doc__.split("\n\n")[0],
@@ -158,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", choices=runtime.DEVICES, default="auto")
     parser.add_argument("--parallel", choices=("none", "spmd"), default="none")
     parser.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.steps < 1:
         raise UserError("--epochs must be at least 2 (the first compiles) and --steps at least 1")
