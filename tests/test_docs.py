@@ -185,7 +185,8 @@ def test_bench_command_line_parses(shown: Shown, monkeypatch: pytest.MonkeyPatch
 
 def test_the_readme_shows_the_main_job() -> None:
     """The collector finds the README's commands (so an empty collection cannot pass)."""
-    commands = {s.argv[0] for s in SHOWN if s.where.startswith("README.md") and s.argv}
+    readme = [s for s in SHOWN if s.where.startswith("README.md") and s.program == "leaf-xla"]
+    commands = {s.argv[0] for s in readme if s.argv}
     assert {"check", "prepare", "convert_keras", "recipe", "train", "predict"} <= commands
 
 
@@ -237,14 +238,28 @@ def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
+def anchors(path: Path) -> set[str]:
+    """The `#fragment`s GitHub gives a Markdown file's headings."""
+    found = set()
+    for _, line in prose_lines(path):
+        if heading := re.match(r"^#{1,6}\s+(.*?)\s*$", line):
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            found.add(slug)
+    return found
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_resolve(path: Path) -> None:
+    """Every relative link names a file that exists, and a `#fragment` one of its headings."""
     broken = []
     for number, line in prose_lines(path):
         for match in LINK.finditer(line):
-            target = (match.group(1) or match.group(2)).split("#", 1)[0]
-            if not target or re.match(r"^[a-z][a-z0-9+.-]*:", target):  # an anchor, a URL
+            target, _, fragment = (match.group(1) or match.group(2)).partition("#")
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # a URL
                 continue
-            if not (path.parent / target).exists():
-                broken.append(f"{path.name}:{number}: {target}")
-    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+            file = path.parent / target if target else path
+            if not file.exists():
+                broken.append(f"{path.name}:{number}: {target} does not exist")
+            elif fragment and file.suffix == ".md" and fragment not in anchors(file):
+                broken.append(f"{path.name}:{number}: {target} has no heading #{fragment}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
