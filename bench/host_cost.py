@@ -85,12 +85,12 @@ def bare_epoch(model_name: str, data: list[dict]) -> Callable[[list[float]], Non
 
 
 def leaf_epoch(model_name: str, data: list[dict], pipeline: str) -> Callable[[list[float]], None]:
-    from leaf_xla import runtime
+    from leaf_xla import backends
     from leaf_xla.engine import Trainer, create_optimizer
-    from leaf_xla.mix import MixSpec
     from leaf_xla.models import ModelSpec, create_model
+    from leaf_xla.settings import MixSettings
 
-    rt = runtime.setup("xla", "none")
+    rt = backends.setup("xla", "none")
     torch.manual_seed(0)
     model = create_model(ModelSpec(model_name, CLASSES, pretrained=False)).to(rt.device)
     if pipeline == "leaf_xla-copies":
@@ -105,7 +105,7 @@ def leaf_epoch(model_name: str, data: list[dict], pipeline: str) -> Callable[[li
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
         optimizer=optimizer,
-        mixing=MixSpec(mixup_alpha=0.4, cutmix_alpha=1.0) if extras else None,
+        mixing=MixSettings(mixup=0.4, cutmix=1.0) if extras else None,
         ema_decay=0.999 if extras else None,
     )
     epochs = iter(range(1_000_000))

@@ -14,10 +14,10 @@ import argparse
 
 import torch
 
-from leaf_xla.config import parse_args
-from leaf_xla.data import image_shape
-from leaf_xla.models import ModelSpec, count_parameters, create_model
-from leaf_xla.train import build_parser as train_parser
+from leaf_xla.commands.options import parse_args
+from leaf_xla.commands.train import build_parser as train_parser
+from leaf_xla.models import ModelSpec, create_model
+from leaf_xla.settings import image_shape
 
 SEED_CONFIGS = [
     "tf_efficientnet_b7",
@@ -62,7 +62,7 @@ def main() -> None:
     for name in args.configs:
         cfg = parse_args(train_parser(), ["--config", name])
         model = create_model(ModelSpec(cfg.model, 4, pretrained=False)).eval()
-        params = count_parameters(model)
+        params = sum(p.numel() for p in model.parameters())
         per_image = activation_elements(model, cfg.image_size)
         bytes_per = 2 if cfg.precision == "bf16" else 4
         activations = per_image * cfg.batch_size * bytes_per / 2**30

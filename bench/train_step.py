@@ -31,10 +31,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from leaf_xla import runtime
-from leaf_xla.cli import UserError, run
+from leaf_xla import backends
+from leaf_xla.backends.base import Runtime
+from leaf_xla.cli import run
 from leaf_xla.engine import Trainer, create_optimizer
+from leaf_xla.errors import UserError
 from leaf_xla.models import ModelSpec, create_model, data_config
+from leaf_xla.settings import DEVICES, PRECISIONS
 
 CLASSES = 4
 
@@ -74,7 +77,7 @@ def timed(step: Callable, seconds: list[float]) -> Callable:
     return wrapper
 
 
-def bench(args: argparse.Namespace, rt: runtime.Runtime, model_name: str, batch: int) -> dict:
+def bench(args: argparse.Namespace, rt: Runtime, model_name: str, batch: int) -> dict:
     model = create_model(ModelSpec(model_name, CLASSES, pretrained=False))
     dcfg = data_config(model, args.image_size)
     model = model.to(rt.device)
@@ -118,11 +121,13 @@ def bench(args: argparse.Namespace, rt: runtime.Runtime, model_name: str, batch:
         "model": model_name,
         "batch": batch,
         "compiles": (
-            f"{epochs[0]['compiles']} / {sum(e['compiles'] for e in later)}" if rt.is_xla else None
+            f"{epochs[0]['compiles']} / {sum(e['compiles'] for e in later)}"
+            if rt.compiles
+            else None
         ),
         "trace ms": 1e3 * sum(e["trace"] for e in later) / steps,
         "host ms": 1e3 * sum(e["host"] for e in later) / steps,
-        "device ms": 1e3 * sum(e["device"] for e in later) / steps if rt.is_xla else None,
+        "device ms": 1e3 * sum(e["device"] for e in later) / steps if rt.compiles else None,
         "step ms": 1e3 * wall / steps,
         "img/s": steps * global_batch / wall,
         "first s": epochs[0]["wall"],
@@ -156,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="steps per epoch")
     parser.add_argument("--epochs", type=int, default=3, help="the first one compiles")
-    parser.add_argument("--device", choices=runtime.DEVICES, default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--parallel", choices=("none", "spmd"), default="none")
-    parser.add_argument("--precision", choices=runtime.PRECISIONS, default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     return parser
 
 
@@ -167,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.steps < 1:
         raise UserError("--epochs must be at least 2 (the first compiles) and --steps at least 1")
-    rt = runtime.setup(args.device, args.parallel, args.precision)
+    rt = backends.setup(args.device, args.parallel, args.precision)
     rows = []
     for model_name in args.models:
         for batch in args.batch_sizes:

@@ -21,8 +21,8 @@ usage() {
 usage: launch_tpu.sh [options] [-- TRAIN_ARGS...]
 
 Create (or reuse) a Cloud TPU VM / pod slice, install leaf_xla on every worker, fetch the
-data and run `python -m leaf_xla.train --data-dir D --out-dir O [--resume] TRAIN_ARGS...`
-(or, with --recipe, `python -m leaf_xla.recipe --config configs/ensemble.yaml --data-dir D
+data and run `python -m leaf_xla train --data-dir D --out-dir O [--resume] TRAIN_ARGS...`
+(or, with --recipe, `python -m leaf_xla recipe --config configs/ensemble.yaml --data-dir D
 --out-dir O [--resume] TRAIN_ARGS...`) on all workers with PJRT_DEVICE=TPU. Everything after
 `--` is passed to that command verbatim (quoted for the remote shell); for --recipe that is
 recipe options, then `--` and the options of every train run:
@@ -72,7 +72,7 @@ Data
                            (needs ~/.kaggle/kaggle.json there, or --kaggle-json)
   --kaggle-json FILE       copy this Kaggle API token (mode 0600) to every worker for the
                            download, then delete it there (~/.kaggle is left alone)
-  --prepare-size N         run `python -m leaf_xla.prepare --data-dir D --size N` first
+  --prepare-size N         run `python -m leaf_xla prepare --data-dir D --size N` first
   (no --data: the data is expected to be in the data dir already)
 
 Training and outputs
@@ -692,7 +692,7 @@ $py -m zipfile -e $DATA_DIR/$comp.zip $DATA_DIR; rm -f $DATA_DIR/$comp.zip; fi" 
 
 prepare_step() {
   [[ -n $PREPARE_SIZE ]] || return 0
-  ssh_all "cd $D && $(quoted "$PY" -m leaf_xla.prepare) --data-dir $DATA_DIR --size $PREPARE_SIZE"
+  ssh_all "cd $D && $(quoted "$PY" -m leaf_xla prepare) --data-dir $DATA_DIR --size $PREPARE_SIZE"
 }
 
 # --output: the state kept on worker 0 in ~/.cache/leaf_xla_launch: marks/RUN holds "EPOCH STEP"
@@ -844,9 +844,9 @@ train_command() {  # the remote command of the training step
   local module env='' cmd out
   for kv in ${ENVS[@]+"${ENVS[@]}"}; do env+=" $(q "$kv")"; done
   if ((RECIPE)); then
-    module=(leaf_xla.recipe --config "$RECIPE_CONFIG")
+    module=(leaf_xla recipe --config "$RECIPE_CONFIG")
   else
-    module=(leaf_xla.train)
+    module=(leaf_xla train)
   fi
   cmd="$(quoted "$PY" -m "${module[@]}") --data-dir $DATA_DIR --out-dir $OUT_DIR"
   # before the user's arguments: the recipe reads its own options up to a `--`

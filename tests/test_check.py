@@ -16,8 +16,8 @@ from conftest import assert_user_error, run_cli
 from PIL import Image
 
 from leaf_xla import synth
-from leaf_xla.cli import UserError
 from leaf_xla.data import Problems, decode, read_dataset, scan, verify_images
+from leaf_xla.errors import UserError
 
 
 def truncate(path: Path) -> None:
@@ -198,13 +198,14 @@ def test_corrupt_jpeg_data_is_counted_alike_by_check_prepare_and_train(clean, tm
         tmp_path / "data",
         lambda d: [cut_and_end(d / "images" / name) for name in damaged],
     )
-    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir))
+    result = run_cli("leaf_xla", "check", "--data-dir", str(data_dir))
     listed = [line for line in result.stdout.splitlines() if "corrupt JPEG data" in line]
     assert sorted(line.split("/")[-1].split(":")[0] for line in listed) == sorted(damaged)
-    prepared = run_cli("leaf_xla.prepare", "--data-dir", str(data_dir), "--size", "16")
+    prepared = run_cli("leaf_xla", "prepare", "--data-dir", str(data_dir), "--size", "16")
     assert prepared.returncode == 0 and prepared.stderr.count("corrupt JPEG data") == 2
     started = run_cli(
-        "leaf_xla.train",
+        "leaf_xla",
+        "train",
         *TRAIN_ARGS,
         *("--data-dir", str(data_dir), "--out-dir", str(tmp_path / "runs"), "--cache", "build"),
         *("--cache-dir", str(tmp_path / "cache"), "--holdout", "0.4"),
@@ -237,7 +238,7 @@ def broken_pp2020(clean, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def check_report(broken_pp2020):
-    return run_cli("leaf_xla.check", "--data-dir", str(broken_pp2020), "--workers", "2")
+    return run_cli("leaf_xla", "check", "--data-dir", str(broken_pp2020), "--workers", "2")
 
 
 @pytest.mark.parametrize("kind", PP2020_ERRORS + PP2020_WARNINGS + list(DECODE_CASES))
@@ -259,7 +260,7 @@ def test_check_cli_summary(check_report):
 
 
 def test_no_decode_skips_the_decode_check(broken_pp2020):
-    result = run_cli("leaf_xla.check", "--data-dir", str(broken_pp2020), "--no-decode")
+    result = run_cli("leaf_xla", "check", "--data-dir", str(broken_pp2020), "--no-decode")
     assert result.returncode == 1
     assert "decode check: skipped" in result.stdout
     assert "5 error(s), 1 warning(s)" in result.stdout, result.stdout
@@ -270,7 +271,7 @@ def test_check_cli_clean_data_passes_with_warnings(clean, tmp_path):
         save_as(sorted((data_dir / "train_images").iterdir())[0], "L")
 
     data_dir = broken_copy(clean["cassava"], tmp_path / "data", gray)
-    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir))
+    result = run_cli("leaf_xla", "check", "--data-dir", str(data_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "label format: integer" in result.stdout
     assert "Cassava Mosaic Disease (CMD)" in result.stdout
@@ -278,7 +279,7 @@ def test_check_cli_clean_data_passes_with_warnings(clean, tmp_path):
 
 
 def test_check_cli_missing_data_dir_is_a_user_error(tmp_path):
-    result = run_cli("leaf_xla.check", "--data-dir", str(tmp_path / "nowhere"))
+    result = run_cli("leaf_xla", "check", "--data-dir", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert_user_error(result, "nowhere", "not found")
 
@@ -286,7 +287,7 @@ def test_check_cli_missing_data_dir_is_a_user_error(tmp_path):
 def test_train_stops_naming_every_offender(broken_pp2020, tmp_path):
     out = tmp_path / "runs"
     result = run_cli(
-        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(broken_pp2020), "--out-dir", str(out)
+        "leaf_xla", "train", *TRAIN_ARGS, "--data-dir", str(broken_pp2020), "--out-dir", str(out)
     )
     fragments = ["5 problems", "Train_0.jpg: truncated JPEG", "Train_1.jpg: empty file"]
     fragments += ["Train_2.jpg: missing image file", "duplicate id Train_3", "row 7 (Train_5)"]
@@ -300,7 +301,7 @@ def test_train_stops_on_bad_labels(kind, clean, tmp_path):
     data_dir = broken_copy(clean[fmt], tmp_path / "data", edit)
     out = tmp_path / "runs"
     result = run_cli(
-        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(out)
+        "leaf_xla", "train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(out)
     )
     assert_user_error(result, "train.csv row")
     assert found(error, [result.stderr])
@@ -370,13 +371,19 @@ def test_train_rejects_an_id_outside_the_image_folder(clean, tmp_path):
     edit = set_cells("train.csv", 3, image_id="../../secret")
     data_dir = broken_copy(clean["pp2020"], tmp_path / "data", edit)
     result = run_cli(
-        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "r")
+        "leaf_xla",
+        "train",
+        *TRAIN_ARGS,
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path / "r"),
     )
     assert_user_error(result, "train.csv row 5", "'../../secret'", "points outside images/")
 
 
 def check_cli(data_dir: Path) -> tuple[int, list[str], list[str], str]:
-    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    result = run_cli("leaf_xla", "check", "--data-dir", str(data_dir), "--no-decode")
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line.strip() for line in result.stdout.splitlines()]
     errors = [line for line in lines if line.startswith("error: ")]
@@ -403,7 +410,13 @@ def test_header_only_train_csv_is_one_error_in_check_and_train(clean, tmp_path):
         f"error: {data_dir / 'train.csv'}: no rows under the header, so nothing to train on"
     ]
     result = run_cli(
-        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "r")
+        "leaf_xla",
+        "train",
+        *TRAIN_ARGS,
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(tmp_path / "r"),
     )
     assert_user_error(result, "train.csv: no rows under the header")
 
@@ -469,7 +482,7 @@ def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_p
         train.rename(columns={"label": "labels"}).to_csv(data_dir / "train.csv", index=False)
 
     data_dir = broken_copy(clean["generic"], tmp_path / "data", plural_header)
-    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    result = run_cli("leaf_xla", "check", "--data-dir", str(data_dir), "--no-decode")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "label format: generic" in out and "single-label" in out, out
@@ -483,7 +496,7 @@ def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_p
     predictions.to_csv(tmp_path / "pred.csv", index=False)
     submission = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble", str(tmp_path / "pred.csv"), "--data-dir", str(data_dir),
+        "leaf_xla", "ensemble", str(tmp_path / "pred.csv"), "--data-dir", str(data_dir),
         "--out", str(submission),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -492,7 +505,7 @@ def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_p
 
     # A sample of numbers for data of names: check fails, naming the file, as ensemble would.
     set_cells("sample_submission.csv", slice(None), label="3")(data_dir)
-    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    result = run_cli("leaf_xla", "check", "--data-dir", str(data_dir), "--no-decode")
     assert result.returncode == 1
     assert _errors(result) == [
         f"error: {data_dir / 'sample_submission.csv'}: column 'label' holds numbers (e.g. '3') "
@@ -500,7 +513,7 @@ def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_p
         "submission wants them (or Cassava's label_num_to_disease_map.json for numbers)"
     ], result.stdout
     result = run_cli(
-        "leaf_xla.ensemble", str(tmp_path / "pred.csv"), "--data-dir", str(data_dir),
+        "leaf_xla", "ensemble", str(tmp_path / "pred.csv"), "--data-dir", str(data_dir),
         "--out", str(tmp_path / "numbers.csv"),
     )  # fmt: skip
     assert_user_error(result, "sample_submission.csv", "holds numbers")
@@ -515,7 +528,7 @@ def test_single_names_in_a_labels_column_give_a_submission_of_names(clean, tmp_p
     ],
 )
 def test_check_prints_each_layouts_submission(fmt, what, first, clean):
-    result = run_cli("leaf_xla.check", "--data-dir", str(clean[fmt]), "--no-decode")
+    result = run_cli("leaf_xla", "check", "--data-dir", str(clean[fmt]), "--no-decode")
     assert result.returncode == 0, result.stdout
     sample = (clean[fmt] / "sample_submission.csv").read_text().splitlines()
     lines = result.stdout.splitlines()
@@ -541,12 +554,12 @@ def test_a_miscased_sample_column_stops_check_and_train(clean, tmp_path):
         "nor one label column (Healthy is not a class; class(es) healthy not a column): spell "
         "the columns as train.csv spells the classes"
     )
-    result = run_cli("leaf_xla.check", "--data-dir", str(data_dir), "--no-decode")
+    result = run_cli("leaf_xla", "check", "--data-dir", str(data_dir), "--no-decode")
     assert result.returncode == 1
     assert _errors(result) == [f"error: {expected}"], result.stdout
     out = tmp_path / "runs"
     result = run_cli(
-        "leaf_xla.train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(out)
+        "leaf_xla", "train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out-dir", str(out)
     )
     assert_user_error(result, expected)
     assert not out.exists()

@@ -11,9 +11,9 @@ import pytest
 import timm
 import torch
 
-from leaf_xla import checkpoint, files
+from leaf_xla import checkpoint, files, rundir
+from leaf_xla.backends.base import Runtime
 from leaf_xla.checkpoint import CheckpointError
-from leaf_xla.runtime import Runtime
 
 CPU = Runtime(kind="cpu", parallel="none", device=torch.device("cpu"))
 
@@ -66,9 +66,8 @@ def test_outputs_get_the_mode_open_gives(tmp_path, umask):
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
-    last = tmp_path / "last.pt"
-    checkpoint.save(CPU, last, a_state(1))
-    checkpoint.save(CPU, last, a_state(2))
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(1))
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(2))
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
 
     def full_disk(state, path):
@@ -77,14 +76,14 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_temp(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.save(CPU, last, a_state(3))
+        rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(3))
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")} == before
     assert not temps(tmp_path)
 
 
 def test_the_previous_last_checkpoint_is_kept(tmp_path):
     for epoch in (1, 2, 3):
-        checkpoint.save(CPU, tmp_path / "last.pt", a_state(epoch))
+        rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(epoch))
         checkpoint.save(CPU, tmp_path / "best.pt", a_state(epoch))
     assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 3
     assert checkpoint.load(tmp_path / "last.prev.pt")["epoch"] == 2
@@ -134,31 +133,31 @@ def test_each_unusable_checkpoint_says_what_is_wrong(tmp_path):
 
 
 def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
-    checkpoint.save(CPU, tmp_path / "last.pt", a_state(1, step=4))
-    checkpoint.save(CPU, tmp_path / "last.pt", a_state(2))
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(1, step=4))
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(2))
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:100])  # a host crash after the rename
-    state, source = checkpoint.load_for_resume(tmp_path)
+    state, source = rundir.load_for_resume(tmp_path)
     assert (state["epoch"], state["step"], source.name) == (1, 4, "last.prev.pt")
     warning = capsys.readouterr().err
     assert f"{last} is truncated" in warning and "resuming from" in warning
     assert "epoch 1 step 4" in warning
-    assert checkpoint.load_for_resume(tmp_path, warn=False)[1].name == "last.prev.pt"
+    assert rundir.load_for_resume(tmp_path, warn=False)[1].name == "last.prev.pt"
     assert capsys.readouterr().err == ""  # the replicas, after the parent has warned
 
 
 def test_resume_without_a_readable_checkpoint_tells_the_truth(tmp_path):
-    checkpoint.save(CPU, tmp_path / "last.pt", a_state(1))
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(1))
     checkpoint.save(CPU, tmp_path / "best.pt", a_state(1))
     (tmp_path / "last.pt").write_bytes(b"")
     with pytest.raises(CheckpointError) as alone:
-        checkpoint.load_for_resume(tmp_path)
-    checkpoint.save(CPU, tmp_path / "last.pt", a_state(2))
-    checkpoint.save(CPU, tmp_path / "last.pt", a_state(3))
+        rundir.load_for_resume(tmp_path)
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(2))
+    rundir.save_checkpoint(CPU, tmp_path, "last.pt", a_state(3))
     for name in ("last.pt", "last.prev.pt"):
         (tmp_path / name).write_bytes(b"junk")
     with pytest.raises(CheckpointError) as both:
-        checkpoint.load_for_resume(tmp_path)
+        rundir.load_for_resume(tmp_path)
     for caught in (alone, both):
         message = str(caught.value)
         assert "best.pt holds no optimizer state" in message and "--overwrite" in message

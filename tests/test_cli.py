@@ -9,29 +9,15 @@ import re
 import pytest
 from conftest import assert_user_error, run_cli
 
-from leaf_xla.cli import COMMANDS, MODULES, ArgumentParser, UserError
-
-
-class _Parsed(Exception):
-    """Raised instead of parsing: carries the parser a command built."""
+from leaf_xla.cli import ArgumentParser
+from leaf_xla.commands import COMMANDS, command
+from leaf_xla.errors import UserError
 
 
 @pytest.fixture
-def parsers(monkeypatch) -> dict[str, ArgumentParser]:
-    """Every command's parser, as its main() builds it (nothing else runs)."""
-
-    def capture(self, args=None, namespace=None):
-        raise _Parsed(self)
-
-    monkeypatch.setattr(ArgumentParser, "parse_args", capture)
-    monkeypatch.setattr(ArgumentParser, "parse_known_args", capture)
-    found = {}
-    for command in COMMANDS:
-        module = importlib.import_module(f"leaf_xla.{MODULES.get(command, command)}")
-        with pytest.raises(_Parsed) as parsed:
-            module.main([])
-        found[command] = parsed.value.args[0]
-    return found
+def parsers() -> dict[str, ArgumentParser]:
+    """Every command's parser."""
+    return {name: command(name).build_parser() for name in COMMANDS}
 
 
 def _entries(help_text: str) -> dict[str, str]:
@@ -45,17 +31,17 @@ def _entries(help_text: str) -> dict[str, str]:
 
 
 def test_every_option_of_every_command_shows_its_default_once(parsers):
-    for command, parser in parsers.items():
+    for name, parser in parsers.items():
         entries = _entries(parser.format_help())
         for action in parser._actions:
             if not action.option_strings or action.dest == "help":
                 continue
             entry = entries[action.option_strings[0]]
-            assert len(re.findall(r"default", entry, re.IGNORECASE)) <= 1, (command, entry)
+            assert len(re.findall(r"default", entry, re.IGNORECASE)) <= 1, (name, entry)
             default = action.default
             if default in (None, False, []) or isinstance(default, bool) and not default:
                 continue
-            assert re.search(r"default", entry, re.IGNORECASE), (command, entry)
+            assert re.search(r"default", entry, re.IGNORECASE), (name, entry)
     train = _entries(parsers["train"].format_help())
     for option, shown in [("--epochs", "20"), ("--optimizer", "adam"), ("--seed", "0")]:
         assert train[option].endswith(f"(default: {shown})"), train[option]
@@ -70,7 +56,7 @@ def test_recipe_help_shows_the_yaml_schema_and_the_pass_through(parsers):
 
 
 def test_configs_lists_whole_sentences(capsys):
-    importlib.import_module("leaf_xla.config").main([])
+    importlib.import_module("leaf_xla.commands.configs").main([])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) > 3
     for line in lines:
@@ -92,13 +78,13 @@ def test_an_unknown_option_names_the_closest_real_one_in_every_command(parsers, 
 
 
 def test_typos_from_the_command_line_are_one_line():
-    result = run_cli("leaf_xla.train", "--img-size", "48", "--model", "test_resnet")
+    result = run_cli("leaf_xla", "train", "--img-size", "48", "--model", "test_resnet")
     assert_user_error(result, "unknown option --img-size; did you mean --image-size?")
     assert "usage" not in result.stderr
     # The required --checkpoint is missing too: the typo is what the user needs to hear.
-    result = run_cli("leaf_xla.predict", "--checkpoints", "best.pt", "--data-dir", "d")
+    result = run_cli("leaf_xla", "predict", "--checkpoints", "best.pt", "--data-dir", "d")
     assert_user_error(result, "unknown option --checkpoints; did you mean --checkpoint?")
-    result = run_cli("leaf_xla.train", "--epochs", "three")
+    result = run_cli("leaf_xla", "train", "--epochs", "three")
     assert_user_error(result, "argument --epochs: invalid int value: 'three'")
     result = run_cli("leaf_xla", "trian")
     assert "unknown command 'trian'; did you mean train?" in result.stderr

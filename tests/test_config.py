@@ -8,9 +8,10 @@ import pytest
 import yaml
 from conftest import assert_user_error, run_cli
 
-from leaf_xla.cli import UserError
-from leaf_xla.config import parse_args, shipped_configs
-from leaf_xla.train import build_parser
+from leaf_xla.commands.options import parse_args
+from leaf_xla.commands.train import build_parser
+from leaf_xla.config import shipped_configs
+from leaf_xla.errors import UserError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,7 +48,14 @@ def test_bad_config_is_one_clear_error(tmp_path, text: str, message: str) -> Non
 def test_bad_config_through_the_cli(tmp_path, pp2020) -> None:
     path = write(tmp_path, "learning_rate: 0.1\n")
     result = run_cli(
-        "leaf_xla.train", "--config", str(path), "--model", "test_resnet", "--data-dir", str(pp2020)
+        "leaf_xla",
+        "train",
+        "--config",
+        str(path),
+        "--model",
+        "test_resnet",
+        "--data-dir",
+        str(pp2020),
     )
     assert_user_error(result, "unknown key 'learning_rate'", str(path))
 

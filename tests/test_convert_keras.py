@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import leaf_xla
-from leaf_xla.cli import UserError
-from leaf_xla.convert_keras import main as convert_main
+from leaf_xla.commands.convert_keras import main as convert_main
+from leaf_xla.errors import UserError
 from leaf_xla.keras_resnet import ARCH_LAYERS, KerasResNetV2, keras_layer_names
 
 # keras.applications ResNet*V2 with the 1000-class top, from Keras' model.count_params() (which
@@ -85,7 +85,7 @@ def _write_keras2_h5(model: KerasResNetV2, path: Path, drop: tuple[str, ...] = (
 
 
 def _convert(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "leaf_xla.convert_keras", *map(str, args)]
+    command = [sys.executable, "-m", "leaf_xla", "convert_keras", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
 
 

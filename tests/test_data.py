@@ -13,13 +13,14 @@ from PIL import Image
 
 from leaf_xla import data as data_module
 from leaf_xla import synth
-from leaf_xla.cli import UserError
+from leaf_xla.commands import synth as synth_command
 from leaf_xla.data import decode, read_dataset
+from leaf_xla.errors import UserError
 from leaf_xla.loader import ResizeCache, default_cache_root
 
 
 def _synth(out, fmt: str, n_train: int = 16, n_test: int = 3) -> None:
-    synth.main(
+    synth_command.main(
         ["--out", str(out), "--format", fmt, "--n-train", str(n_train), "--n-test", str(n_test)]
         + ["--size", "48x32", "--seed", "3"]
     )
@@ -82,7 +83,7 @@ def test_pp2021_trains_end_to_end_with_a_refreshed_cache(tmp_path):
     BCE runs."""
     data_dir, out = tmp_path / "data", tmp_path / "runs"
     _synth(data_dir, "pp2021", n_train=24, n_test=2)
-    prepared = run_cli("leaf_xla.prepare", "--data-dir", str(data_dir), "--size", "32")
+    prepared = run_cli("leaf_xla", "prepare", "--data-dir", str(data_dir), "--size", "32")
     assert prepared.returncode == 0, prepared.stderr
     assert "26 image(s) resized, 0 already fresh" in prepared.stdout
 
@@ -93,7 +94,8 @@ def test_pp2021_trains_end_to_end_with_a_refreshed_cache(tmp_path):
     assert not cache.is_fresh(changed) and cache.is_fresh(data.train.paths[1])
 
     result = run_cli(
-        "leaf_xla.train",
+        "leaf_xla",
+        "train",
         *("--model", "test_resnet", "--config", "demo", "--data-dir", str(data_dir)),
         *("--out-dir", str(out), "--epochs", "1", "--device", "cpu", "--image-size", "32"),
         *("--batch-size", "8", "--n-folds", "2", "--workers", "1", "--cache", "build"),

@@ -46,7 +46,7 @@ def hooked(record: Path | None = None, fault: str | None = None) -> dict[str, st
 
 
 def train(data: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 600):
-    args = ["leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COMMON, *extra]
+    args = ["leaf_xla", "train", "--data-dir", str(data), "--out-dir", str(out), *COMMON, *extra]
     return run_cli(*args, env=env, timeout=timeout)
 
 
@@ -194,7 +194,7 @@ def test_sigkill_of_the_whole_job_then_resume_is_bitwise(tmp_path, pp2020):
     reference = train(pp2020, tmp_path / "ref", *extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "killed"
-    args = ["leaf_xla.train", "--data-dir", str(pp2020), "--out-dir", str(out), *COMMON, *extra]
+    args = ["leaf_xla", "train", "--data-dir", str(pp2020), "--out-dir", str(out), *COMMON, *extra]
     kill_job_mid_epoch(args, out / "test_resnet-fold0")
     resumed = train(pp2020, out, *extra, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -412,7 +412,7 @@ def test_torchrun_starts_the_same_job(one_epoch, tmp_path):
     out = tmp_path / "out"
     command = [
         *("torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
-        *("-m", "leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COMMON),
+        *("-m", "leaf_xla", "train", "--data-dir", str(data), "--out-dir", str(out), *COMMON),
         *("--parallel", "ddp", "--batch-size", "4", "--epochs", "1"),
     ]
     # torchrun sets OMP_NUM_THREADS=1 unless it is set: the reference's thread count, so that

@@ -44,7 +44,8 @@ def test_cli_pipeline(tmp_path) -> None:
     predictions = []
     for model in ("test_resnet", "test_efficientnet"):
         result = run_cli(
-            "leaf_xla.train",
+            "leaf_xla",
+            "train",
             "--model",
             model,
             "--data-dir",
@@ -67,7 +68,8 @@ def test_cli_pipeline(tmp_path) -> None:
 
         out = tmp_path / f"{model}.csv"
         result = run_cli(
-            "leaf_xla.predict",
+            "leaf_xla",
+            "predict",
             "--checkpoint",
             str(run_dir / "best.pt"),
             "--data-dir",
@@ -88,7 +90,8 @@ def test_cli_pipeline(tmp_path) -> None:
 
     submission = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, predictions),
         "--weights",
         "0.7",
@@ -105,7 +108,7 @@ def test_cli_pipeline(tmp_path) -> None:
 
     # An existing submission is never replaced by accident.
     before = submission.read_bytes()
-    result = run_cli("leaf_xla.ensemble", *map(str, predictions), "--out", str(submission))
+    result = run_cli("leaf_xla", "ensemble", *map(str, predictions), "--out", str(submission))
     assert_user_error(result, str(submission), "--overwrite")
     assert submission.read_bytes() == before
 
@@ -113,17 +116,18 @@ def test_cli_pipeline(tmp_path) -> None:
 def test_bad_invocations_are_one_line_errors(tmp_path, pp2020) -> None:
     cases = [
         (
-            ["leaf_xla.train", "--model", "test_resnet", "--data-dir", str(tmp_path / "nope")],
+            ["leaf_xla", "train", "--model", "test_resnet", "--data-dir", str(tmp_path / "nope")],
             "data directory",
         ),
         (
-            ["leaf_xla.train", "--model", "no_such_net", "--data-dir", str(pp2020)],
+            ["leaf_xla", "train", "--model", "no_such_net", "--data-dir", str(pp2020)],
             "--model no_such_net",
         ),
-        (["leaf_xla.train", "--data-dir", str(pp2020)], "--model is required"),
+        (["leaf_xla", "train", "--data-dir", str(pp2020)], "--model is required"),
         (
             [
-                "leaf_xla.predict",
+                "leaf_xla",
+                "predict",
                 "--checkpoint",
                 str(tmp_path / "x.pt"),
                 "--data-dir",
@@ -136,21 +140,21 @@ def test_bad_invocations_are_one_line_errors(tmp_path, pp2020) -> None:
     ]
     for argv, fragment in cases:
         assert_user_error(
-            run_cli(*argv, "--device", "cpu") if argv[0] == "leaf_xla.train" else run_cli(*argv),
+            run_cli(*argv, "--device", "cpu") if argv[1] == "train" else run_cli(*argv),
             fragment,
         )
     broken = tmp_path / "data"
     shutil.copytree(pp2020, broken)
     (broken / "train.csv").unlink()
     assert_user_error(
-        run_cli("leaf_xla.train", "--model", "test_resnet", "--data-dir", str(broken)),
+        run_cli("leaf_xla", "train", "--model", "test_resnet", "--data-dir", str(broken)),
         "train.csv not found",
     )
 
 
 def test_demo(tmp_path) -> None:
     """The README's first command: the whole job on generated data, under 5 minutes."""
-    result = run_cli("leaf_xla.demo", "--out-dir", str(tmp_path / "demo"), timeout=600)
+    result = run_cli("leaf_xla", "demo", "--out-dir", str(tmp_path / "demo"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["models"]) == {"test_efficientnet", "test_resnet"}

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leaf_xla import runtime
+from leaf_xla import backends
 from leaf_xla.engine import NonFiniteLoss, Trainer, create_optimizer
 from leaf_xla.guard import optimizer_tensors
 from leaf_xla.loader import eval_batches
-from leaf_xla.mix import MixSpec
+from leaf_xla.settings import MixSettings
 
 CLASSES, SIZE, BATCH = 4, 4, 6
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -49,7 +49,7 @@ def batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 
 
 def xla_trainer(model, optimizer, precision="fp32") -> Trainer:
-    rt = runtime.setup("xla", "none", precision)
+    rt = backends.setup("xla", "none", precision)
     model = model.to(rt.device)
     # The optimizer is built on the moved parameters, as train.py does.
     return Trainer(
@@ -137,7 +137,7 @@ def conv_bn_model() -> torch.nn.Module:
 
 def guarded_trainer(device: str, optimizer: str) -> Trainer:
     """A conv + BatchNorm model with the optimizer `train` builds and a moving average."""
-    rt = runtime.setup(device, "none")
+    rt = backends.setup(device, "none")
     model = conv_bn_model().to(rt.device)
     return Trainer(
         model, rt, multilabel=False, mean=MEAN, std=STD, ema_decay=0.9,
@@ -237,7 +237,7 @@ def test_the_guarded_step_dispatches_no_more_ops_than_the_bare_torch_xla_loop():
         return torch.nn.Sequential(*layers, torch.nn.Flatten(), flat)
 
     data = batches(2, seed=8)
-    rt = runtime.setup("xla", "none")
+    rt = backends.setup("xla", "none")
     model = deep_model().to(rt.device)
     optimizer = create_optimizer(model, "adam", 0.0)
     trainer = Trainer(model, rt, multilabel=False, mean=MEAN, std=STD, optimizer=optimizer)
@@ -307,10 +307,10 @@ def test_mixup_cutmix_and_ema_compile_once_and_match_eager_pytorch():
         }
         for _ in range(steps)
     ]
-    mixing = MixSpec(mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.8, switch_prob=0.5)
+    mixing = MixSettings(mixup=0.4, cutmix=1.0, mix_prob=0.8, mixup_switch_prob=0.5)
     trainers, losses, first = {}, {}, {}
     for device in ("xla", "cpu"):
-        rt = runtime.setup(device, "none")
+        rt = backends.setup(device, "none")
         torch.manual_seed(0)
         model = torch.nn.Sequential(
             torch.nn.Flatten(), torch.nn.Linear(3 * height * width, CLASSES)
@@ -344,7 +344,7 @@ def test_mixup_cutmix_and_ema_compile_once_and_match_eager_pytorch():
     for averaged, current in zip(cpu.ema.module.parameters(), cpu.model.parameters()):
         assert not torch.equal(averaged, current)
     # Mixing changed the training: the same first epoch without it has another loss.
-    rt = runtime.setup("cpu", "none")
+    rt = backends.setup("cpu", "none")
     torch.manual_seed(0)
     plain_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * height * width, 4))
     plain = Trainer(
@@ -375,7 +375,7 @@ def test_soft_targets_loss_by_hand_and_no_new_graph(multilabel: bool) -> None:
     dtype: nothing compiles), and the loss is the hand-written soft cross-entropy (softmax) or
     soft binary cross-entropy (sigmoid). lr 0: the weights stay those of the reference."""
     steps = 3
-    rt = runtime.setup("xla", "none", "fp32")
+    rt = backends.setup("xla", "none", "fp32")
     model = tiny_model().to(rt.device)
     trainer = Trainer(
         model,

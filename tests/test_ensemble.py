@@ -15,8 +15,8 @@ import pytest
 from conftest import assert_user_error, run_cli
 from PIL import Image
 
-from leaf_xla.cli import UserError
 from leaf_xla.ensemble_fit import combine, fast_mean_auc, fit_weights
+from leaf_xla.errors import UserError
 from leaf_xla.formats import format_submission
 from leaf_xla.metrics import mean_auc
 
@@ -79,7 +79,8 @@ def test_weighted_mean_aligned_by_id(three, tmp_path: Path) -> None:
     data, ids, probs, paths = three
     out = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, paths),
         *("--weights", "2", "1", "1", "--data-dir", str(data), "--out", str(out)),
     )
@@ -101,7 +102,8 @@ def test_config_weights_by_model_name(three, tmp_path: Path) -> None:
     )
     out = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, paths),
         *("--config", str(config), "--data-dir", str(data), "--out", str(out)),
     )
@@ -114,7 +116,8 @@ def test_rank_method(three, tmp_path: Path) -> None:
     data, ids, probs, paths = three
     out = tmp_path / "ranks.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, paths),
         *("--method", "rank", "--data-dir", str(data), "--out", str(out)),
     )
@@ -176,7 +179,8 @@ def test_fit_weights_cli_report_and_roc_png(tmp_path: Path) -> None:
         oofs.append(str(tmp_path / f"{name}-fold*" / "oof.csv"))
     out = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, tests),
         *("--fit-weights", *oofs, "--data-dir", str(data), "--out", str(out)),
     )
@@ -203,7 +207,8 @@ def test_oof_scores_given_weights(three, tmp_path: Path) -> None:
     oofs = [write_predictions(tmp_path / f"o{k}.csv", train_ids, stack[k], k) for k in range(3)]
     out = tmp_path / "given.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, tests),
         *("--weights", "1", "1", "2", "--oof", *map(str, oofs)),
         *("--data-dir", str(data), "--out", str(out)),
@@ -262,7 +267,8 @@ def test_bad_inputs_are_user_errors(three, tmp_path: Path, case: str) -> None:
     _edit(paths[2], spoil)
     out = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         *map(str, paths),
         *options,
         *("--data-dir", str(data), "--out", str(out)),
@@ -274,7 +280,8 @@ def test_bad_inputs_are_user_errors(three, tmp_path: Path, case: str) -> None:
 def test_missing_file(three, tmp_path: Path) -> None:
     data, _, _, paths = three
     result = run_cli(
-        "leaf_xla.ensemble",
+        "leaf_xla",
+        "ensemble",
         str(paths[0]),
         str(tmp_path / "nope.csv"),
         "--out",
@@ -287,10 +294,10 @@ def test_existing_out_is_left_alone(three, tmp_path: Path) -> None:
     data, _, _, paths = three
     out = tmp_path / "submission.csv"
     out.write_text("keep me\n")
-    result = run_cli("leaf_xla.ensemble", *map(str, paths), "--out", str(out))
+    result = run_cli("leaf_xla", "ensemble", *map(str, paths), "--out", str(out))
     assert_user_error(result, str(out), "--overwrite")
     assert out.read_text() == "keep me\n"
-    result = run_cli("leaf_xla.ensemble", *map(str, paths), "--out", str(out), "--overwrite")
+    result = run_cli("leaf_xla", "ensemble", *map(str, paths), "--out", str(out), "--overwrite")
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(out)) == 12
 
@@ -302,7 +309,7 @@ def test_submission_must_match_sample(three, tmp_path: Path) -> None:
     paths = [write_predictions(tmp_path / f"old{k}.csv", other, probs[k]) for k in range(2)]
     out = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble", *map(str, paths), "--data-dir", str(data), "--out", str(out)
+        "leaf_xla", "ensemble", *map(str, paths), "--data-dir", str(data), "--out", str(out)
     )
     assert_user_error(result, "sample_submission.csv", "lack ids Test_")
     assert not out.exists()
@@ -362,7 +369,7 @@ def test_an_ensemble_below_its_best_member_says_so_and_what_helps(tmp_path: Path
     bad = softmax(3 * rng.normal(size=(200, 4)))  # never learned: confident noise
     data, tests, oofs = _two_members(tmp_path, good, bad, targets)
     result = run_cli(
-        "leaf_xla.ensemble", *map(str, tests), "--oof", *oofs, "--data-dir", str(data),
+        "leaf_xla", "ensemble", *map(str, tests), "--oof", *oofs, "--data-dir", str(data),
         "--out", str(tmp_path / "submission.csv"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -388,7 +395,7 @@ def test_an_ensemble_below_its_best_member_says_so_and_what_helps(tmp_path: Path
     other = softmax(1.5 * targets + rng.normal(size=(200, 4)))
     data, tests, oofs = _two_members(tmp_path / "fine", good, other, targets)
     result = run_cli(
-        "leaf_xla.ensemble", *map(str, tests), "--oof", *oofs, "--data-dir", str(data),
+        "leaf_xla", "ensemble", *map(str, tests), "--oof", *oofs, "--data-dir", str(data),
         "--out", str(tmp_path / "fine.csv"),
     )  # fmt: skip
     assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
@@ -427,7 +434,7 @@ def test_multilabel_ensemble_scores_mean_f1_at_the_out_of_fold_threshold(tmp_pat
         frame.to_csv(tmp_path / f"{name}.csv", index=False)
     out = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble", str(tmp_path / "test.csv"), "--oof", str(tmp_path / "oof.csv"),
+        "leaf_xla", "ensemble", str(tmp_path / "test.csv"), "--oof", str(tmp_path / "oof.csv"),
         "--data-dir", str(root), "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

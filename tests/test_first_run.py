@@ -32,12 +32,12 @@ def pp2021_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("pp2021")
     data = root / "data"
     made = run_cli(
-        *("leaf_xla.synth", "--out", str(data), "--format", "pp2021", "--n-train", "32"),
+        *("leaf_xla", "synth", "--out", str(data), "--format", "pp2021", "--n-train", "32"),
         *("--n-test", "6", "--size", "48x40"),
     )
     assert made.returncode == 0, made.stderr
     result = run_cli(
-        *("leaf_xla.train", "--data-dir", str(data), "--out-dir", str(root / "runs"), *AUTO),
+        *("leaf_xla", "train", "--data-dir", str(data), "--out-dir", str(root / "runs"), *AUTO),
         # demo: 4 folds, so 24 training images; batches of 10 leave 4 out
         *("--epochs", "1", "--ramp-epochs", "1", "--batch-size", "10", "--no-pretrained"),
         *("--lr", "5e-5", "--lr-start", "1e-5", "--augment-preset", "strong"),
@@ -80,7 +80,7 @@ def test_the_ragged_tail_is_counted_at_start(pp2021_run):
 def test_a_checkpoint_of_another_data_set_is_named_as_such(pp2021_run, pp2020, tmp_path):
     best, _ = pp2021_run
     result = run_cli(
-        *("leaf_xla.predict", "--checkpoint", str(best), "--data-dir", str(pp2020)),
+        *("leaf_xla", "predict", "--checkpoint", str(best), "--data-dir", str(pp2020)),
         *("--out", str(tmp_path / "p.csv"), "--device", "cpu"),
     )
     assert_user_error(
@@ -93,15 +93,15 @@ def test_a_checkpoint_of_another_data_set_is_named_as_such(pp2021_run, pp2020, t
 
 def test_train_with_a_recipe_config_says_to_use_recipe(pp2020, tmp_path):
     result = run_cli(
-        *("leaf_xla.train", "--config", "demo_ensemble", "--data-dir", str(pp2020)),
+        *("leaf_xla", "train", "--config", "demo_ensemble", "--data-dir", str(pp2020)),
         *("--out-dir", str(tmp_path)),
     )
-    assert_user_error(result, "demo_ensemble.yaml is an ensemble config", "leaf_xla.recipe")
+    assert_user_error(result, "demo_ensemble.yaml is an ensemble config", "leaf_xla", "recipe")
     result = run_cli(
-        *("leaf_xla.recipe", "--config", "demo", "--data-dir", str(pp2020)),
+        *("leaf_xla", "recipe", "--config", "demo", "--data-dir", str(pp2020)),
         *("--out-dir", str(tmp_path)),
     )
-    assert_user_error(result, "demo.yaml is a training config", "leaf_xla.train --config")
+    assert_user_error(result, "demo.yaml is a training config", "leaf-xla train --config")
 
 
 def _interrupt_after_first_checkpoint(argv: list[str], run_dir: Path) -> str:
@@ -130,7 +130,7 @@ def test_missing_test_image_warns_and_ctrl_c_prints_the_resume_command(pp2020, t
     (data / "images" / f"{test_id}.jpg").unlink()
 
     # Many epochs: the run is still going when the signal comes.
-    argv = ["leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *TINY]
+    argv = ["leaf_xla", "train", "--data-dir", str(data), "--out-dir", str(out), *TINY]
     argv += ["--epochs", "200", "--batch-size", "8", "--skip-bad-images"]
     stderr = _interrupt_after_first_checkpoint(argv, out / "test_resnet-fold0")
     assert f"warning: {data / 'images' / test_id}.jpg: missing image file" in stderr, stderr
@@ -138,17 +138,17 @@ def test_missing_test_image_warns_and_ctrl_c_prints_the_resume_command(pp2020, t
     last = out / "test_resnet-fold0" / "last.pt"
     assert f"interrupted: {last} holds the run's last saved state; continue it with:" in stderr
     command = shlex.split(stderr.split("continue it with:\n", 1)[1].splitlines()[0])
-    assert command[:3] == ["python", "-m", "leaf_xla.train"]
-    assert command[3:] == [*argv[1:], "--resume"]
+    assert command[:4] == ["python", "-m", "leaf_xla", "train"]
+    assert command[4:] == [*argv[2:], "--resume"]
     resumed = run_cli(*command[2:], "--epochs", "3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout or "nothing to resume" in resumed.stdout
 
     # What does need the test images keeps refusing.
     for check in (
-        run_cli("leaf_xla.check", "--data-dir", str(data), "--no-decode"),
+        run_cli("leaf_xla", "check", "--data-dir", str(data), "--no-decode"),
         run_cli(
-            *("leaf_xla.recipe", "--config", "demo_ensemble", "--data-dir", str(data)),
+            *("leaf_xla", "recipe", "--config", "demo_ensemble", "--data-dir", str(data)),
             *("--out-dir", str(tmp_path / "recipe"), "--device", "cpu"),
         ),
     ):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from leaf_xla.cli import UserError
+from leaf_xla.errors import UserError
 from leaf_xla.folds import load_or_create, make_folds
 
 # Plant Pathology 2020's class balance (516/91/622/592), scaled to 300 images.

@@ -13,8 +13,8 @@ import pytest
 from conftest import assert_user_error, run_cli
 
 from leaf_xla import formats, synth
-from leaf_xla.cli import UserError
 from leaf_xla.data import read_dataset
+from leaf_xla.errors import UserError
 from leaf_xla.formats import FORMATS, LabelTable, format_submission
 
 
@@ -145,16 +145,16 @@ def test_generic_format_end_to_end(tmp_path) -> None:
     """synth -> check -> train one tiny epoch -> predict -> ensemble, on `image_id,label` data."""
     data, runs = tmp_path / "data", tmp_path / "runs"
     result = run_cli(
-        "leaf_xla.synth", "--out", str(data), "--format", "generic", "--n-train", "32",
+        "leaf_xla", "synth", "--out", str(data), "--format", "generic", "--n-train", "32",
         "--n-test", "6", "--size", "48x40",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    check = run_cli("leaf_xla.check", "--data-dir", str(data))
+    check = run_cli("leaf_xla", "check", "--data-dir", str(data))
     assert check.returncode == 0, check.stdout
     assert "label format: generic" in check.stdout and "OK: 0 error(s)" in check.stdout
 
     result = run_cli(
-        "leaf_xla.train", "--model", "test_resnet", "--config", "demo", "--epochs", "1",
+        "leaf_xla", "train", "--model", "test_resnet", "--config", "demo", "--epochs", "1",
         "--image-size", "32", "--batch-size", "8", "--device", "cpu",
         "--data-dir", str(data), "--out-dir", str(runs),
     )  # fmt: skip
@@ -164,7 +164,7 @@ def test_generic_format_end_to_end(tmp_path) -> None:
 
     predictions = tmp_path / "pred.csv"
     result = run_cli(
-        "leaf_xla.predict", "--checkpoint", str(runs / "test_resnet-fold0" / "best.pt"),
+        "leaf_xla", "predict", "--checkpoint", str(runs / "test_resnet-fold0" / "best.pt"),
         "--data-dir", str(data), "--out", str(predictions), "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,7 +172,7 @@ def test_generic_format_end_to_end(tmp_path) -> None:
 
     submission = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble", str(predictions), "--data-dir", str(data), "--out", str(submission)
+        "leaf_xla", "ensemble", str(predictions), "--data-dir", str(data), "--out", str(submission)
     )
     assert result.returncode == 0, result.stderr
     written = pd.read_csv(submission, dtype=str)
@@ -183,7 +183,7 @@ def test_generic_format_end_to_end(tmp_path) -> None:
     assert written["label"].tolist() == [synth.GENERIC_CLASSES[k] for k in top]
 
     rank = run_cli(
-        "leaf_xla.ensemble", str(predictions), "--method", "rank", "--data-dir", str(data),
+        "leaf_xla", "ensemble", str(predictions), "--method", "rank", "--data-dir", str(data),
         "--out", str(tmp_path / "rank.csv"),
     )  # fmt: skip
     assert_user_error(rank, "--method rank gives ranks", "use --method mean")
@@ -199,7 +199,7 @@ def test_cassava_runs_are_scored_and_picked_by_accuracy(tmp_path) -> None:
     data, runs = tmp_path / "data", tmp_path / "runs"
     synth.write_dataset(data, 30, 4, seed=3, size=(40, 32), fmt="cassava")
     train = (
-        "leaf_xla.train", "--model", "test_resnet", "--config", "demo", "--image-size", "32",
+        "leaf_xla", "train", "--model", "test_resnet", "--config", "demo", "--image-size", "32",
         "--batch-size", "8", "--device", "cpu", "--data-dir", str(data), "--out-dir", str(runs),
     )  # fmt: skip
     result = run_cli(*train, "--epochs", "1")
@@ -229,7 +229,7 @@ def test_cassava_runs_are_scored_and_picked_by_accuracy(tmp_path) -> None:
 
     predictions = tmp_path / "pred.csv"
     result = run_cli(
-        "leaf_xla.predict", "--checkpoint", str(run / "best.pt"), "--data-dir", str(data),
+        "leaf_xla", "predict", "--checkpoint", str(run / "best.pt"), "--data-dir", str(data),
         "--out", str(predictions), "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -249,7 +249,7 @@ def test_each_format_names_its_competitions_metric(layouts, tmp_path) -> None:
         assert resolve("auto", data.label_format, data.multilabel).name == metric
     # One class per image is what accuracy scores: refused for multi-label data, before training.
     result = run_cli(
-        "leaf_xla.train", "--model", "test_resnet", "--metric", "accuracy", "--device", "cpu",
+        "leaf_xla", "train", "--model", "test_resnet", "--metric", "accuracy", "--device", "cpu",
         "--data-dir", str(layouts["pp2021"]), "--out-dir", str(tmp_path / "runs"),
     )  # fmt: skip
     assert_user_error(result, "--metric accuracy needs one class per image", "f1_samples")

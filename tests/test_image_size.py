@@ -15,12 +15,13 @@ from conftest import assert_user_error, run_cli
 from PIL import Image
 
 from leaf_xla import data as data_module
-from leaf_xla.cli import UserError
-from leaf_xla.config import parse_args
-from leaf_xla.data import decode, image_shape, parse_image_size
+from leaf_xla.commands.options import parse_args
+from leaf_xla.commands.recipe import _as_options
+from leaf_xla.commands.train import build_parser
+from leaf_xla.data import decode
+from leaf_xla.errors import UserError
 from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, eval_batches
-from leaf_xla.recipe import _as_options
-from leaf_xla.train import build_parser
+from leaf_xla.settings import image_shape, parse_image_size
 from leaf_xla.transforms import create_transform
 
 
@@ -58,7 +59,8 @@ def test_image_size_from_the_cli_yaml_and_recipe(tmp_path, pp2020) -> None:
         parse_args(build_parser(), ["--config", str(config)])
     assert _as_options({"image_size": [480, 768]}) == ["--image-size", "480x768"]
     result = run_cli(
-        "leaf_xla.train",
+        "leaf_xla",
+        "train",
         *("--model", "test_resnet", "--data-dir", str(pp2020), "--image-size", "512x"),
     )
     assert_user_error(result, "--image-size '512x': expected SIZE or HEIGHTxWIDTH")
@@ -155,7 +157,8 @@ def test_train_and_predict_at_32x48(pp2020, tmp_path) -> None:
     data = shutil.copytree(pp2020, tmp_path / "data", ignore=shutil.ignore_patterns(".leaf*"))
     out = tmp_path / "runs"
     result = run_cli(
-        "leaf_xla.train",
+        "leaf_xla",
+        "train",
         *("--model", "test_efficientnet", "--config", "demo", "--data-dir", str(data)),
         *("--out-dir", str(out), "--epochs", "1", "--image-size", "32x48", "--device", "cpu"),
         *("--batch-size", "8", "--workers", "2"),
@@ -169,7 +172,8 @@ def test_train_and_predict_at_32x48(pp2020, tmp_path) -> None:
 
     csv = tmp_path / "test.csv"
     result = run_cli(
-        "leaf_xla.predict",
+        "leaf_xla",
+        "predict",
         *("--checkpoint", str(best), "--data-dir", str(data), "--out", str(csv)),
         *("--tta", "none", "hflip", "vflip", "--device", "cpu", "--batch-size", "8"),
     )

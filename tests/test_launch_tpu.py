@@ -394,7 +394,7 @@ def positional(call: list[str]) -> list[str]:
 
 
 def train_command(commands: list[str]) -> str:
-    found = [c for c in commands if "leaf_xla.train" in c or "leaf_xla.recipe" in c]
+    found = [c for c in commands if "leaf_xla train" in c or "leaf_xla recipe" in c]
     assert len(found) == 1, commands
     return found[0]
 
@@ -407,7 +407,7 @@ def args_after(command: str, module: str) -> list[str]:
 
 def recipe_and_train_args(command: str) -> tuple[list[str], list[str]]:
     """The recipe's own arguments and those it passes to every train run (after `--`)."""
-    words = args_after(command, "leaf_xla.recipe")
+    words = args_after(command, "leaf_xla recipe")
     if "--" not in words:
         return words, []
     return words[: words.index("--")], words[words.index("--") + 1 :]
@@ -558,7 +558,7 @@ def test_train_args_with_spaces_and_quotes_arrive_intact(launch: Launcher) -> No
     result = launch(*BASE, "--accelerator-type", "v3-8", "--", *TRAIN_ARGS)
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
-    assert args_after(command, "leaf_xla.train") == [
+    assert args_after(command, "leaf_xla train") == [
         "--data-dir",
         "~/data/plant-pathology-2020-fgvc7",
         "--out-dir",
@@ -591,7 +591,8 @@ def test_remote_train_command_runs_in_bash(launch: Launcher, tmp_path: Path) -> 
     (seen,) = worker.printed(remote)
     assert seen["argv"] == [
         "-m",
-        "leaf_xla.train",
+        "leaf_xla",
+        "train",
         "--data-dir",
         f"{home}/data/plant-pathology-2020-fgvc7",
         "--out-dir",
@@ -616,8 +617,8 @@ def test_recipe_runs_the_ensemble_with_extra_args(launch: Launcher) -> None:
     result = launch(*BASE, "--accelerator-type", "v3-8", *recipe)
     assert result.returncode == 0, result.stderr
     command = train_command(launch.ssh_commands())
-    assert "leaf_xla.train" not in command
-    assert args_after(command, "leaf_xla.recipe") == [
+    assert "leaf_xla train" not in command
+    assert args_after(command, "leaf_xla recipe") == [
         "--config",
         "configs/ensemble.yaml",
         "--data-dir",
@@ -643,9 +644,9 @@ def test_prepare_and_remote_paths(launch: Launcher) -> None:
     )
     assert result.returncode == 0, result.stderr
     commands = launch.ssh_commands()
-    prepare = next(c for c in commands if "leaf_xla.prepare" in c)
+    prepare = next(c for c in commands if "leaf_xla prepare" in c)
     assert "--data-dir /mnt/disks/data/leaf --size 512" in prepare
-    assert args_after(train_command(commands), "leaf_xla.train") == [
+    assert args_after(train_command(commands), "leaf_xla train") == [
         "--data-dir",
         "/mnt/disks/data/leaf",
         "--out-dir",
@@ -751,8 +752,8 @@ def test_resume_recreates_a_preempted_tpu_and_resumes(launch: Launcher) -> None:
     assert "--spot" in calls[2]
     code, install, pull, train = launch.ssh_commands()
     assert " gs://bkt/out ~/leaf_xla_runs;" in pull and "gcloud storage rsync -r -x " in pull
-    assert args_after(train, "leaf_xla.train")[4] == "--resume"
-    assert args_after(train, "leaf_xla.train")[5:] == TRAIN_ARGS
+    assert args_after(train, "leaf_xla train")[4] == "--resume"
+    assert args_after(train, "leaf_xla train")[5:] == TRAIN_ARGS
     assert "PREEMPTED" in result.stderr
 
 
@@ -762,7 +763,7 @@ def test_resume_reuses_a_ready_tpu(launch: Launcher) -> None:
     assert result.returncode == 0, result.stderr
     assert "create" not in [verb(c) for c in launch.calls]
     assert "delete" not in [verb(c) for c in launch.calls]
-    assert args_after(train_command(launch.ssh_commands()), "leaf_xla.train")[4:] == ["--resume"]
+    assert args_after(train_command(launch.ssh_commands()), "leaf_xla train")[4:] == ["--resume"]
 
 
 def test_queued_resource_is_created_and_waited_for(launch: Launcher) -> None:
@@ -1050,7 +1051,7 @@ def test_fetch_and_delete_also_after_a_failed_training(launch: Launcher) -> None
         "--fetch",
         str(fetched),
         "--delete",
-        FAKE_SSH_FAIL="leaf_xla.train",
+        FAKE_SSH_FAIL="leaf_xla train",
     )
     assert result.returncode == 3
     assert "training failed" in result.stderr
@@ -1101,7 +1102,7 @@ def test_a_failed_worker_stops_training_on_every_worker(launch: Launcher, tmp_pa
     for number in (0, 2):
         assert f"[worker {number}] launch_tpu: training stopped here because" in result.stdout
     assert "[worker 1] launch_tpu: training failed here (exit status 3)" in result.stdout
-    stops = [c for c in launch.ssh_commands() if "train.pid" in c and "leaf_xla.train" not in c]
+    stops = [c for c in launch.ssh_commands() if "train.pid" in c and "leaf_xla train" not in c]
     assert len(stops) == 1
     # the stop finds nothing to stop where training has ended (its pid file is gone)
     assert not any((w.home / ".cache" / "leaf_xla_launch" / "train.pid").exists() for w in workers)
@@ -1199,7 +1200,7 @@ def test_no_stop_when_every_worker_succeeds_and_the_dry_run_shows_it(launch: Lau
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(launch.ssh_commands()) == 1  # training only
-    assert result.stdout.count("leaf_xla.train") == 2
+    assert result.stdout.count('"leaf_xla", "train"') == 2
     dry = launch("--existing", "--skip-setup", "--dry-run").stdout.splitlines()
     stop = dry.index(
         "# when a worker's training fails, the launcher stops training on every worker with:"

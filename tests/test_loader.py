@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from leaf_xla import loader, prepare
-from leaf_xla.cli import UserError
+from leaf_xla import loader
+from leaf_xla.commands import prepare
 from leaf_xla.data import DecodeError, Problems, decode, read_dataset
+from leaf_xla.errors import UserError
 from leaf_xla.loader import (
     BatchLoader,
     LeafImages,

@@ -4,6 +4,7 @@ the same ops whatever was drawn; the weights' moving average (ema.py)."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from leaf_xla import mix
-from leaf_xla.cli import UserError
+from leaf_xla.commands.options import settings_of
+from leaf_xla.commands.train import build_parser
 from leaf_xla.ema import WeightEma
-from leaf_xla.train import build_parser
+from leaf_xla.errors import SettingError, UserError
+from leaf_xla.settings import MixSettings
 
 B, C, H, W = 6, 4, 24, 40  # not square on purpose
 
@@ -97,10 +100,10 @@ def test_pairs_stay_within_each_replicas_shard_and_skip_masked_partners():
 
 
 def test_draws_follow_timms_probabilities_and_are_reproducible():
-    def draws(spec: mix.MixSpec, n: int = 400) -> list:
+    def draws(spec: MixSettings, n: int = 400) -> list:
         return [mix.draw(spec, np.random.default_rng([7, i]), H, W) for i in range(n)]
 
-    both = mix.MixSpec(mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.5, switch_prob=0.25)
+    both = MixSettings(mixup=0.4, cutmix=1.0, mix_prob=0.5, mixup_switch_prob=0.25)
     assert draws(both) == draws(both)
     drawn = draws(both)
     unmixed = [d for d in drawn if d == (1.0, (0, 0, 0, 0))]
@@ -110,14 +113,14 @@ def test_draws_follow_timms_probabilities_and_are_reproducible():
     for lam, (yl, yh, xl, xh) in cut:
         assert 0 <= yl <= yh <= H and 0 <= xl <= xh <= W
         assert lam == pytest.approx(1 - (yh - yl) * (xh - xl) / (H * W))
-    only_mixup = draws(mix.MixSpec(mixup_alpha=0.4))
+    only_mixup = draws(MixSettings(mixup=0.4))
     assert all(box == (0, 0, 0, 0) and 0 <= lam <= 1 for lam, box in only_mixup)
     assert len({lam for lam, _ in only_mixup}) == len(only_mixup)
 
 
 def test_mix_params_are_the_same_for_a_resumed_epoch():
     loader = [{"image": torch.zeros(B, 3, H, W, dtype=torch.uint8)} for _ in range(5)]
-    spec = mix.MixSpec(mixup_alpha=0.4, cutmix_alpha=1.0)
+    spec = MixSettings(mixup=0.4, cutmix=1.0)
 
     def params(start: int, rank: int = 0) -> list:
         batches = mix.MixParams(loader[start:], spec, seed=3, epoch=1, start_step=start, rank=rank)
@@ -130,11 +133,15 @@ def test_mix_params_are_the_same_for_a_resumed_epoch():
     assert all(len(set(map(tuple, box))) == 1 for _, box in whole)  # one draw per batch
 
 
+def mixing(*argv: str) -> MixSettings | None:
+    return mix.enabled(settings_of(MixSettings, options(*argv)))
+
+
 def test_options_are_checked_and_off_by_default():
-    assert mix.mix_from_args(options()) is None
-    assert mix.mix_from_args(options("--mixup", "0.4", "--mix-prob", "0")) is None
-    spec = mix.mix_from_args(options("--mixup", "0.4", "--cutmix", "1"))
-    assert spec == mix.MixSpec(mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
+    assert mixing() is None
+    assert mixing("--mixup", "0.4", "--mix-prob", "0") is None
+    spec = mixing("--mixup", "0.4", "--cutmix", "1")
+    assert spec == MixSettings(mixup=0.4, cutmix=1.0, mix_prob=1.0, mixup_switch_prob=0.5)
     assert mix.describe(spec) == "mixup 0.4 + cutmix 1 (p 1, switch 0.5)"
     for argv, message in [
         (("--mixup", "-1"), r"--mixup must be 0 \(off\) or more, got -1.0"),
@@ -142,8 +149,9 @@ def test_options_are_checked_and_off_by_default():
         (("--mix-prob", "1.5"), r"--mix-prob must be in \[0, 1\], got 1.5"),
         (("--mixup-switch-prob", "-0.1"), r"--mixup-switch-prob must be in \[0, 1\]"),
     ]:
-        with pytest.raises(UserError, match=message):
-            mix.mix_from_args(options(*argv))
+        with pytest.raises(SettingError) as raised:
+            mixing(*argv)
+        assert re.match(message, raised.value.as_flag())
 
 
 def test_the_moving_average_is_a_lerp_of_every_float_tensor():

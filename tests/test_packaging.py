@@ -39,7 +39,7 @@ def test_configs_command_lists_names_and_what_they_are() -> None:
 
 
 def test_unknown_config_names_the_shipped_ones(tmp_path) -> None:
-    result = run_cli("leaf_xla.schedule", "--config", "tf_efficientnet_b9")
+    result = run_cli("leaf_xla", "schedule", "--config", "tf_efficientnet_b9")
     assert_user_error(result, "config file tf_efficientnet_b9 not found", "tf_efficientnet_b7")
 
 

@@ -49,7 +49,7 @@ def on_hosts(hosts: list[Path], command: list[str], env: dict | None = None) -> 
     for rank, host in enumerate(hosts):
         layout = [*("--device", "cpu", "--parallel", "ddp", "--nprocs", "2", "--nnodes", "2")]
         layout += ["--node-rank", str(rank), "--master-port", port]
-        full = [sys.executable, "-m", *command[:1], *layout, *command[1:]]
+        full = [sys.executable, "-m", *command[:2], *layout, *command[2:]]
         procs.append(
             subprocess.Popen(
                 full,
@@ -75,7 +75,7 @@ def pod(tmp_path_factory, pp2020) -> list[Path]:
     hosts = [root / f"host{k}" for k in range(2)]
     for host in hosts:
         shutil.copytree(pp2020, host / "data")
-    recipe = ["leaf_xla.recipe", "--config", str(root / "recipe.yaml")]
+    recipe = ["leaf_xla", "recipe", "--config", str(root / "recipe.yaml")]
     recipe += ["--data-dir", "data", "--out-dir", "runs", "--", *TRAIN]
     results = on_hosts(hosts, recipe, env=hooked(record=root / "record"))
     for result in results:
@@ -104,7 +104,7 @@ def test_hosts_that_disagree_on_the_run_to_resume_stop_with_one_error_each(pod, 
         hosts.append(tmp_path / f"host{k}")
         shutil.copytree(host, hosts[-1])
     shutil.rmtree(hosts[1] / "runs" / "tiny-fold0")  # host 1 lost its copy of the run
-    recipe = ["leaf_xla.recipe", "--config", str(pod[0].parent / "recipe.yaml")]
+    recipe = ["leaf_xla", "recipe", "--config", str(pod[0].parent / "recipe.yaml")]
     recipe += ["--data-dir", "data", "--out-dir", "runs", "--resume", "--", *TRAIN]
     for result in on_hosts(hosts, recipe):
         assert_user_error(result, "replicas start from different states")
@@ -118,7 +118,16 @@ def test_a_failed_write_on_host_1_stops_host_0_too(pod, tmp_path):
     for k, host in enumerate(pod):
         hosts.append(tmp_path / f"host{k}")
         shutil.copytree(host / "data", hosts[-1] / "data")
-    train = ["leaf_xla.train", "--data-dir", "data", "--out-dir", "runs", "--model", "test_resnet"]
+    train = [
+        "leaf_xla",
+        "train",
+        "--data-dir",
+        "data",
+        "--out-dir",
+        "runs",
+        "--model",
+        "test_resnet",
+    ]
     train += ["--config", "demo", *TRAIN]
     # Replica 2 is host 1's writer: its second last.pt (epoch 1's) fails.
     results = on_hosts(hosts, train, env=hooked(fault="2:enospc:2"))
@@ -143,7 +152,16 @@ def test_hosts_with_different_folds_stop_before_training(pod, tmp_path):
     folds.to_csv(hosts[0] / "runs" / "folds.csv", index=False)
     folds["fold"] = folds["fold"].sample(frac=1.0, random_state=3).to_numpy()  # same sizes
     folds.to_csv(hosts[1] / "runs" / "folds.csv", index=False)
-    train = ["leaf_xla.train", "--data-dir", "data", "--out-dir", "runs", "--model", "test_resnet"]
+    train = [
+        "leaf_xla",
+        "train",
+        "--data-dir",
+        "data",
+        "--out-dir",
+        "runs",
+        "--model",
+        "test_resnet",
+    ]
     train += ["--config", "demo", *TRAIN]
     for result in on_hosts(hosts, train):
         assert_user_error(result, "replicas start from different states", "folds")

@@ -16,8 +16,8 @@ import torch
 from conftest import assert_user_error, run_cli
 from PIL import Image
 
+from leaf_xla.commands.predict import main as predict_main
 from leaf_xla.data import decode
-from leaf_xla.predict import main as predict_main
 
 CLASSES = ["healthy", "multiple_diseases", "rust", "scab"]
 
@@ -27,7 +27,8 @@ def run_dir(pp2020: Path, tmp_path_factory) -> Path:
     """test_resnet trained for one epoch at 32 px: best.pt, oof.csv (fold 0 of 4)."""
     out = tmp_path_factory.mktemp("predict_runs")
     result = run_cli(
-        "leaf_xla.train",
+        "leaf_xla",
+        "train",
         *("--model", "test_resnet", "--config", "demo", "--data-dir", str(pp2020)),
         *("--out-dir", str(out), "--epochs", "1", "--image-size", "32", "--device", "xla"),
     )
@@ -140,7 +141,8 @@ def test_bad_inputs_are_user_errors(run_dir: Path, pp2020: Path, tmp_path, case:
         out.write_text("keep me\n")
         fragments = [str(out), "--overwrite"]
     result = run_cli(
-        "leaf_xla.predict",
+        "leaf_xla",
+        "predict",
         *("--checkpoint", *map(str, checkpoints), "--data-dir", str(pp2020), "--out", str(out)),
     )
     assert_user_error(result, *fragments)

@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import assert_user_error, run_cli
 
-from leaf_xla.cli import UserError
-from leaf_xla.recipe import load_recipe
+from leaf_xla.errors import UserError
+from leaf_xla.recipe import PlannedRun, load_recipe
+from leaf_xla.settings import DataSettings, ModelSettings, TrainSettings
 
 CLASSES = ["healthy", "multiple_diseases", "rust", "scab"]
 RECIPE = """\
@@ -40,7 +41,8 @@ models:
 
 def recipe(config: Path, data: Path, out: Path, *options: str):
     return run_cli(
-        "leaf_xla.recipe",
+        "leaf_xla",
+        "recipe",
         *("--config", str(config), "--data-dir", str(data), "--out-dir", str(out)),
         *("--device", "cpu", *options, "--", "--epochs", "1", "--image-size", "32"),
     )
@@ -82,7 +84,7 @@ def test_recipe_end_to_end_and_resume(pp2020: Path, tmp_path: Path) -> None:
     resumed = recipe(config, pp2020, out, "--resume", "--fit-weights")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"nothing to resume: {out / 'a-fold0'} is finished" in resumed.stdout
-    trains = [line for line in resumed.stdout.splitlines() if line.startswith("$ leaf_xla.train")]
+    trains = [line for line in resumed.stdout.splitlines() if line.startswith("$ leaf_xla train")]
     assert len(trains) == 2 and all(t.endswith("--resume") for t in trains)
     assert "a-fold0" in trains[0] and "b-fold0" in trains[1]
     assert "resuming" in resumed.stdout
@@ -122,7 +124,8 @@ def test_missing_weights_file_fails_before_any_training(pp2020: Path, tmp_path: 
     """The shipped ensemble needs converted Keras weights for its ResNet: say so up front,
     not after the EfficientNets have trained for hours."""
     result = run_cli(
-        "leaf_xla.recipe",
+        "leaf_xla",
+        "recipe",
         "--config",
         "ensemble",
         "--data-dir",
@@ -214,7 +217,8 @@ def test_distill_end_to_end_targets_folds_submission_and_resume(
     # The advice works: the distilled members train again from the start, on the new targets;
     # the first round's finished runs are kept.
     advised = run_cli(
-        "leaf_xla.recipe",
+        "leaf_xla",
+        "recipe",
         *("--config", str(config), "--data-dir", str(pp2020), "--out-dir", str(out)),
         *("--device", "cpu", "--resume", "--", "--epochs", "1", "--image-size", "32"),
         "--overwrite",
@@ -275,11 +279,8 @@ def test_bad_distill_configs(tmp_path: Path, text: str, fragment: str) -> None:
 def fake_first_round(pp2020: Path, out: Path, names: list[str], n_folds: int = 2):
     """Round-1 run folders as train leaves them (folds.csv, oof.csv of each fold's held-out
     images, random probabilities), without training: (runs, folds)."""
-    import argparse
-
     from leaf_xla.data import read_dataset
     from leaf_xla.folds import load_or_create
-    from leaf_xla.recipe import Run
 
     data = read_dataset(pp2020)
     fold_of = load_or_create(out / "folds.csv", data.train.ids, data.train.targets, n_folds, 42)
@@ -287,17 +288,11 @@ def fake_first_round(pp2020: Path, out: Path, names: list[str], n_folds: int = 2
     runs = []
     for name in names:
         for k in range(n_folds):
-            options = argparse.Namespace(
-                folds_file=None,
-                out_dir=out,
-                n_folds=n_folds,
-                fold_seed=42,
-                holdout=None,
-                label_format="auto",
-                classes=None,
-                overwrite=False,
+            settings = TrainSettings(
+                data=DataSettings(data_dir=pp2020, out_dir=out, n_folds=n_folds),
+                model=ModelSettings(model="test_resnet"),
             )
-            run = Run(name, k, out / f"{name}-fold{k}", [], options)
+            run = PlannedRun(name, k, out / f"{name}-fold{k}", [], settings)
             held_out = [i for i, f in zip(data.train.ids, fold_of) if f == k]
             probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(held_out))
             frame = pd.DataFrame(probs, columns=CLASSES)
@@ -335,8 +330,6 @@ def test_out_of_fold_rows_come_from_the_fold_that_held_each_image_out(
 
 
 def test_soft_targets_from_the_ensemble_use_its_weights(pp2020: Path, tmp_path: Path) -> None:
-    import argparse
-
     from leaf_xla.data import read_dataset
     from leaf_xla.recipe import out_of_fold, write_soft_targets
 
@@ -345,8 +338,7 @@ def test_soft_targets_from_the_ensemble_use_its_weights(pp2020: Path, tmp_path: 
     models = [{"name": "a", "weight": 3}, {"name": "b", "weight": 1}]
     recipe_dict = {"models": models, "distill": {"alpha": 0.5}}
     path = tmp_path / "distill" / "soft_targets.csv"
-    args = argparse.Namespace(data_dir=pp2020)
-    write_soft_targets(recipe_dict, runs, [], args, False, path)
+    write_soft_targets(recipe_dict, runs, [], pp2020, False, path)
     a, b = out_of_fold(runs[:2], data), out_of_fold(runs[2:], data)
     teacher = 0.75 * a + 0.25 * b
     soft = pd.read_csv(path)[CLASSES].to_numpy()
@@ -355,28 +347,25 @@ def test_soft_targets_from_the_ensemble_use_its_weights(pp2020: Path, tmp_path: 
 
 
 def test_winner_recipe_plans_every_fold_and_its_distilled_round(tmp_path: Path) -> None:
-    import argparse
-
+    from leaf_xla.commands.recipe import parse, plan_runs
     from leaf_xla.config import find_config
-    from leaf_xla.recipe import check_every_fold, distilled_models, plan_runs
+    from leaf_xla.recipe import check_every_fold, distilled_models
 
     path = find_config("pp2020_winner")
     config = load_recipe(path)
-    args = argparse.Namespace(data_dir=tmp_path, out_dir=tmp_path / "runs", device="auto")
-    args.__dict__.update(parallel="auto", nprocs=None, nnodes=1, node_rank=0)
-    args.__dict__.update(master_addr="127.0.0.1", master_port=None, dist_timeout=600.0)
-    args.compile_cache = "auto"
-    runs = plan_runs(config["models"], config["folds"], args, [])
+    args = parse(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")])
+    runs = plan_runs(config["models"], config["folds"], args)
     check_every_fold(path, config, runs, config["folds"])  # distillation is allowed
     soft = tmp_path / "soft.csv"
-    students = plan_runs(distilled_models(config, soft), config["folds"], args, [])
+    students = plan_runs(distilled_models(config, soft), config["folds"], args)
     assert [r.dir.name for r in students] == [
         f"seresnext50_32x4d-distill-fold{k}" for k in range(5)
     ]
     for run in runs + students:
-        assert run.options.model == "seresnext50_32x4d" and run.options.n_folds == 5
-        assert run.options.pretrained_tag == "racm_in1k" and run.options.vflip == 0.5
-    assert all(r.options.soft_targets == soft for r in students)
+        assert run.settings.model.model == "seresnext50_32x4d" and run.settings.data.n_folds == 5
+        assert run.settings.model.pretrained_tag == "racm_in1k"
+        assert run.settings.augment.vflip == 0.5
+    assert all(r.settings.data.soft_targets == soft for r in students)
     assert config["distill"]["alpha"] == 0.3 and config["tta"] == ["none", "hflip", "vflip"]
 
 
@@ -397,7 +386,7 @@ def test_recipe_options_and_folds_are_checked_before_anything_trains(
     assert_user_error(result, f"{config}: model a: folds lists fold 7", "4 folds (0..3)")
     config.write_text(RECIPE)
     result = run_cli(
-        *("leaf_xla.recipe", "--config", str(config), "--data-dir", str(pp2020)),
+        *("leaf_xla", "recipe", "--config", str(config), "--data-dir", str(pp2020)),
         *("--out-dir", str(out), "--", "--epohcs", "1"),
     )
     assert_user_error(result, "train options after --: unknown option --epohcs; did you mean")
@@ -409,7 +398,7 @@ def test_recipe_summary_ends_with_what_is_wrong_with_the_ensemble(tmp_path: Path
     the ensemble below its best member), and summary.json holds the metric's scores."""
     from test_ensemble import softmax, write_data_dir, write_predictions
 
-    from leaf_xla.recipe import Run, summarize
+    from leaf_xla.recipe import summarize
 
     rng = np.random.default_rng(5)
     targets = np.eye(4)[rng.integers(0, 4, 120)]
@@ -430,10 +419,10 @@ def test_recipe_summary_ends_with_what_is_wrong_with_the_ensemble(tmp_path: Path
         tests.append(
             str(write_predictions(tmp_path / f"{name}.csv", ["Test_0", "Test_1"], probs[:2]))
         )
-        runs.append(Run(name, 0, run_dir, [], None))
+        runs.append(PlannedRun(name, 0, run_dir, [], None))
     submission = tmp_path / "submission.csv"
     result = run_cli(
-        "leaf_xla.ensemble", *tests, "--oof", *oofs, "--data-dir", str(data),
+        "leaf_xla", "ensemble", *tests, "--oof", *oofs, "--data-dir", str(data),
         "--out", str(submission),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -192,7 +192,7 @@ def test_resume_with_strong_augmentation_mixing_and_ema_is_bitwise(tmp_path, pp2
     assert best_ema["epoch"] == int(history["ema_val_auc"].idxmax()) + 1
     predicted = tmp_path / "ema_oof.csv"
     result = run_cli(
-        *("leaf_xla.predict", "--checkpoint", str(ref_dir / "best_ema.pt"), "--split", "train"),
+        *("leaf_xla", "predict", "--checkpoint", str(ref_dir / "best_ema.pt"), "--split", "train"),
         *("--data-dir", str(pp2020), "--out", str(predicted), "--device", "cpu"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +213,7 @@ COUNTED = [
 
 def counted_run(data: Path, out: Path, *extra: str, fault: str | None = None):
     env = hooked(fault=fault) if fault else None
-    args = ["leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *COUNTED, *extra]
+    args = ["leaf_xla", "train", "--data-dir", str(data), "--out-dir", str(out), *COUNTED, *extra]
     return run_cli(*args, env=env)
 
 

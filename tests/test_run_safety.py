@@ -59,7 +59,8 @@ def test_recipe_model_names_are_checked(tmp_path, pp2020):
     config = tmp_path / "escape.yaml"
     config.write_text("models:\n  - name: ../../elsewhere\n    config: demo\n")
     result = run_cli(
-        "leaf_xla.recipe",
+        "leaf_xla",
+        "recipe",
         *("--config", str(config), "--data-dir", str(pp2020), "--out-dir", str(tmp_path)),
     )
     assert_user_error(result, f"{config}: models[0] name '../../elsewhere'", "plain folder")
@@ -82,7 +83,7 @@ def test_a_live_run_is_not_touched_by_a_second_process(old_run, pp2020):
     rundir.hold_lock(out / ".recipe.lock", "a recipe")
     try:
         second = run_cli(
-            *("leaf_xla.recipe", "--config", "demo_ensemble", "--data-dir", str(pp2020)),
+            *("leaf_xla", "recipe", "--config", "demo_ensemble", "--data-dir", str(pp2020)),
             *("--out-dir", str(out)),
         )
         assert_user_error(second, f"output folder {out} (recipe) is in use by process")

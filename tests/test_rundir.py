@@ -3,7 +3,6 @@ kill), --overwrite's move-aside / commit / restore, stale temps, and the resume 
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import signal
@@ -18,9 +17,11 @@ import torch
 import yaml
 
 from leaf_xla import rundir
-from leaf_xla.cli import UserError
-from leaf_xla.config import identity_options
-from leaf_xla.train import build_parser
+from leaf_xla.commands.options import train_settings
+from leaf_xla.commands.train import build_parser
+from leaf_xla.config import plain
+from leaf_xla.errors import UserError
+from leaf_xla.settings import IDENTITY, NOT_IN_IDENTITY, TrainSettings
 
 
 @pytest.mark.parametrize("name", ["test_resnet-fold0", "b7.ns_jft_in1k-fold2", "my run"])
@@ -213,19 +214,26 @@ def test_the_fold_digest_follows_the_assignment_not_the_row_order():
     assert rundir.fold_digest(ids, np.flatnonzero(fold_of == 0)) != digest
 
 
-def options(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["--model", "test_resnet", *argv])
-
-
-def identity(args: argparse.Namespace, classes=("a", "b", "c"), replicas=1) -> dict:
-    return rundir.resume_identity(
-        args, classes=classes, image_size=32, fold_digest="f0", replicas=replicas
+def options(*argv: str) -> TrainSettings:
+    return train_settings(
+        build_parser().parse_args(["--model", "test_resnet", "--data-dir", "d", *argv])
     )
 
 
-def saved(args: argparse.Namespace, **kwargs) -> dict:
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"config": config, "resume_identity": identity(args, **kwargs), "epoch": 2, "step": 5}
+def identity(settings: TrainSettings, classes=("a", "b", "c"), replicas=1) -> dict:
+    return rundir.resume_identity(
+        settings, classes=classes, image_size=32, fold_digest="f0", replicas=replicas
+    )
+
+
+def saved(settings: TrainSettings, **kwargs) -> dict:
+    config = plain(settings.flat())
+    return {
+        "config": config,
+        "resume_identity": identity(settings, **kwargs),
+        "epoch": 2,
+        "step": 5,
+    }
 
 
 def test_a_resume_with_the_same_settings_passes():
@@ -277,15 +285,16 @@ def test_every_setting_that_changes_the_weights_is_refused(argv, shown):
     assert shown in str(caught.value)
 
 
-def test_every_training_option_is_in_the_identity_or_listed_as_harmless():
-    """A new option must be declared one or the other (config.identity marks the first)."""
-    parser = build_parser()
-    declared = {action.dest for action in parser._actions if action.dest != "help"}
-    compared = set(identity_options(parser))
-    assert compared.isdisjoint(rundir.NOT_IN_IDENTITY)
-    assert declared - compared - set(rundir.NOT_IN_IDENTITY) == set(), "declare these"
-    assert set(rundir.NOT_IN_IDENTITY) <= declared, "no longer options"
-    assert compared <= set(identity(options()))
+def test_every_training_setting_is_in_the_identity_or_listed_as_harmless():
+    """A new setting must be declared one or the other (settings.IDENTITY, NOT_IN_IDENTITY),
+    and every train option is a setting of the same name."""
+    options_ = {action.dest for action in build_parser()._actions if action.dest != "help"}
+    fields = set(options().flat())
+    assert options_ == fields
+    assert IDENTITY.isdisjoint(NOT_IN_IDENTITY)
+    assert fields - IDENTITY - set(NOT_IN_IDENTITY) == set(), "declare these"
+    assert IDENTITY | set(NOT_IN_IDENTITY) <= fields, "no longer settings"
+    assert IDENTITY <= set(identity(options()))
 
 
 def test_another_class_count_cannot_be_forced():
@@ -299,8 +308,7 @@ def test_another_class_count_cannot_be_forced():
 
 
 def test_checkpoints_without_an_identity_are_checked_from_their_config():
-    args = options("--seed", "3", "--optimizer", "adam")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = plain(options("--seed", "3", "--optimizer", "adam").flat())
     legacy = {"config": config, "classes": ["a", "b", "c"], "model_name": "test_resnet"}
     legacy["image_size"] = 32
     new = identity(options("--seed", "3", "--optimizer", "sgd"))

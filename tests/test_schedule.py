@@ -8,10 +8,11 @@ import sys
 import pytest
 from conftest import assert_user_error, run_cli
 
-from leaf_xla.cli import UserError
-from leaf_xla.config import parse_args
-from leaf_xla.schedule import Schedule, from_args
-from leaf_xla.train import build_parser
+from leaf_xla.commands.options import parse_args, settings_of
+from leaf_xla.commands.train import build_parser
+from leaf_xla.errors import UserError
+from leaf_xla.schedule import Schedule
+from leaf_xla.settings import ScheduleSettings
 
 # The seed kernel's constants (LR_MAX is per replica: the kernel multiplies it by the cores).
 LR_START, LR_MAX, LR_MIN = 1e-5, 5e-5, 1e-5
@@ -30,6 +31,10 @@ def seed_lrfn(epoch: float, replicas: int = 1) -> float:
 
 def args(*argv: str):
     return parse_args(build_parser(), list(argv))
+
+
+def from_args(args, replicas: int) -> Schedule:
+    return Schedule.of(settings_of(ScheduleSettings, args), replicas)
 
 
 @pytest.mark.parametrize("replicas", [1, 8])
@@ -78,7 +83,7 @@ def test_cli_reads_a_training_config_without_importing_train(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model: test_resnet\nimage_size: 64\nepochs: 2\nlr_max: 0.002\n")
     code = (
-        "import sys; from leaf_xla import schedule; "
+        "import sys; from leaf_xla.commands import schedule; "
         f"schedule.main(['--config', {str(config)!r}, '--no-scale-lr']); "
         "assert 'leaf_xla.train' not in sys.modules and 'torch' not in sys.modules"
     )
@@ -99,11 +104,11 @@ def test_cli_reads_a_training_config_without_importing_train(tmp_path):
 
 def test_cli_prints_and_plots(tmp_path):
     png = tmp_path / "lr.png"
-    result = run_cli("leaf_xla.schedule", "--config", "demo", "--plot", str(png))
+    result = run_cli("leaf_xla", "schedule", "--config", "demo", "--plot", str(png))
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 6  # demo: 6 epochs
     assert lines[0].split()[-1] == "1.000e-03" and lines[1].split()[-1] == "4.000e-03"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = run_cli("leaf_xla.schedule", "--config", "demo", "--decay", "2")
+    bad = run_cli("leaf_xla", "schedule", "--config", "demo", "--decay", "2")
     assert_user_error(bad, "--decay must be in (0, 1]")

@@ -12,10 +12,12 @@ import torch
 from conftest import assert_user_error, run_cli
 
 from leaf_xla import train
-from leaf_xla.cli import UserError
-from leaf_xla.config import parse_args
+from leaf_xla.commands.options import parse_args, train_settings
+from leaf_xla.commands.train import build_parser
 from leaf_xla.data import read_dataset
+from leaf_xla.errors import UserError
 from leaf_xla.metrics import column_auc
+from leaf_xla.preflight import plan_run
 from leaf_xla.soft_targets import digest, read_soft_targets
 
 CLASSES = ["healthy", "multiple_diseases", "rust", "scab"]
@@ -86,7 +88,7 @@ def test_soft_targets_replace_training_targets_only(pp2020: Path, tmp_path: Path
         *("--data-dir", str(pp2020), "--out-dir", str(tmp_path / "runs"), "--config", "demo"),
         *("--model", "test_resnet", "--device", "cpu", "--soft-targets", str(path)),
     ]
-    plan = train.prepare(parse_args(train.build_parser(), argv))
+    plan = plan_run(train_settings(parse_args(build_parser(), argv)))
     run = train.build(plan)
     labels = plan.data.train.targets
     rows = pd.read_csv(path).set_index("image_id").loc[[ids[i] for i in plan.train_index]]
@@ -106,7 +108,16 @@ def test_train_with_soft_targets_scores_true_labels_and_resume_checks_them(
     soft_frame(ids, seed=2).to_csv(second, index=False)
     out = tmp_path / "runs"
     args = [
-        *("leaf_xla.train", "--data-dir", str(pp2020), "--out-dir", str(out), "--config", "demo"),
+        *(
+            "leaf_xla",
+            "train",
+            "--data-dir",
+            str(pp2020),
+            "--out-dir",
+            str(out),
+            "--config",
+            "demo",
+        ),
         *("--model", "test_resnet", "--image-size", "32", "--epochs", "1", "--device", "cpu"),
         *("--workers", "1", "--cache", "off"),
     ]

@@ -93,8 +93,8 @@ def test_spmd_with_mixing_and_ema_compiles_once(tmp_path, pp2020):
 
 AGREE_SCRIPT = """
 import torch
-from leaf_xla import runtime
-rt = runtime.setup("xla", "spmd")
+from leaf_xla import backends
+rt = backends.setup("xla", "spmd")
 same = torch.tensor([[7, -3, 2**30]] * 4, dtype=torch.int32)
 low, high = rt.host_min_max(same)
 assert torch.equal(low, high) and low.tolist() == [7, -3, 2**30], (low, high)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from leaf_xla.cli import SettingError
+from leaf_xla.errors import SettingError
 from leaf_xla.synth import PP2020_CLASSES, write_dataset
 
 

@@ -38,7 +38,7 @@ REFERENCE = [
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["leaf_xla.train", "--data-dir", str(data), "--out-dir", str(out), *REFERENCE, *extra]
+    return ["leaf_xla", "train", "--data-dir", str(data), "--out-dir", str(out), *REFERENCE, *extra]
 
 
 def reference_run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
@@ -185,8 +185,8 @@ COMPILE_CACHE_SCRIPT = """
 import sys
 from pathlib import Path
 import torch, torch_xla.debug.metrics as met
-from leaf_xla import runtime
-rt = runtime.setup("xla", sys.argv[1], compile_cache=Path(sys.argv[2]))
+from leaf_xla import backends
+rt = backends.setup("xla", sys.argv[1], compile_cache=Path(sys.argv[2]))
 x = torch.arange(64.0).view(8, 8).to(rt.device)
 y = (x @ x.T).relu().sum()
 rt.sync()

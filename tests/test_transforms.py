@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leaf_xla.cli import UserError
-from leaf_xla.train import build_parser
+from leaf_xla.commands.train import build_parser
+from leaf_xla.errors import UserError
 from leaf_xla.transforms import PRESETS, create_transform, describe_preset
 
 # Not square on purpose: nothing may assume height == width.

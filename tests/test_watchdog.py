@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_step_that_never_finishes_stops_the_run_with_one_line(pp2020, tmp_path):
     result = run_cli(
-        *("leaf_xla.train", "--data-dir", str(pp2020), "--out-dir", str(tmp_path / "runs")),
+        *("leaf_xla", "train", "--data-dir", str(pp2020), "--out-dir", str(tmp_path / "runs")),
         *("--model", "test_resnet", "--config", "demo", "--image-size", "32", "--epochs", "1"),
         *("--workers", "1", "--cache", "off", "--device", "xla", "--parallel", "spmd"),
         *("--dist-timeout", "30", "--batch-size", "4"),  # 4 replicas: 3 steps of 16

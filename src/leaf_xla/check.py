@@ -1,7 +1,7 @@
 """Validate a data directory and print a report: layout, label format, classes, counts, and every
 problem found, each offending file or CSV row named.
 
-    python -m leaf_xla.check --data-dir data/plant-pathology-2021-fgvc8
+    leaf-xla check --data-dir data/plant-pathology-2021-fgvc8
 
 Exit code 0 when there is no error (warnings allowed), 1 when there are errors. Besides the
 checks every training run makes (CSV columns and labels, ids, files present and complete), this
@@ -10,16 +10,13 @@ decodes every image once, which takes a while on a big set; --no-decode skips th
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from leaf_xla.cli import ArgumentParser, UserError
-from leaf_xla.data import LABEL_FORMATS, DataSet, Problems, scan, verify_images
+from leaf_xla.data import DataSet, Problems, scan, verify_images
+from leaf_xla.errors import UserError
 from leaf_xla.formats import FORMATS, submission_example
 
 
@@ -77,39 +74,38 @@ def describe(data: DataSet) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m leaf_xla.check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
-    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
-    parser.add_argument("--classes", nargs="+", help="class names (default: from the data)")
-    parser.add_argument("--no-decode", action="store_true", help="skip decoding every image")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads")
-    args = parser.parse_args(argv)
-
-    data, problems = scan(args.data_dir, args.label_format, args.classes, need_train=False)
-    print(f"data directory: {args.data_dir}")
+def check_data(
+    data_dir: Path,
+    label_format: str = "auto",
+    classes: list[str] | None = None,
+    decode: bool = True,
+    workers: int = 1,
+) -> Problems:
+    """Print the report on `data_dir` (layout, classes, counts, the submission's shape, every
+    problem found); returns the problems (errors make it unusable for training)."""
+    data, problems = scan(data_dir, label_format, classes, need_train=False)
+    print(f"data directory: {data_dir}")
     if data is not None:
         if not data.train.csv:
             # As train will: it stops on a folder without train.csv (predict can still run).
             problems.errors.append(
-                f"{args.data_dir}: no train.csv, so train cannot run on it (predict can)"
+                f"{data_dir}: no train.csv, so train cannot run on it (predict can)"
             )
         print("\n".join(describe(data)))
         try:
             print("\n".join(submission_lines(data)))
         except UserError as err:
             problems.errors.append(str(err))
-        if args.no_decode:
+        if not decode:
             print("decode check: skipped (--no-decode)")
         else:
             paths = list(dict.fromkeys(data.train.paths + data.test.paths))
             todo = [p for p in paths if p not in problems.bad_files]
             with tqdm(total=len(todo), desc="decoding", unit="img", disable=len(todo) < 500) as bar:
-                verify_images(todo, problems, max(1, args.workers), bar.update)
+                verify_images(todo, problems, max(1, workers), bar.update)
             print(f"decode check: {len(todo)} image(s) decoded")
     report(problems)
-    if problems.errors:
-        sys.exit(1)
+    return problems
 
 
 def report(problems: Problems) -> None:
@@ -121,7 +117,9 @@ def report(problems: Problems) -> None:
     print(f"\n{verdict}: {len(problems.errors)} error(s), {len(problems.warnings)} warning(s)")
 
 
-if __name__ == "__main__":
-    from leaf_xla.cli import run
+if __name__ == "__main__":  # `python -m leaf_xla.check`: the `check` command, as before
+    import sys
 
-    run(main)
+    from leaf_xla.cli import main
+
+    main(["check", *sys.argv[1:]])

@@ -1,7 +1,6 @@
-"""The `leaf-xla` console script and the error handling every entry point shares.
+"""The `leaf-xla` console script, and what every command's parser and error handling share.
 
-`leaf-xla train ...` and `python -m leaf_xla train ...` run `python -m leaf_xla.train ...`:
-each subcommand is a module with a `main(argv)` function (`configs` is `leaf_xla.config`'s).
+`leaf-xla train ...` and `python -m leaf_xla train ...` run `leaf_xla.commands.train.main`.
 """
 
 from __future__ import annotations
@@ -9,46 +8,13 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
-import importlib
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-COMMANDS = {
-    "synth": "write a synthetic data set in a Kaggle leaf-competition layout",
-    "check": "validate a data directory and print a report",
-    "prepare": "write the pre-resized image cache",
-    "train": "train one model (one fold)",
-    "predict": "predict the test (or a train fold) split from checkpoints",
-    "ensemble": "average prediction CSVs into a submission",
-    "recipe": "train every model of an ensemble config, predict and ensemble",
-    "schedule": "print or plot the learning-rate schedule of a config",
-    "convert_keras": "convert Keras ResNet152V2 ImageNet weights to safetensors",
-    "demo": "the whole job on generated data, on CPU, in minutes",
-    "configs": "list the configs shipped with the package (names for --config)",
-}
-MODULES = {"configs": "config"}  # commands whose module has another name
-
-
-class UserError(Exception):
-    """An expected mistake in the user's input: reported as one line, no traceback."""
-
-
-class SettingError(UserError):
-    """A bad value of one named setting (a function's argument, a config key).
-
-    Library code names the setting (`decay must be in (0, 1]`), as a notebook or the recipe
-    calls it; a command line reports the flag that set it (`--decay must be in (0, 1]`),
-    since every CLI option is named after its setting.
-    """
-
-    def __init__(self, setting: str, problem: str):
-        super().__init__(f"{setting} {problem}")
-        self.setting, self.problem = setting, problem
-
-    def as_flag(self) -> str:
-        return f"--{self.setting.replace('_', '-')} {self.problem}"
+from leaf_xla.commands import COMMANDS, command
+from leaf_xla.errors import SettingError, UserError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -147,5 +113,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"\nerror: unknown command {argv[0]!r}{hint}", file=sys.stderr)
             sys.exit(2)
         return
-    module = importlib.import_module(f"leaf_xla.{MODULES.get(argv[0], argv[0])}")
-    run(module.main, argv[1:])
+    run(command(argv[0]).main, argv[1:])

@@ -1,7 +1,7 @@
 """Convert Keras ResNet50V2/101V2/152V2 weights to a safetensors state dict of `keras_resnet`.
 
-    python -m leaf_xla.convert_keras resnet152v2_weights_tf_dim_ordering_tf_kernels.h5 \\
-        --out resnet152v2.safetensors
+    convert_file(Path("resnet152v2_weights_tf_dim_ordering_tf_kernels.h5"),
+                 Path("resnet152v2.safetensors"))
 
 Reads with h5py only (no TensorFlow): the official keras.applications files (with or without
 top) and anything `model.save("x.h5")` / `model.save_weights(...)` writes in Keras 2 or Keras 3,
@@ -16,7 +16,6 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from leaf_xla.cli import ArgumentParser, UserError
+from leaf_xla.errors import UserError
 from leaf_xla.keras_resnet import ARCH_LAYERS, KerasResNetV2, keras_layer_names
 
 KerasWeights = dict[str, dict[str, np.ndarray]]  # layer name -> weight name -> array
@@ -172,42 +171,40 @@ def save_atomic(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str,
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(
-        prog="leaf-xla convert_keras",
-        description="Convert Keras ResNet*V2 weights (h5, no TensorFlow needed) to safetensors "
-        "for the timm models keras_resnet{50,101,152}v2.",
-    )
-    parser.add_argument("h5", type=Path, help="Keras .h5 / .weights.h5 / .keras file")
-    parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    parser.add_argument(
-        "--arch", choices=sorted(ARCH_LAYERS), help="default: detected from the layer names"
-    )
-    args = parser.parse_args(argv)
+def convert_file(h5: Path, out: Path, arch: str | None = None) -> str:
+    """Convert the Keras file `h5` into the safetensors file `out`; a line on what was done.
 
-    if not args.out.parent.is_dir():
-        raise UserError(f"{args.out}: directory {args.out.parent} does not exist; create it first")
-    if args.out.is_dir():
-        raise UserError(f"{args.out} is a directory; name the output .safetensors file")
-    weights = read_keras_weights(args.h5)
-    arch = args.arch or detect_arch(weights, args.h5)
-    model, unused = convert(weights, arch, args.h5)
+    `arch`: resnet50v2, resnet101v2 or resnet152v2 (default: detected from the layer names).
+    """
+    if arch is not None and arch not in ARCH_LAYERS:
+        raise UserError(f"--arch must be one of {', '.join(sorted(ARCH_LAYERS))}, got {arch!r}")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: directory {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; name the output .safetensors file")
+    weights = read_keras_weights(h5)
+    arch = arch or detect_arch(weights, h5)
+    model, unused = convert(weights, arch, h5)
     # Keep num_batches_tracked so a strict load_state_dict of a same-head model succeeds.
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_atomic(state, args.out, {"format": "pt", "arch": arch, "source": args.h5.name})
+    save_atomic(state, out, {"format": "pt", "arch": arch, "source": h5.name})
 
     converted = [weights[layer] for layer in keras_layer_names(model).values()]
     tensors = sum(len(layer) for layer in converted)
     values = sum(array.size for layer in converted for array in layer.values())
     top = f"top present ({model.num_classes} classes)" if model.num_classes else "no top (notop)"
     ignored = f"; ignored layers: {', '.join(unused)}" if unused else ""
-    print(
-        f"{args.out}: {tensors} Keras {arch} tensors converted, {values:,} parameters "
+    return (
+        f"{out}: {tensors} Keras {arch} tensors converted, {values:,} parameters "
         f"(incl. BN moving stats), {top}{ignored}"
     )
 
 
-if __name__ == "__main__":
-    from leaf_xla.cli import run
+if (
+    __name__ == "__main__"
+):  # `python -m leaf_xla.convert_keras`: the `convert_keras` command, as before
+    import sys
 
-    run(main)
+    from leaf_xla.cli import main
+
+    main(["convert_keras", *sys.argv[1:]])

@@ -32,13 +32,13 @@ import torch
 from PIL import Image, ImageOps
 
 from leaf_xla import formats
-from leaf_xla.cli import SettingError, UserError
+from leaf_xla.errors import UserError
 from leaf_xla.formats import (
     ID_COLUMNS,
-    LABEL_FORMATS,  # noqa: F401  (the CLIs import it from here)
     LabelTable,
     id_column,
 )
+from leaf_xla.settings import ImageShape, check_data_dir, image_shape
 
 # The format each accepted file name promises; an id without one of these gets `.jpg`.
 SUFFIX_FORMATS = {
@@ -52,7 +52,6 @@ SUFFIX_FORMATS = {
 }
 TAIL_BYTES = 1024  # read from each file's end to find the end-of-image marker
 VERIFY_SIZE = 64  # the decode check decodes at 1/8 scale: every byte parsed, few pixels made
-MIN_SIZE = 8  # pixels per side of --image-size
 SHOWN = 5  # offenders listed in an error before "and N more"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 DCT_SCALES = (8, 4, 2)  # libjpeg's reduced decodes (1/8, 1/4, 1/2), largest reduction first
@@ -125,7 +124,7 @@ class Problems:
             more = f"; and {len(self.errors) - SHOWN} more" if len(self.errors) > SHOWN else ""
             raise UserError(
                 f"{what}: {len(self.errors)} problems: {shown}{more} "
-                f"(python -m leaf_xla.check --data-dir {data_dir} lists them all)"
+                f"(leaf-xla check --data-dir {data_dir} lists them all)"
             )
 
 
@@ -336,9 +335,7 @@ def scan(
     warning, unless `need_test`. The DataSet is None when a split cannot be read at all (a
     CSV, a column or the image folder missing): the problems say why.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise SettingError("data_dir", f"{data_dir}: data directory not found")
+    data_dir = check_data_dir(data_dir)
     problems = Problems()
     sample_path = data_dir / "sample_submission.csv"
     sample = _collect(problems, _read_sample, sample_path) if sample_path.is_file() else None
@@ -379,56 +376,10 @@ def print_warnings(data: DataSet) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     if len(data.warnings) > SHOWN:
         print(
-            f"warning: and {len(data.warnings) - SHOWN} more (python -m leaf_xla.check "
+            f"warning: and {len(data.warnings) - SHOWN} more (leaf-xla check "
             f"--data-dir {data.data_dir} lists them)",
             file=sys.stderr,
         )
-
-
-ImageShape = tuple[int, int]  # (height, width)
-
-
-def parse_image_size(value: int | str | Sequence[int]) -> int | str:
-    """The canonical --image-size: 512 for a square, "480x768" (height x width) otherwise.
-
-    Reads what the CLI and YAML give: 512, "512", "480x768", [480, 768]. A square stays a plain
-    number, so its checkpoints, resume checks and cache folder are what they were.
-    """
-    if isinstance(value, (list, tuple)):
-        sides = list(value) if len(value) == 2 else []  # [height, width]
-    elif isinstance(value, int) and not isinstance(value, bool):
-        sides = [value]
-    else:
-        text = str(value).strip().lower()
-        try:
-            sides = [int(side) for side in text.split("x")]
-        except ValueError:
-            sides = []
-    if (
-        len(sides) not in (1, 2)
-        or not all(isinstance(side, int) and not isinstance(side, bool) for side in sides)
-        or min(sides) < MIN_SIZE
-    ):
-        raise UserError(
-            f"--image-size {value!r}: expected SIZE or HEIGHTxWIDTH in pixels, at least "
-            f"{MIN_SIZE} each (e.g. 512 or 512x768)"
-        )
-    height, width = sides[0], sides[-1]
-    return height if height == width else f"{height}x{width}"
-
-
-parse_image_size.yaml_values = (
-    True  # config.py: YAML's own values (a [height, width] list) go in as is
-)
-
-
-def image_shape(size: int | str | Sequence[int]) -> ImageShape:
-    """(height, width) of an --image-size value."""
-    value = parse_image_size(size)
-    if isinstance(value, int):
-        return value, value
-    height, width = value.split("x")
-    return int(height), int(width)
 
 
 def _dct_scale(width: int, height: int, shape: ImageShape) -> int:

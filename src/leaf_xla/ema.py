@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from leaf_xla.cli import UserError
+from leaf_xla.errors import UserError
 
 
 def check_decay(decay: float | None) -> None:

@@ -2,7 +2,7 @@
 
 `Trainer` is the same code on every backend; what a strategy changes (gradient all-reduce,
 gathering evaluation outputs, uploading batches, compiling) is a service of the `Runtime`
-it is given (runtime.py), so this module imports no backend.
+it is given (leaf_xla.backends), so this module imports no backend.
 
 XLA discipline: batches have fixed shapes (loader.py); the step keeps no Python state that
 changes per step, so it traces to the same graph every time; loss totals and the non-finite
@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from leaf_xla import mix
-from leaf_xla.cli import UserError
+from leaf_xla.backends.base import Runtime
 from leaf_xla.ema import WeightEma
+from leaf_xla.errors import UserError
 from leaf_xla.guard import create_update
-from leaf_xla.runtime import Runtime
+from leaf_xla.settings import MixSettings
 from leaf_xla.tta import TTA_FLIPS
 
 
@@ -67,7 +68,7 @@ class Trainer:
         label_smoothing: float = 0.0,
         tta: Sequence[str] = ("none",),
         seed: int = 0,
-        mixing: mix.MixSpec | None = None,
+        mixing: MixSettings | None = None,
         ema_decay: float | None = None,
         max_nonfinite_steps: int = 3,
     ):
@@ -246,7 +247,7 @@ class Trainer:
         self.model.train()
         # XLA compiles the step in this process's first epoch: said once, and the bar's rate
         # is timed from the step after it, not extrapolated from the compile.
-        compiling = self.rt.kind == "xla" and "train" not in self.steps_run
+        compiling = self.rt.compiles and "train" not in self.steps_run
         self.expect_compile("train")
         self.reset_totals(start_step, loss_sum, nonfinite)
         if self.mixing is not None:
@@ -258,17 +259,7 @@ class Trainer:
                 start_step=start_step,
                 rank=self.rt.loader_rank,
             )
-        bar = tqdm(
-            total=steps,
-            initial=start_step,
-            desc=f"epoch {epoch}",
-            unit="step",
-            disable=not self.rt.is_master,
-            dynamic_ncols=True,
-            leave=False,
-        )
-        if compiling and self.rt.is_master:
-            bar.write("compiling the training step, first time only")
+        bar = self._progress_bar(epoch, steps, start_step, compiling)
         step = start_step - 1
         with bar:  # cleared on errors too, so that an error message starts its own line
             for step, batch in enumerate(self.rt.device_loader(loader), start=start_step):
@@ -276,10 +267,7 @@ class Trainer:
                     bar.reset(total=steps)
                     bar.initial = bar.n = bar.last_print_n = step
                 lr = lr_at(epoch + step / steps)
-                for group in self.optimizer.param_groups:
-                    # A scalar XLA uploads as data (no recompilation per value), except 0 and 1,
-                    # which it folds into the graph as constants: one ulp away from them.
-                    group["lr"] = lr if lr not in (0.0, 1.0) else math.nextafter(lr, 0.5)
+                self._set_lr(lr)
                 self.rt.seed_device(self.step_seed(epoch, step))  # uploaded as data too
                 self._train_step(batch)
                 self.beat("train")
@@ -293,6 +281,26 @@ class Trainer:
         self.check_finite(epoch)
         totals = self.epoch_totals()  # epoch end: intended sync
         return float(totals.loss.item()) / max(1, steps - int(totals.nonfinite_steps.item()))
+
+    def _progress_bar(self, epoch: int, steps: int, start_step: int, compiling: bool) -> tqdm:
+        bar = tqdm(
+            total=steps,
+            initial=start_step,
+            desc=f"epoch {epoch}",
+            unit="step",
+            disable=not self.rt.is_master,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        if compiling and self.rt.is_master:
+            bar.write("compiling the training step, first time only")
+        return bar
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            # A scalar XLA uploads as data (no recompilation per value), except 0 and 1, which
+            # it folds into the graph as constants: one ulp away from them.
+            group["lr"] = lr if lr not in (0.0, 1.0) else math.nextafter(lr, 0.5)
 
     def _log_later(
         self,

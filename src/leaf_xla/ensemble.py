@@ -1,29 +1,11 @@
-"""Average per-model prediction CSVs into a checked Kaggle submission.
-
-    python -m leaf_xla.ensemble b7.csv b6.csv resnet.csv irv2.csv --weights 0.35 0.3 0.15 0.2 \\
-        --data-dir data/plant-pathology-2020-fgvc7 --out submission.csv
-
-The seed's weighted average, aligned by image_id; weights from `--weights`, from an ensemble
-config's `models:` (`--config`, matched by model name, else by position) or equal.
-`--fit-weights OOF ...` (one out-of-fold set per model: a file, a glob such as
-'runs/b7-fold*/oof.csv' or comma-separated files) instead chooses non-negative weights that
-maximise the competition's metric on the out-of-fold predictions (`--metric`, by default the
-data's label format's: mean column-wise ROC AUC for Plant Pathology 2020, mean F1 over images
-for 2021, accuracy for Cassava and generic data). They are fitted across folds of the OOF rows,
-and kept only if they beat equal weights on the rows they were not fitted on. `--oof OOF ...`
-scores given weights the same way without fitting them. With OOF predictions, a multi-label
-submission's decision threshold is the one with the best out-of-fold F1 (unless --threshold),
-and the end of the output says when the ensemble scores below its best member or a member is
-near chance, which member's removal helps most, and what --fit-weights would give.
-`--method rank` averages per-class ranks instead of probabilities.
-Writes the submission (checked against sample_submission.csv when --data-dir has one), a JSON
-report beside it (metric, weights, threshold, per-model and ensemble OOF scores and AUC, per
-class) and, with OOF predictions, <report>_roc.png: the ensemble's per-class ROC curves.
+"""The ensemble: per-model prediction CSVs averaged into a checked Kaggle submission, the
+weights given, taken from an ensemble config, or fitted on out-of-fold predictions to maximise
+the competition's metric, and a report of how each member scores (`ensemble(settings)`; the
+options are explained in commands/ensemble.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 from collections.abc import Sequence
@@ -33,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leaf_xla.cli import ArgumentParser, UserError
 from leaf_xla.config import find_config, load_yaml
-from leaf_xla.data import read_csv, read_dataset
+from leaf_xla.data import DataSet, read_csv, read_dataset
 from leaf_xla.ensemble_fit import combine, fit_weights
+from leaf_xla.errors import UserError, first_few
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 from leaf_xla.formats import format_submission, id_column, submission_format
 from leaf_xla.metrics import (
-    METRIC_CHOICES,
     Metric,
     best_threshold,
     chance,
@@ -49,13 +30,6 @@ from leaf_xla.metrics import (
     near_chance,
     resolve,
 )
-
-SHOWN = 3  # offending ids named in an error
-
-
-def _first(values: Sequence[str]) -> str:
-    shown = ", ".join(map(str, values[:SHOWN]))
-    return shown + (f" and {len(values) - SHOWN} more" if len(values) > SHOWN else "")
 
 
 def read_predictions(path: Path, classes: Sequence[str] | None = None) -> pd.DataFrame:
@@ -67,11 +41,11 @@ def read_predictions(path: Path, classes: Sequence[str] | None = None) -> pd.Dat
         raise UserError(f"{path}: no prediction rows")
     blank = np.flatnonzero(frame[ids].isna().to_numpy())
     if len(blank):
-        raise UserError(f"{path}: empty image_id on line(s) {_first((blank + 2).tolist())}")
+        raise UserError(f"{path}: empty image_id on line(s) {first_few((blank + 2).tolist())}")
     frame = frame.rename(columns={ids: "image_id"}).set_index("image_id")
     duplicated = frame.index[frame.index.duplicated()].unique().tolist()
     if duplicated:
-        raise UserError(f"{path}: duplicate image ids {_first(duplicated)}")
+        raise UserError(f"{path}: duplicate image ids {first_few(duplicated)}")
     if frame.columns.empty:
         raise UserError(f"{path}: no class columns after image_id")
     columns = list(classes) if classes is not None else list(frame.columns)
@@ -82,7 +56,7 @@ def read_predictions(path: Path, classes: Sequence[str] | None = None) -> pd.Dat
     values = frame[columns].apply(pd.to_numeric, errors="coerce")
     bad = values.index[~np.isfinite(values.to_numpy(float)).all(axis=1)].tolist()
     if bad:
-        raise UserError(f"{path}: non-finite or non-numeric values for ids {_first(bad)}")
+        raise UserError(f"{path}: non-finite or non-numeric values for ids {first_few(bad)}")
     return values.astype(float)
 
 
@@ -94,9 +68,9 @@ def align(frames: list[pd.DataFrame], paths: list[Path]) -> list[pd.DataFrame]:
         extra = frame.index.difference(reference, sort=False).tolist()
         if missing or extra:
             what = (
-                f"lacks ids {_first(missing)} that {paths[0]} has"
+                f"lacks ids {first_few(missing)} that {paths[0]} has"
                 if missing
-                else f"has ids not in {paths[0]}: {_first(extra)}"
+                else f"has ids not in {paths[0]}: {first_few(extra)}"
             )
             raise UserError(f"{path}: {what} ({len(missing)} missing, {len(extra)} extra)")
     return [frame.loc[reference] for frame in frames]
@@ -123,7 +97,8 @@ def read_group(files: list[Path], classes: Sequence[str]) -> pd.DataFrame:
     duplicated = frame.index[frame.index.duplicated()].unique().tolist()
     if duplicated:
         raise UserError(
-            f"{', '.join(map(str, files))}: ids {_first(duplicated)} appear in more than one file"
+            f"{', '.join(map(str, files))}: ids {first_few(duplicated)} appear in more than one "
+            "file"
         )
     return frame
 
@@ -163,7 +138,7 @@ def _model_names(paths: list[Path]) -> list[str]:
         names = [name(p) for p in paths]
         if len(set(names)) == len(names):
             return names
-    raise UserError(f"the same prediction CSV is given twice: {_first([str(p) for p in paths])}")
+    raise UserError(f"the same prediction CSV is given twice: {first_few([str(p) for p in paths])}")
 
 
 @dataclass
@@ -279,170 +254,164 @@ def advice(oof: OutOfFold, oof_report: dict, weights: np.ndarray, fitted: bool) 
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m leaf_xla.ensemble", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("predictions", nargs="+", help="test prediction CSVs, one per model")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--weights", type=float, nargs="+", help="one per model (normalised)")
-    weights.add_argument("--config", help="ensemble YAML whose models' weights to use")
-    weights.add_argument(
-        "--fit-weights",
-        nargs="+",
-        metavar="OOF",
-        help="out-of-fold CSVs (files, globs or comma-separated files), one set per model, "
-        "to fit the weights on",
-    )
-    parser.add_argument(
-        "--oof", nargs="+", metavar="OOF", help="as --fit-weights, but only to score the weights"
-    )
-    parser.add_argument("--method", choices=("mean", "rank"), default="mean")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        help="competition folder: train labels for OOF scores, "
-        "sample_submission.csv to check the output against",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
-    parser.add_argument("--report", type=Path, help="JSON report (default: <out>.json)")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        help="multi-label submissions: probability for a label (default: the one with the best "
-        "out-of-fold score when OOF predictions are given, else 0.5)",
-    )
-    parser.add_argument(
-        "--metric",
-        choices=METRIC_CHOICES,
-        default="auto",
-        help="out-of-fold score, and what --fit-weights maximises; auto: the competition's, "
-        "from the data's label format",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
+@dataclass(frozen=True)
+class EnsembleSettings:
+    """What `leaf-xla ensemble` is told (each field is the option of that name)."""
+
+    predictions: list[Path]  # test prediction CSVs, one per model
+    out: Path  # the submission CSV
+    report: Path | None = None  # the JSON report (default: <out>.json)
+    weights: list[float] | None = None  # one per model (normalised)
+    config: str | None = None  # an ensemble YAML whose models' weights to use
+    fit_weights: list[str] | None = None  # OOF sets (files, globs, a,b,c) to fit weights on
+    oof: list[str] | None = None  # OOF sets to score the weights on
+    method: str = "mean"  # or rank
+    data_dir: Path | None = None
+    threshold: float | None = None  # multi-label: the probability for a label
+    metric: str = "auto"
+    overwrite: bool = False
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    report_path = args.report or args.out.with_suffix(".json")
-    for path in (args.out, report_path):
-        if path.exists() and not args.overwrite:
-            raise UserError(f"{path} exists: pass --overwrite to replace it")
-    if args.fit_weights and args.oof:
-        raise UserError("--oof and --fit-weights both name OOF files: give one of them")
-    if args.threshold is not None and not 0 < args.threshold < 1:
-        raise UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
-    paths = [Path(p) for p in args.predictions]
+def ensemble(settings: EnsembleSettings) -> dict:
+    """Average the prediction CSVs into a checked submission; returns the report it writes."""
+    s = settings
+    report_path = s.report or s.out.with_suffix(".json")
+    check_settings(s, report_path)
+    paths = [Path(p) for p in s.predictions]
     names = _model_names(paths)
     frames = [read_predictions(paths[0])]
     classes = list(frames[0].columns)
     frames += [read_predictions(p, classes) for p in paths[1:]]
     frames = align(frames, paths)
     stack = np.stack([f.to_numpy(float) for f in frames])
-
-    oof_patterns = args.fit_weights or args.oof
-    if oof_patterns and not args.data_dir:
-        raise UserError("OOF predictions need --data-dir for the training labels")
+    oof_patterns = s.fit_weights or s.oof
     data = (
-        read_dataset(args.data_dir, classes=classes, need_train=bool(oof_patterns))
-        if args.data_dir
+        read_dataset(s.data_dir, classes=classes, need_train=bool(oof_patterns))
+        if s.data_dir
         else None
     )
     sample = data.sample_submission if data is not None else None
-    sample_path = args.data_dir / "sample_submission.csv" if args.data_dir else None
+    sample_path = s.data_dir / "sample_submission.csv" if s.data_dir else None
     label_format = data.label_format if data is not None else None
-    if (
-        args.method == "rank"
-        and sample is not None
-        and not _writes_probabilities(sample, sample_path, classes, label_format)
-    ):
-        raise UserError(
-            f"--method rank gives ranks, not the probabilities that the labels of "
-            f"{args.data_dir / 'sample_submission.csv'} are chosen from: use --method mean"
-        )
+    if s.method == "rank" and sample is not None:
+        if not _writes_probabilities(sample, sample_path, classes, label_format):
+            raise UserError(
+                f"--method rank gives ranks, not the probabilities that the labels of "
+                f"{sample_path} are chosen from: use --method mean"
+            )
+    report: dict = {"models": names, "method": s.method}
+    oof = read_oof(s, data, classes, len(paths)) if oof_patterns else None
+    weights, source = choose_weights(s, oof, names, report)
+    report["weights"] = dict(zip(names, weights.round(6).tolist()))
+    report["weights_from"] = source
+    threshold, warnings = 0.5 if s.threshold is None else s.threshold, []
+    if oof is not None:
+        threshold, warnings = score_members(s, oof, weights, names, classes, report)
+    report["threshold"] = threshold
+    print(f"weights ({source}): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
+    probs = pd.DataFrame(combine(stack, weights, s.method), index=frames[0].index, columns=classes)
+    submission = format_submission(probs, sample, sample_path, threshold, label_format)
+    atomic_to_csv(submission, s.out)
+    report["submission"] = str(s.out)
+    atomic_write_text(report_path, json.dumps(report, indent=2))
+    written = [str(s.out), str(report_path)]
+    if oof is not None:
+        from leaf_xla.report import roc_plot
 
-    report: dict = {"models": names, "method": args.method}
-    if oof_patterns:
-        groups = expand(oof_patterns)
-        if len(groups) != len(paths):
-            option = "--fit-weights" if args.fit_weights else "--oof"
-            raise UserError(f"{option}: {len(groups)} OOF sets for {len(paths)} prediction CSVs")
-        oof_frames = align([read_group(g, classes) for g in groups], [g[0] for g in groups])
-        label_of = dict(zip(data.train.ids, data.train.targets))
-        unknown = [i for i in oof_frames[0].index if i not in label_of]
-        if unknown:
-            raise UserError(f"{groups[0][0]}: ids not in train.csv: {_first(unknown)}")
-        targets = np.stack([label_of[i] for i in oof_frames[0].index])
-        metric = resolve(args.metric, data.label_format, data.multilabel)
-        oof = OutOfFold(
-            np.stack([f.to_numpy(float) for f in oof_frames]),
-            targets,
-            metric,
-            args.method,
-            args.threshold,
-        )
+        roc_path = report_path.with_name(f"{report_path.stem}_roc.png")
+        roc_plot(oof.targets, oof.combined(weights), classes, roc_path, "ensemble, out-of-fold")
+        written.append(str(roc_path))
+    print(f"wrote {', '.join(written)} ({len(submission)} rows)")
+    for line in warnings:
+        print(f"warning: {line}")
+    return report
 
-    if args.fit_weights:
-        weights, cv = fit_weights(oof.stack, targets, args.method, metric=metric)
+
+def check_settings(s: EnsembleSettings, report_path: Path) -> None:
+    for path in (s.out, report_path):
+        if path.exists() and not s.overwrite:
+            raise UserError(f"{path} exists: pass --overwrite to replace it")
+    if s.fit_weights and s.oof:
+        raise UserError("--oof and --fit-weights both name OOF files: give one of them")
+    if s.threshold is not None and not 0 < s.threshold < 1:
+        raise UserError(f"--threshold must be between 0 and 1, got {s.threshold}")
+    if (s.fit_weights or s.oof) and not s.data_dir:
+        raise UserError("OOF predictions need --data-dir for the training labels")
+
+
+def read_oof(s: EnsembleSettings, data: DataSet, classes: list[str], models: int) -> OutOfFold:
+    """The members' out-of-fold predictions (--fit-weights or --oof), with their labels."""
+    groups = expand(s.fit_weights or s.oof)
+    if len(groups) != models:
+        option = "--fit-weights" if s.fit_weights else "--oof"
+        raise UserError(f"{option}: {len(groups)} OOF sets for {models} prediction CSVs")
+    oof_frames = align([read_group(g, classes) for g in groups], [g[0] for g in groups])
+    label_of = dict(zip(data.train.ids, data.train.targets))
+    unknown = [i for i in oof_frames[0].index if i not in label_of]
+    if unknown:
+        raise UserError(f"{groups[0][0]}: ids not in train.csv: {first_few(unknown)}")
+    targets = np.stack([label_of[i] for i in oof_frames[0].index])
+    metric = resolve(s.metric, data.label_format, data.multilabel)
+    stack = np.stack([f.to_numpy(float) for f in oof_frames])
+    return OutOfFold(stack, targets, metric, s.method, s.threshold)
+
+
+def choose_weights(
+    s: EnsembleSettings, oof: OutOfFold | None, names: list[str], report: dict
+) -> tuple[np.ndarray, str]:
+    """The members' weights, normalised, and where they come from."""
+    if s.fit_weights:
+        weights, cv = fit_weights(oof.stack, oof.targets, s.method, metric=oof.metric)
         report["fit"] = cv
         source = "fitted" if cv["kept"] == "fitted" else "equal: fitted weights overfit"
         print(
-            f"held-out OOF {metric.name} {cv['heldout_score_fitted']:.4f} fitted vs "
+            f"held-out OOF {oof.metric.name} {cv['heldout_score_fitted']:.4f} fitted vs "
             f"{cv['heldout_score_equal']:.4f} equal weights ({cv['splits']} splits)"
         )
-    elif args.config:
-        weights, source = config_weights(find_config(args.config), names), args.config
-    elif args.weights:
-        if len(args.weights) != len(paths):
-            raise UserError(f"--weights: {len(args.weights)} weights for {len(paths)} CSVs")
-        weights, source = np.array(args.weights), "--weights"
+    elif s.config:
+        weights, source = config_weights(find_config(s.config), names), s.config
+    elif s.weights:
+        if len(s.weights) != len(names):
+            raise UserError(f"--weights: {len(s.weights)} weights for {len(names)} CSVs")
+        weights, source = np.array(s.weights), "--weights"
     else:
-        weights, source = np.ones(len(paths)), "equal"
+        weights, source = np.ones(len(names)), "equal"
     if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
         raise UserError(
             f"weights ({source}) must be non-negative, finite and not all zero, "
             f"got {weights.tolist()}"
         )
-    weights = weights / weights.sum()
-    report["weights"] = dict(zip(names, weights.round(6).tolist()))
-    report["weights_from"] = source
-    threshold = 0.5 if args.threshold is None else args.threshold
-    warnings = []
-    if oof_patterns:
-        report["metric"] = metric.name
-        report["oof"] = score_oof(oof, weights, names, classes)
-        print_scores(report["oof"], classes, metric)
-        print(f"equal weights: OOF {metric.name} {report['oof']['equal_weights_score']:.4f}")
-        if metric.thresholded:
-            threshold = oof.threshold_for(oof.combined(weights))
-            chosen = "given" if args.threshold is not None else "best out-of-fold"
-            print(f"decision threshold {threshold:.2f} ({chosen} {metric.title})")
-        warnings = advice(oof, report["oof"], weights, fitted=bool(args.fit_weights))
-        report["warnings"] = warnings
-    report["threshold"] = threshold
-    print(f"weights ({source}): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
-
-    probs = pd.DataFrame(
-        combine(stack, weights, args.method), index=frames[0].index, columns=classes
-    )
-    submission = format_submission(probs, sample, sample_path, threshold, label_format)
-    atomic_to_csv(submission, args.out)
-    report["submission"] = str(args.out)
-    atomic_write_text(report_path, json.dumps(report, indent=2))
-    written = [str(args.out), str(report_path)]
-    if oof_patterns:
-        from leaf_xla.report import roc_plot
-
-        roc_path = report_path.with_name(f"{report_path.stem}_roc.png")
-        roc_plot(targets, oof.combined(weights), classes, roc_path, "ensemble, out-of-fold")
-        written.append(str(roc_path))
-    print(f"wrote {', '.join(written)} ({len(submission)} rows)")
-    for line in warnings:
-        print(f"warning: {line}")
+    return weights / weights.sum(), source
 
 
-if __name__ == "__main__":
-    from leaf_xla.cli import run
+def score_members(
+    s: EnsembleSettings,
+    oof: OutOfFold,
+    weights: np.ndarray,
+    names: list[str],
+    classes: list[str],
+    report: dict,
+) -> tuple[float, list[str]]:
+    """Out-of-fold scores of the members and the ensemble (printed and reported), the decision
+    threshold, and the warnings about members that hurt."""
+    metric = oof.metric
+    report["metric"] = metric.name
+    report["oof"] = score_oof(oof, weights, names, classes)
+    print_scores(report["oof"], classes, metric)
+    print(f"equal weights: OOF {metric.name} {report['oof']['equal_weights_score']:.4f}")
+    threshold = 0.5 if s.threshold is None else s.threshold
+    if metric.thresholded:
+        threshold = oof.threshold_for(oof.combined(weights))
+        chosen = "given" if s.threshold is not None else "best out-of-fold"
+        print(f"decision threshold {threshold:.2f} ({chosen} {metric.title})")
+    warnings = advice(oof, report["oof"], weights, fitted=bool(s.fit_weights))
+    report["warnings"] = warnings
+    return threshold, warnings
 
-    run(main)
+
+if __name__ == "__main__":  # `python -m leaf_xla.ensemble`: the `ensemble` command, as before
+    import sys
+
+    from leaf_xla.cli import main
+
+    main(["ensemble", *sys.argv[1:]])

@@ -17,7 +17,7 @@ from scipy.optimize import minimize
 from scipy.stats import rankdata
 from sklearn.model_selection import KFold
 
-from leaf_xla.cli import SettingError
+from leaf_xla.errors import SettingError
 from leaf_xla.metrics import METRICS, Metric, best_threshold
 
 Scorer = Callable[[np.ndarray, np.ndarray], float]  # (targets, combined) -> higher is better

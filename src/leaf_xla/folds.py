@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
-from leaf_xla.cli import UserError
+from leaf_xla.errors import UserError
 from leaf_xla.files import atomic_to_csv
 
 

@@ -38,12 +38,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leaf_xla.cli import UserError
+from leaf_xla.errors import UserError, first_few
 
 ID_COLUMNS = ("image_id", "image")
 CASSAVA_NAMES = "label_num_to_disease_map.json"
 SHOWN = 5  # labels named in one message
-IDS_SHOWN = 3  # ids named in one message about a submission
 
 
 def id_column(frame: pd.DataFrame, path: Path) -> str:
@@ -52,11 +51,6 @@ def id_column(frame: pd.DataFrame, path: Path) -> str:
         if column in frame.columns:
             return column
     raise UserError(f"{path}: no image id column (expected one of {', '.join(ID_COLUMNS)})")
-
-
-def _first(values: list[str], shown: int = SHOWN) -> str:
-    more = f" and {len(values) - shown} more" if len(values) > shown else ""
-    return ", ".join(map(str, values[:shown])) + more
 
 
 @dataclass
@@ -159,7 +153,9 @@ class OneHot(LabelFormat):
         binary = np.isin(values, (0, 1))
         for i in np.flatnonzero(~binary.all(axis=1)):
             bad = [f"{c}: {frame[c].iloc[i]!r}" for c, ok in zip(columns, binary[i]) if not ok]
-            table.errors.append(f"{table.row(i)}: class values must be 0 or 1 ({_first(bad)})")
+            table.errors.append(
+                f"{table.row(i)}: class values must be 0 or 1 ({first_few(bad, SHOWN)})"
+            )
         for i in np.flatnonzero(binary.all(axis=1) & (values.sum(1) != 1)):
             positive = [c for c, v in zip(columns, values[i]) if v == 1]
             table.errors.append(
@@ -335,7 +331,9 @@ class Generic(LabelFormat):
         classes = classes or found
         unknown = sorted(set(found) - set(classes), key=_class_order)
         if unknown:
-            raise UserError(f"{table.path}: labels {_first(unknown)} are not in the classes option")
+            raise UserError(
+                f"{table.path}: labels {first_few(unknown, SHOWN)} are not in the classes option"
+            )
         index = {c: k for k, c in enumerate(classes)}
         values = np.zeros((len(labels), len(classes)), np.float32)
         for i, label in enumerate(labels):
@@ -380,9 +378,13 @@ def _column_mismatch(path: Path | None, columns: list[str], classes: list[str]) 
     """The error for a sample whose columns are neither the classes nor one label column."""
     extra = [c for c in columns if c not in classes]
     missing = [c for c in classes if c not in columns]
-    parts = [f"{_first(extra)} {'is' if len(extra) == 1 else 'are'} not a class"] if extra else []
+    parts = (
+        [f"{first_few(extra, SHOWN)} {'is' if len(extra) == 1 else 'are'} not a class"]
+        if extra
+        else []
+    )
     if missing:
-        parts.append(f"class(es) {_first(missing)} not a column")
+        parts.append(f"class(es) {first_few(missing, SHOWN)} not a column")
     return (
         f"{path}: its columns are neither the classes of train.csv nor one label column "
         f"({'; '.join(parts)}): spell the columns as train.csv spells the classes"
@@ -421,8 +423,9 @@ def submission_format(
         unknown = sorted(tokens - set(classes))
         if unknown:
             raise UserError(
-                f"{path}: column {column!r} holds {_first(unknown)}, not a class of train.csv "
-                f"({_first(classes)}): spell the labels as train.csv does"
+                f"{path}: column {column!r} holds {first_few(unknown, SHOWN)}, not a class of "
+                "train.csv "
+                f"({first_few(classes, SHOWN)}): spell the labels as train.csv does"
             )
     return fmt
 
@@ -442,14 +445,14 @@ def format_submission(
     sample_ids = sample[ids_column].astype(str)
     duplicated = sample_ids[sample_ids.duplicated()].unique().tolist()
     if duplicated:
-        raise UserError(f"{path}: duplicate ids {_first(duplicated, IDS_SHOWN)}")
+        raise UserError(f"{path}: duplicate ids {first_few(duplicated)}")
     missing = sample_ids[~sample_ids.isin(probs.index)].tolist()
     extra = probs.index.difference(pd.Index(sample_ids), sort=False).tolist()
     if missing or extra:
         what = (
-            f"lack ids {_first(missing, IDS_SHOWN)}"
+            f"lack ids {first_few(missing)}"
             if missing
-            else f"have ids not in it: {_first(extra, IDS_SHOWN)}"
+            else f"have ids not in it: {first_few(extra)}"
         )
         raise UserError(
             f"the predictions do not match {path}: they {what} "

@@ -29,8 +29,8 @@ from collections.abc import Iterable
 
 import torch
 
+from leaf_xla.backends.base import Runtime
 from leaf_xla.ema import WeightEma
-from leaf_xla.runtime import Runtime
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 timm's `resnetv2_*` has no ImageNet weights and a different block layout, so this module rebuilds
 the Keras graph layer for layer, to run the Keras ImageNet weights (converted with
-`python -m leaf_xla.convert_keras`) bit-compatibly in PyTorch. The Keras layout:
+`leaf-xla convert_keras`) bit-compatibly in PyTorch. The Keras layout:
 
 - stem: ZeroPadding2D(3) + biased 7x7/2 conv, then ZeroPadding2D(1) + 3x3/2 max-pool. The stem
   output is not ReLU'd, so that padding really is zeros (PyTorch's MaxPool2d pads with -inf).
@@ -28,7 +28,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from leaf_xla.cli import UserError
+from leaf_xla.errors import UserError
 
 # Blocks per stage of each keras.applications architecture.
 ARCH_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -213,7 +213,7 @@ def _create(arch: str, pretrained: bool, **kwargs: Any) -> KerasResNetV2:
     if pretrained and not overlay.get("file"):
         raise UserError(
             f"keras_{arch} has no downloadable weights: convert the Keras ImageNet h5 with "
-            f"`python -m leaf_xla.convert_keras {arch}_weights_tf_dim_ordering_tf_kernels.h5 "
+            f"`leaf-xla convert_keras {arch}_weights_tf_dim_ordering_tf_kernels.h5 "
             f"--out {arch}.safetensors` and pass `--weights {arch}.safetensors`"
         )
     return build_model_with_cfg(

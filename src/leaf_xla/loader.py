@@ -3,7 +3,7 @@
 On a TPU VM the host, not the TPU, usually limits training on big JPEGs, so:
 - JPEGs are decoded with DCT scaling to about the target size (data.decode) only once: the
   first epoch that decodes an image also writes its resized copy into the resize cache, which
-  later epochs and later runs at that size read (`python -m leaf_xla.prepare` fills it ahead);
+  later epochs and later runs at that size read (`leaf-xla prepare` fills it ahead);
   while the host has memory to spare, the resized images also stay in RAM after the first epoch;
 - decoding runs in threads (libjpeg-turbo, torch and numpy release the GIL), no worker processes;
 - batches leave as uint8 NCHW: a quarter of the bytes of float32 to copy to the device, where
@@ -33,16 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leaf_xla.cli import UserError
-from leaf_xla.data import (
-    DecodeError,
-    Problems,
-    decode,
-    decode_warning,
-    image_shape,
-    parse_image_size,
-)
+from leaf_xla.data import DecodeError, Problems, decode, decode_warning
+from leaf_xla.errors import UserError
 from leaf_xla.files import fsync_path
+from leaf_xla.settings import image_shape, parse_image_size
+
+# Every tensor of a batch, with its number of dimensions: the SPMD backend shards each along its
+# first. The loader's, then the mixing parameters that --mixup/--cutmix add (mix.py).
+BATCH_DIMS = {"image": 4, "target": 2, "index": 1, "mask": 1, "mix_lam": 1, "mix_box": 2}
 
 # Resized images stay in RAM while the host has more than this share of its memory available
 # (checked as /proc/meminfo's MemAvailable, so that the processes of one host share it), and,

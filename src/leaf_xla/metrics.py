@@ -13,11 +13,11 @@ Each label format names its competition's (formats.py, `metric`); `--metric` pic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # tried by best_threshold
 NEAR_CHANCE = 0.1  # a score within this share of the way from chance to perfect is near chance
@@ -25,6 +25,8 @@ NEAR_CHANCE = 0.1  # a score within this share of the way from chance to perfect
 
 def column_auc(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """ROC AUC per class column; NaN for a column whose targets are all 0 or all 1."""
+    from sklearn.metrics import roc_auc_score  # sklearn only when scoring: fast --help
+
     aucs = np.full(targets.shape[1], np.nan)
     for k in range(targets.shape[1]):
         if 0 < targets[:, k].sum() < len(targets):
@@ -46,15 +48,21 @@ def predicted_sets(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def accuracy(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
+    from sklearn.metrics import accuracy_score
+
     return float(accuracy_score(targets.argmax(1), probs.argmax(1)))
 
 
 def f1_samples(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
+    from sklearn.metrics import f1_score
+
     sets = predicted_sets(probs, threshold)
     return float(f1_score(targets.astype(np.int8), sets, average="samples", zero_division=0))
 
 
 def f1_macro(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
+    from sklearn.metrics import f1_score
+
     labels = np.arange(targets.shape[1])
     return float(
         f1_score(
@@ -92,7 +100,7 @@ METRIC_CHOICES = ("auto", *METRICS)  # --metric: auto is the label format's
 def resolve(name: str, label_format: str, multilabel: bool) -> Metric:
     """The metric `--metric name` means for data in `label_format`."""
     from leaf_xla import formats
-    from leaf_xla.cli import UserError
+    from leaf_xla.errors import UserError
 
     if name == "auto":
         fmt = formats.FORMATS.get(label_format)
@@ -125,3 +133,22 @@ def chance(metric: Metric, targets: np.ndarray) -> float:
 
 def near_chance(metric: Metric, score: float, chance_score: float) -> bool:
     return not score > chance_score + NEAR_CHANCE * (1 - chance_score)
+
+
+def validation_scores(
+    metric: Metric, targets: np.ndarray, probs: np.ndarray, classes: list[str], prefix: str = ""
+) -> dict[str, float]:
+    """history.csv's validation columns: the metric first (val_<name>, with the threshold it
+    was scored at when it needs one), the mean AUC (val_auc) and each class's AUC."""
+    aucs = column_auc(targets, probs)
+    auc = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan
+    scores = {}
+    if metric.name != "auc":
+        threshold = best_threshold(metric, targets, probs)
+        scores[f"{prefix}val_{metric.name}"] = metric.score(targets, probs, threshold)
+        if metric.thresholded:
+            scores[f"{prefix}threshold"] = threshold
+    scores[f"{prefix}val_auc"] = auc
+    if not prefix:
+        scores.update({f"auc_{c}": float(a) for c, a in zip(classes, aucs)})
+    return scores

@@ -20,95 +20,29 @@ lambda; the loss (engine.py) then applies label smoothing, which gives timm's `m
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from leaf_xla.cli import UserError
-from leaf_xla.config import identity
+from leaf_xla.settings import MixSettings
 
 MIX_STREAM = 2  # this generator's word in its seed: no other stream draws from the same seed
 
 
-@dataclass(frozen=True)
-class MixSpec:
-    """timm's Mixup arguments (batch mode, lambda corrected for the clipped box)."""
-
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
-
-    @property
-    def enabled(self) -> bool:
-        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
-
-
-def add_mix_options(group: argparse._ArgumentGroup) -> None:
-    identity(
-        group,
-        "--mixup",
-        type=float,
-        default=0.0,
-        metavar="ALPHA",
-        help="mixup: blend pairs of images and their targets with a Beta(ALPHA, ALPHA) weight "
-        "(timm's mixup_alpha; 0: off)",
-    )
-    identity(
-        group,
-        "--cutmix",
-        type=float,
-        default=0.0,
-        metavar="ALPHA",
-        help="CutMix: paste a box of the paired image, its area from Beta(ALPHA, ALPHA) "
-        "(timm's cutmix_alpha; 0: off)",
-    )
-    identity(
-        group,
-        "--mix-prob",
-        type=float,
-        default=1.0,
-        help="probability that a batch is mixed (timm's prob)",
-    )
-    identity(
-        group,
-        "--mixup-switch-prob",
-        type=float,
-        default=0.5,
-        help="with --mixup and --cutmix: probability of CutMix for a mixed batch (timm's "
-        "switch_prob)",
-    )
-
-
-def mix_from_args(args: argparse.Namespace) -> MixSpec | None:
-    """The run's mixing (None: off, and the train step has no mixing in its graph)."""
-    for name in ("mixup", "cutmix"):
-        if not getattr(args, name) >= 0:
-            raise UserError(f"--{name} must be 0 (off) or more, got {getattr(args, name)}")
-    for name in ("mix_prob", "mixup_switch_prob"):
-        value = getattr(args, name)
-        if not 0 <= value <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    spec = MixSpec(
-        mixup_alpha=args.mixup,
-        cutmix_alpha=args.cutmix,
-        prob=args.mix_prob,
-        switch_prob=args.mixup_switch_prob,
-    )
+def enabled(spec: MixSettings) -> MixSettings | None:
+    """The run's mixing, or None: off, and the train step has no mixing in its graph."""
     return spec if spec.enabled else None
 
 
-def describe(spec: MixSpec | None) -> str:
-    if spec is None:
+def describe(spec: MixSettings | None) -> str:
+    if spec is None or not spec.enabled:
         return "off"
-    parts = [f"mixup {spec.mixup_alpha:g}" if spec.mixup_alpha > 0 else ""]
-    parts.append(f"cutmix {spec.cutmix_alpha:g}" if spec.cutmix_alpha > 0 else "")
-    both = spec.mixup_alpha > 0 and spec.cutmix_alpha > 0
-    switch = f", switch {spec.switch_prob:g}" if both else ""
-    return f"{' + '.join(p for p in parts if p)} (p {spec.prob:g}{switch})"
+    parts = [f"mixup {spec.mixup:g}" if spec.mixup > 0 else ""]
+    parts.append(f"cutmix {spec.cutmix:g}" if spec.cutmix > 0 else "")
+    both = spec.mixup > 0 and spec.cutmix > 0
+    switch = f", switch {spec.mixup_switch_prob:g}" if both else ""
+    return f"{' + '.join(p for p in parts if p)} (p {spec.mix_prob:g}{switch})"
 
 
 # --- on the host ---------------------------------------------------------------------------
@@ -128,17 +62,17 @@ def cutmix_box(
 
 
 def draw(
-    spec: MixSpec, rng: np.random.Generator, height: int, width: int
+    spec: MixSettings, rng: np.random.Generator, height: int, width: int
 ) -> tuple[float, tuple[int, int, int, int]]:
     """One batch's (lambda, box): timm's `_params_per_batch` then `cutmix_bbox_and_lam`, with
     `rng`. An empty box (0, 0, 0, 0) means mixup with lambda, or no mixing when lambda is 1."""
     lam, use_cutmix = 1.0, False
-    if rng.random() < spec.prob:
-        if spec.mixup_alpha > 0 and spec.cutmix_alpha > 0:
-            use_cutmix = bool(rng.random() < spec.switch_prob)
+    if rng.random() < spec.mix_prob:
+        if spec.mixup > 0 and spec.cutmix > 0:
+            use_cutmix = bool(rng.random() < spec.mixup_switch_prob)
         else:
-            use_cutmix = spec.cutmix_alpha > 0
-        alpha = spec.cutmix_alpha if use_cutmix else spec.mixup_alpha
+            use_cutmix = spec.cutmix > 0
+        alpha = spec.cutmix if use_cutmix else spec.mixup
         lam = float(rng.beta(alpha, alpha))
     if not use_cutmix:
         return lam, (0, 0, 0, 0)
@@ -154,7 +88,7 @@ class MixParams:
     def __init__(
         self,
         loader: Iterable[dict],
-        spec: MixSpec,
+        spec: MixSettings,
         *,
         seed: int,
         epoch: int,

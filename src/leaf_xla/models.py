@@ -5,7 +5,7 @@ ImageNet weights. Their timm counterparts:
 - EfficientNetB7 / B6 -> `tf_efficientnet_b7` / `_b6`, noisy-student tag `ns_jft_in1k` (the
   weights Keras' EfficientNets were ported from), stochastic depth 0.2 as in Keras;
 - ResNet152V2 -> `keras_resnet152v2`, Keras' own block layout (keras_resnet.py), whose ImageNet
-  weights come from the Keras file through `python -m leaf_xla.convert_keras` (timm's
+  weights come from the Keras file through `leaf-xla convert_keras` (timm's
   `resnetv2_152`, the same network with timm's layout, has no ImageNet weights);
 - InceptionResNetV2 -> `inception_resnet_v2`, tag `tf_in1k` (ported from TF-slim).
 """
@@ -24,7 +24,7 @@ import timm
 import torch
 
 import leaf_xla.keras_resnet  # noqa: F401  (registers keras_resnet152v2 & co. with timm)
-from leaf_xla.cli import UserError
+from leaf_xla.errors import UserError, first_line
 
 KERAS_ALIASES = {
     "EfficientNetB7": "tf_efficientnet_b7",
@@ -76,14 +76,9 @@ def _hub_error(spec: ModelSpec, tagged: str, err: OSError) -> UserError:
     cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     return UserError(
         f"--model {spec.name}: could not load ImageNet weights {tagged} from the Hugging Face hub "
-        f"or its cache (HF_HOME={cache}): {_first_line(err)[:200]}. Offline? Pass --weights FILE "
+        f"or its cache (HF_HOME={cache}): {first_line(err)}. Offline? Pass --weights FILE "
         "(.safetensors or .pth) or --no-pretrained"
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _build(spec: ModelSpec, name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
@@ -96,7 +91,7 @@ def _build(spec: ModelSpec, name: str, pretrained: bool, kwargs: dict) -> torch.
             raise
         option = OPTION_OF_KWARG.get(refused[0], refused[0])
         raise UserError(
-            f"{option}: model {spec.name} does not take {refused[0]} ({_first_line(err)}); "
+            f"{option}: model {spec.name} does not take {refused[0]} ({first_line(err)}); "
             f"leave {option} out for this model"
         ) from None
     except OSError as err:  # hub, network and cache errors (huggingface_hub's are OSErrors)
@@ -107,7 +102,7 @@ def _build(spec: ModelSpec, name: str, pretrained: bool, kwargs: dict) -> torch.
         if not pretrained:
             raise
         raise UserError(
-            f"--model {spec.name}: timm has no ImageNet weights {name} ({_first_line(err)}); "
+            f"--model {spec.name}: timm has no ImageNet weights {name} ({first_line(err)}); "
             "choose another --pretrained-tag, or pass --weights FILE or --no-pretrained"
         ) from None
 
@@ -136,7 +131,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except (safetensors.SafetensorError, RuntimeError, EOFError, KeyError, OSError) as err:
         raise UserError(
-            f"--weights {path}: not a readable weights file ({_first_line(err)[:160]})"
+            f"--weights {path}: not a readable weights file ({first_line(err, 160)})"
         ) from None
     if isinstance(state, dict):  # a training checkpoint wraps its weights, as timm reads them
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -210,15 +205,3 @@ def data_config(model: torch.nn.Module, image_size: int | None = None) -> dict:
     config = timm.data.resolve_model_data_config(model)
     size = image_size or int(config["input_size"][-1])
     return {"image_size": size, "mean": list(config["mean"]), "std": list(config["std"])}
-
-
-def count_parameters(model: torch.nn.Module, with_bn_stats: bool = False) -> int:
-    """Parameters, plus BatchNorm running statistics when comparing with Keras' counts."""
-    total = sum(p.numel() for p in model.parameters())
-    if with_bn_stats:
-        total += sum(
-            b.numel()
-            for n, b in model.named_buffers()
-            if n.endswith(("running_mean", "running_var"))
-        )
-    return total

@@ -1,30 +1,17 @@
-"""Build or refresh the resize cache: every train and test image decoded once, stored resized.
-
-    python -m leaf_xla.prepare --data-dir data/plant-pathology-2020-fgvc7 --size 512
-
-Training and prediction fill the same cache themselves as they decode (`--cache auto`); this
-fills it ahead, and decodes every image once, which also finds the files that do not decode.
-They find the cache on their own (<data-dir>/.leaf_xla_cache/<size>px, or --cache-dir), and an
-entry whose image has changed since (size or modification time) is rebuilt, never trusted.
-Running this again only redoes what is missing or stale.
+"""The resize cache built ahead (`prepare_cache`): every train and test image decoded once,
+stored resized, which also finds the files that do not decode; training and prediction fill the
+same cache themselves as they decode (loader.ResizeCache).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from leaf_xla.cli import ArgumentParser, UserError
-from leaf_xla.data import (
-    LABEL_FORMATS,
-    Problems,
-    parse_image_size,
-    print_warnings,
-    read_dataset,
-)
+from leaf_xla.data import Problems, print_warnings, read_dataset
+from leaf_xla.errors import SettingError
 from leaf_xla.loader import ResizeCache, default_cache_root
 
 
@@ -43,28 +30,22 @@ def build_cache(
     return len(todo), problems.warnings
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m leaf_xla.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="competition folder")
-    parser.add_argument(
-        "--size",
-        type=parse_image_size,
-        required=True,
-        help="the training --image-size: 512, or HEIGHTxWIDTH such as 512x768",
-    )
-    parser.add_argument("--cache-dir", type=Path, help="default: <data-dir>/.leaf_xla_cache")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads")
-    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="auto")
-    parser.add_argument("--classes", nargs="+", help="class names (default: from the data)")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-
-    data = read_dataset(args.data_dir, args.label_format, args.classes, need_train=False)
+def prepare_cache(
+    data_dir: Path,
+    size: int | str,
+    cache_dir: Path | None = None,
+    workers: int = 1,
+    label_format: str = "auto",
+    classes: list[str] | None = None,
+) -> None:
+    """Resize every train and test image of `data_dir` into the cache for `size`."""
+    if workers < 1:
+        raise SettingError("workers", f"must be at least 1, got {workers}")
+    data = read_dataset(data_dir, label_format, classes, need_train=False)
     # pp2020 keeps train and test images in one folder: each file once.
     paths = list(dict.fromkeys(data.train.paths + data.test.paths))
-    cache = ResizeCache(args.cache_dir or default_cache_root(data.data_dir), args.size)
-    built, warnings = build_cache(cache, paths, args.workers, progress=True)
+    cache = ResizeCache(cache_dir or default_cache_root(data.data_dir), size)
+    built, warnings = build_cache(cache, paths, workers, progress=True)
     data.warnings.extend(warnings)
     print_warnings(data)
     counts = f"({len(data.train.paths)} train + {len(data.test.paths)} test)"
@@ -74,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh {counts}")
 
 
-if __name__ == "__main__":
-    from leaf_xla.cli import run
+if __name__ == "__main__":  # `python -m leaf_xla.prepare`: the `prepare` command, as before
+    import sys
 
-    run(main)
+    from leaf_xla.cli import main
+
+    main(["prepare", *sys.argv[1:]])

@@ -13,11 +13,9 @@ new run has something to show, and a resume that refuses other settings.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import datetime
 import fcntl
-import functools
 import hashlib
 import os
 import shutil
@@ -25,58 +23,32 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
-from leaf_xla.checkpoint import load_for_resume
-from leaf_xla.cli import UserError
+from leaf_xla.config import plain
+from leaf_xla.errors import UserError
 from leaf_xla.files import atomic_write_text, fsync_path
+from leaf_xla.settings import DataSettings, TrainSettings
 
-RESUMES = "config.resumes.yaml"
-# The training options that are not part of the run's identity (config.identity declares the
-# others, where they are defined), each with why a resume may change it.
-NOT_IN_IDENTITY = {
-    "config": "its values are the other options'",
-    "data_dir": "where the data is; its classes and folds are compared",
-    "out_dir": "where the run is",
-    "run_name": "where the run is",
-    "metric": "which score picks best.pt; a resume under another one re-scores the history",
-    "label_format": "how the labels are read; the classes are compared",
-    "folds_file": "the digest of which images validate is compared",
-    "n_folds": "the digest of which images validate is compared",
-    "holdout": "the digest of which images validate is compared",
-    "fold_seed": "the digest of which images validate is compared",
-    "soft_targets": "the digest of the rows trained on is compared",
-    "cache": "where the pixels come from, not which",
-    "cache_dir": "where the pixels come from, not which",
-    "workers": "decoding threads: the batches are the same",
-    "skip_bad_images": "what stops the run, not what it trains",
-    "max_bad_fraction": "what stops the run, not what it trains",
-    "max_nonfinite_steps": "what stops the run, not what it trains",
-    "pretrained": "the starting weights: a resume loads last.pt's",
-    "pretrained_tag": "the starting weights: a resume loads last.pt's",
-    "weights": "the starting weights: a resume loads last.pt's",
-    "epochs": "how long: a resume may train on",
-    "patience": "how long: a resume may train on",
-    "batch_size": "the global batch (x replicas) is compared",
-    "eval_batch_size": "evaluation covers every image once whatever its batch",
-    "device": "where it runs; the global batch and precision are compared",
-    "parallel": "where it runs; the global batch and precision are compared",
-    "nprocs": "where it runs; the global batch and precision are compared",
-    "nnodes": "where it runs; the global batch and precision are compared",
-    "node_rank": "where it runs; the global batch and precision are compared",
-    "master_addr": "where it runs; the global batch and precision are compared",
-    "master_port": "where it runs; the global batch and precision are compared",
-    "dist_timeout": "how long a replica waits",
-    "compile_cache": "a cache of compiled graphs",
-    "resume": "how this process starts",
-    "force_resume": "how this process starts",
-    "overwrite": "how this process starts",
-    "checkpoint_every": "when state is saved, not what",
-    "log_every": "what is printed",
-}
+if TYPE_CHECKING:
+    from leaf_xla.backends.base import Runtime
+
+# What a run folder holds (<out-dir>/<model>-fold<k>), by name.
+LAST = "last.pt"  # the whole state, saved at every epoch end (and --checkpoint-every)
+LAST_PREVIOUS = "last.prev.pt"  # the last.pt before it: a resume's fallback
+BEST = "best.pt"  # the weights (no optimizer) of the best epoch by the run's metric
+BEST_EMA = "best_ema.pt"  # --ema-decay: the moving average's best, loadable like best.pt
+OOF = "oof.csv"  # best.pt's predictions of the validation fold
+OOF_EMA = "oof_ema.csv"
+HISTORY = "history.csv"  # one row per epoch
+CONFIG = "config.yaml"  # every setting as the run started (loadable with --config)
+RESUMES = "config.resumes.yaml"  # what each resume changed
+TENSORBOARD = "tb"
+PLOTS = "plots"
+FOLDS = "folds.csv"  # in <out-dir>: the folds every model of an ensemble shares
 # What older checkpoints, saved before `resume_identity`, are compared on (from their config).
 LEGACY_KEYS = (
     *("seed", "optimizer", "weight_decay", "label_smoothing", "ema_decay", "augment_preset"),
@@ -145,14 +117,23 @@ def hold_lock(path: Path, what: str) -> FolderLock:
 
 
 def release_lock(path: Path) -> None:
-    """Release a lock taken by `hold_lock` (for callers that run several jobs in one process)."""
+    """Release a lock taken by `hold_lock` (a process that runs several jobs, a notebook)."""
     lock = _HELD.pop(path.resolve(), None)
     if lock is not None:
         lock.release()
 
 
 def lock_run(run_dir: Path) -> FolderLock:
-    return hold_lock(run_dir.with_name(f".{run_dir.name}.lock"), f"run folder {run_dir}")
+    return hold_lock(_lock_path(run_dir), f"run folder {run_dir}")
+
+
+def unlock_run(run_dir: Path) -> None:
+    """The run is over: another process (or a later fit() here) may open its folder."""
+    release_lock(_lock_path(run_dir))
+
+
+def _lock_path(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.lock")
 
 
 def remove_stale_temps(run_dir: Path) -> int:
@@ -264,17 +245,8 @@ def fold_digest(ids: Sequence[str], val_index: np.ndarray) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-@functools.cache
-def train_identity_options() -> tuple[str, ...]:
-    """The train options declared part of the run's identity (config.identity)."""
-    from leaf_xla.config import identity_options
-    from leaf_xla.train import build_parser  # train imports this module
-
-    return tuple(identity_options(build_parser()))
-
-
 def resume_identity(
-    args: argparse.Namespace,
+    settings: TrainSettings,
     *,
     classes: Sequence[str],
     image_size: int | str,
@@ -283,21 +255,21 @@ def resume_identity(
     replicas: int | None = None,
 ) -> dict[str, Any]:
     """What a resume must not change (store it in checkpoints as `resume_identity`): every
-    option declared part of the identity, the resolved classes and image size, and digests.
+    setting of settings.IDENTITY, the resolved classes and image size, and digests.
 
     `soft_targets`: the digest of the `--soft-targets` rows trained on (None: the labels).
     `replicas`: None where the replica count is not known yet (before the runtime starts):
     the global batch is then left out.
     """
     identity = {
-        **{k: getattr(args, k) for k in train_identity_options()},
+        **settings.identity(),
         "classes": list(classes),
         "image_size": image_size,  # 512 as before for a square, "480x768" otherwise
         "fold_digest": fold_digest,
         "soft_targets": soft_targets,
     }
     if replicas is not None:
-        identity["global_batch"] = args.batch_size * replicas
+        identity["global_batch"] = settings.optim.batch_size * replicas
     return identity
 
 
@@ -349,10 +321,10 @@ def check_resume(state: dict[str, Any], new: dict[str, Any], path: Path, force: 
 
 
 def record_resume(
-    run_dir: Path, args: argparse.Namespace, state: dict[str, Any], source: Path, forced: bool
+    run_dir: Path, settings: TrainSettings, state: dict[str, Any], source: Path, forced: bool
 ) -> dict[str, Any]:
-    """Append this resume (where from, which options changed) to config.resumes.yaml."""
-    now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """Append this resume (where from, which settings changed) to config.resumes.yaml."""
+    now = plain(settings.flat())
     was = state["config"]
     changed = {
         key: {"was": was.get(key), "now": value}
@@ -373,10 +345,103 @@ def record_resume(
     return entry
 
 
-def prepare_resume(run_dir: Path, args: argparse.Namespace, identity: dict[str, Any]) -> None:
+def prepare_resume(run_dir: Path, settings: TrainSettings, identity: dict[str, Any]) -> None:
     """Before a resume starts: refuse other settings (unless forced), then record the resume."""
     state, source = load_for_resume(run_dir)
-    diff = check_resume(state, identity, source, force=args.force_resume)
+    diff = check_resume(state, identity, source, force=settings.run.force_resume)
     if diff:
         print(f"warning: --force-resume: {source}: {'; '.join(diff)}", file=sys.stderr)
-    record_resume(run_dir, args, state, source, forced=bool(diff))
+    record_resume(run_dir, settings, state, source, forced=bool(diff))
+
+
+def run_dir_of(settings: TrainSettings) -> Path:
+    """<out-dir>/<run-name>, by default <model>-fold<k>."""
+    name = settings.data.run_name or f"{settings.model.model}-fold{settings.data.fold}"
+    return settings.data.out_dir / check_name(name)
+
+
+def folds_file_of(data: DataSettings) -> Path:
+    return data.folds_file or data.out_dir / FOLDS
+
+
+def saved_folds_file(state: dict[str, Any], checkpoint_path: Path) -> Path:
+    """The folds file the run of a checkpoint trained with (--split train re-predicts its fold)."""
+    config = state["config"]
+    folds_file = Path(config.get("folds_file") or Path(config["out_dir"]) / FOLDS)
+    if folds_file.is_file():
+        return folds_file
+    # A relative path from another working directory, or a moved run folder: the default
+    # folds file sits beside the run folder.
+    beside = checkpoint_path.resolve().parent.parent / FOLDS
+    if config.get("folds_file") or not beside.is_file():
+        raise UserError(
+            f"{checkpoint_path}: its folds file {folds_file} is gone; --split train needs it"
+        )
+    return beside
+
+
+def open_run(run_dir: Path, settings: TrainSettings, identity: dict[str, Any]) -> None:
+    """Lock the run folder for this process, then: a resume checked against the saved run's
+    identity and recorded; a new run refused over checkpoints unless --overwrite (which keeps
+    the old run aside until the new one has a best.pt)."""
+    lock_run(run_dir)  # until this process ends: no other run touches the folder
+    resume, overwrite = settings.run.resume, settings.run.overwrite
+    recover_overwrite(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        if not any((run_dir / name).is_file() for name in (LAST, LAST_PREVIOUS)):
+            raise UserError(f"--resume: {run_dir / LAST} not found")
+        prepare_resume(run_dir, settings, identity)
+        remove_stale_temps(run_dir)  # safe: the lock says no live run writes them
+    elif run_dir.exists() and any(run_dir.glob("*.pt")):
+        if not overwrite:
+            raise UserError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue it, "
+                "--overwrite to start again, or another --run-name"
+            )
+        Overwrite(run_dir).begin()  # the old run is deleted once best.pt is saved
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_checkpoint(rt: Runtime, run_dir: Path, name: str, state: dict[str, Any]) -> None:
+    """Save one of the run's checkpoints (every replica calls it; see checkpoint.save)."""
+    from leaf_xla import checkpoint  # torch: not for the commands that only name the files
+
+    previous = run_dir / LAST_PREVIOUS if name == LAST else None
+    checkpoint.save(rt, run_dir / name, state, previous=previous)
+
+
+def load_for_resume(run_dir: Path, warn: bool = True) -> tuple[dict[str, Any], Path]:
+    """The state to resume `run_dir` from: last.pt, else (with a warning) last.prev.pt.
+
+    `warn=False` where the warning was given already (open_run loads it first).
+
+    best.pt is no fallback: it holds no optimizer state, and resuming from it would replay
+    the epochs after it with another optimizer.
+    """
+    from leaf_xla import checkpoint
+
+    last, previous = run_dir / LAST, run_dir / LAST_PREVIOUS
+    try:
+        return checkpoint.load(last), last
+    except checkpoint.CheckpointError as err:
+        if not previous.is_file():
+            raise checkpoint.CheckpointError(
+                f"--resume: {err}, and there is no {previous.name} to fall back on "
+                f"(best.pt holds no optimizer state, so no option resumes from it): start "
+                "again with --overwrite, or another --run-name to keep this folder"
+            ) from None
+        first = str(err)
+    try:
+        state = checkpoint.load(previous)
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(
+            f"--resume: {first}; the fallback {err} too (best.pt holds no optimizer state, so "
+            "no option resumes from it): start again with --overwrite, or another --run-name"
+        ) from None
+    if warn:
+        print(
+            f"warning: {first}; resuming from {previous} (epoch {state['epoch']} step "
+            f"{state['step']}), the checkpoint saved before it",
+            file=sys.stderr,
+        )
+    return state, previous

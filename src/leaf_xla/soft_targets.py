@@ -17,17 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leaf_xla.cli import UserError
 from leaf_xla.data import read_csv
+from leaf_xla.errors import UserError, first_few
 from leaf_xla.formats import id_column
 
 ROW_SUM_TOLERANCE = 1e-3
-SHOWN = 3  # ids named in an error
-
-
-def _first(values: Sequence[str]) -> str:
-    more = f" and {len(values) - SHOWN} more" if len(values) > SHOWN else ""
-    return ", ".join(map(str, values[:SHOWN])) + more
 
 
 def read_soft_targets(
@@ -66,7 +60,7 @@ def read_soft_targets(
     missing = sorted(set(needed) - set(frame[ids]))
     if missing:
         raise UserError(
-            f"{path}: no row for {len(missing)} training image(s): {_first(missing)}; every "
+            f"{path}: no row for {len(missing)} training image(s): {first_few(missing)}; every "
             "training image needs its target"
         )
     values = frame[list(classes)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
@@ -94,6 +88,6 @@ def digest(targets: pd.DataFrame, ids: Sequence[str]) -> str:
     return hasher.hexdigest()[:16]
 
 
-def mix(oof: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
+def blend(oof: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
     """Self-distillation targets: `alpha * oof + (1 - alpha) * label`, row by row."""
     return alpha * oof + (1 - alpha) * labels

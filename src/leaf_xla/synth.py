@@ -4,20 +4,14 @@ Each class has a visual signature a small CNN can learn: rust is orange spots wi
 scab dark olive blotches, `multiple_diseases` both, healthy neither (other formats give every
 disease class its own colour and spot shape). Deterministic per seed; no network. Layouts: the
 three leaf competitions' and a generic `image_id,label` one with class names.
-
-Harder data for benchmarks: `--signal` below 1 blends the spots into the leaf (their opacity),
-`--label-noise` replaces that fraction of train.csv's labels by another class (the images keep
-their true class's spots), and `--test-labels FILE` writes the test images' true labels to a
-file outside the data folder, where no training command looks.
-
-    python -m leaf_xla.synth --out data/demo --n-train 240 --n-test 60
+(`write_dataset`; the options are in commands/synth.py.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +19,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from leaf_xla import formats
-from leaf_xla.cli import ArgumentParser, SettingError
+from leaf_xla.errors import SettingError
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 
 # Plant Pathology 2020's train split: 516 healthy, 91 multiple_diseases, 622 rust, 592 scab.
@@ -66,18 +60,6 @@ EXTRA_STYLES = [
     ((40, 40, 200), None, 0.06, (3, 6), True),
     ((250, 250, 250), (0, 0, 0), 0.04, (6, 10), False),
 ]
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected WIDTHxHEIGHT, e.g. 320x213, got {text!r}"
-        ) from None
-    if width < 16 or height < 16:
-        raise argparse.ArgumentTypeError(f"image size must be at least 16x16, got {text!r}")
-    return width, height
 
 
 def _style(disease: str, order: int) -> tuple:
@@ -178,6 +160,134 @@ def _tables(
     return tables
 
 
+@dataclass
+class Layout:
+    """A data set's files and labels in one competition's layout, before anything is drawn."""
+
+    classes: Sequence[str]
+    order: dict[str, int]  # each disease's spot style
+    train_ids: list[str]
+    test_ids: list[str]
+    train_dir: Path
+    test_dir: Path
+    train_files: list[str]
+    test_files: list[str]
+    label_sets: list[list[str]]  # each training image's classes
+    spot_lists: list[list[str]]  # the diseases drawn on it
+    id_column: str = "image_id"
+    with_test_csv: bool = False
+    sample_class: str | None = None  # sample_submission's label (None: probabilities)
+
+
+def _pp2020_layout(rng: np.random.Generator, out: Path, n_train: int, n_test: int) -> Layout:
+    labels = _pp2020_labels(rng, n_train)
+    train_ids = [f"Train_{i}" for i in range(n_train)]
+    test_ids = [f"Test_{i}" for i in range(n_test)]
+    return Layout(
+        classes=PP2020_CLASSES,
+        order={"rust": 0, "scab": 1},
+        train_ids=train_ids,
+        test_ids=test_ids,
+        train_dir=out / "images",
+        test_dir=out / "images",
+        train_files=[f"{i}.jpg" for i in train_ids],
+        test_files=[f"{i}.jpg" for i in test_ids],
+        label_sets=[row[:1] for row in labels],
+        spot_lists=[row[1:] for row in labels],
+        with_test_csv=True,
+    )
+
+
+def _pp2021_layout(rng: np.random.Generator, out: Path, n_train: int, n_test: int) -> Layout:
+    classes = PP2021_CLASSES
+    diseases = [c for c in classes if c != "healthy"]
+    label_sets = []
+    for i in range(n_train):
+        if i < len(classes):  # every class present
+            label_sets.append([classes[i]])
+        elif rng.uniform() < 0.3:
+            label_sets.append(["healthy"])
+        else:
+            k = 1 if rng.uniform() < 0.8 else 2
+            label_sets.append(sorted(rng.choice(diseases, size=k, replace=False).tolist()))
+    if n_train > len(classes) and all(len(s) == 1 for s in label_sets):
+        # One image with two diseases: one name in every row would read as single-label.
+        label_sets[len(classes)] = sorted(diseases[:2])
+    label_sets = [label_sets[i] for i in rng.permutation(n_train)]
+    train_files = [f"{rng.integers(16**15):015x}{i:x}.jpg" for i in range(n_train)]
+    test_files = [f"{rng.integers(16**15):015x}{i:x}t.jpg" for i in range(n_test)]
+    return Layout(
+        classes=classes,
+        order={d: i for i, d in enumerate(diseases)},
+        train_ids=train_files,
+        test_ids=test_files,
+        train_dir=out / "train_images",
+        test_dir=out / "test_images",
+        train_files=train_files,
+        test_files=test_files,
+        label_sets=label_sets,
+        spot_lists=[[d for d in s if d != "healthy"] for s in label_sets],
+        id_column="image",
+        sample_class="healthy",
+    )
+
+
+def _cassava_layout(rng: np.random.Generator, out: Path, n_train: int, n_test: int) -> Layout:
+    classes = CASSAVA_CLASSES
+    ints = np.concatenate([np.arange(len(classes)), rng.choice(len(classes), n_train)])
+    ints = rng.permutation(ints[:n_train])
+    train_files = [f"{rng.integers(10**9)}{i}.jpg" for i in range(n_train)]
+    test_files = [f"{rng.integers(10**9)}{i}t.jpg" for i in range(n_test)]
+    atomic_write_text(
+        out / "label_num_to_disease_map.json",
+        json.dumps({str(i): c for i, c in enumerate(classes)}, indent=1),
+    )
+    return Layout(
+        classes=classes,
+        order={c: i for i, c in enumerate(classes)},
+        train_ids=train_files,
+        test_ids=test_files,
+        train_dir=out / "train_images",
+        test_dir=out / "test_images",
+        train_files=train_files,
+        test_files=test_files,
+        label_sets=[[classes[c]] for c in ints],
+        spot_lists=[[] if classes[c] == "Healthy" else [classes[c]] for c in ints],
+        sample_class="Healthy",
+    )
+
+
+def _generic_layout(rng: np.random.Generator, out: Path, n_train: int, n_test: int) -> Layout:
+    classes = GENERIC_CLASSES
+    # Every class at least twice, so that stratified folds and per-class AUC are defined.
+    picks = np.concatenate([np.repeat(np.arange(len(classes)), 2), rng.choice(4, n_train)])
+    picks = rng.permutation(picks[:n_train])
+    train_ids = [f"leaf_{i:04d}" for i in range(n_train)]
+    test_ids = [f"query_{i:04d}" for i in range(n_test)]
+    return Layout(
+        classes=classes,
+        order={c: i for i, c in enumerate(classes)},
+        train_ids=train_ids,
+        test_ids=test_ids,
+        train_dir=out / "images",
+        test_dir=out / "images",
+        train_files=[f"{i}.jpg" for i in train_ids],
+        test_files=[f"{i}.jpg" for i in test_ids],
+        label_sets=[[classes[c]] for c in picks],
+        spot_lists=[[] if classes[c] == "healthy" else [classes[c]] for c in picks],
+        with_test_csv=True,
+        sample_class="healthy",
+    )
+
+
+LAYOUTS = {
+    "pp2020": _pp2020_layout,
+    "pp2021": _pp2021_layout,
+    "cassava": _cassava_layout,
+    "generic": _generic_layout,
+}
+
+
 def write_dataset(
     out: Path,
     n_train: int,
@@ -195,6 +305,59 @@ def write_dataset(
     `signal`: the spots' opacity (1: as drawn); `label_noise`: the fraction of train labels
     replaced by another class; `test_labels`: a CSV (outside `out`) for the test images' labels.
     """
+    _check_request(out, n_train, n_test, fmt, signal, label_noise, test_labels)
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = LAYOUTS[fmt](rng, out, n_train, n_test)
+    clean, classes = layout.label_sets, list(layout.classes)
+    label_sets = clean
+    if label_noise:
+        label_sets = _flip_labels(np.random.default_rng([seed, 1]), clean, classes, label_noise)
+    label_format = formats.get(LAYOUT_FORMATS[fmt])
+    tables = _tables(
+        label_format,
+        classes,
+        id_column=layout.id_column,
+        train_ids=layout.train_ids,
+        label_sets=label_sets,
+        test_ids=layout.test_ids,
+        sample_class=layout.sample_class,
+        with_test_csv=layout.with_test_csv,
+    )
+    layout.train_dir.mkdir(parents=True, exist_ok=True)
+    layout.test_dir.mkdir(parents=True, exist_ok=True)
+    for name, spots in zip(layout.train_files, layout.spot_lists):
+        leaf = draw_leaf(rng, size, spots, layout.order, signal)
+        leaf.save(layout.train_dir / name, quality=quality)
+    # Test images follow the training distribution; their labels are written only to
+    # `test_labels`, clean (the noise is the training labels').
+    drawn_like = rng.integers(0, n_train, n_test)
+    for name, i in zip(layout.test_files, drawn_like):
+        leaf = draw_leaf(rng, size, layout.spot_lists[int(i)], layout.order, signal)
+        leaf.save(layout.test_dir / name, quality=quality)
+    for name, frame in tables.items():
+        atomic_to_csv(frame, out / name)
+    if test_labels is not None:
+        index = {c: k for k, c in enumerate(classes)}
+        targets = np.zeros((n_test, len(classes)))
+        for row, i in enumerate(drawn_like):
+            targets[row, [index[n] for n in clean[int(i)]]] = 1
+        frame = label_format.label_frame(targets, classes)
+        frame.insert(0, layout.id_column, layout.test_ids)
+        test_labels.parent.mkdir(parents=True, exist_ok=True)
+        atomic_to_csv(frame, test_labels)
+    return out
+
+
+def _check_request(
+    out: Path,
+    n_train: int,
+    n_test: int,
+    fmt: str,
+    signal: float,
+    label_noise: float,
+    test_labels: Path | None,
+) -> None:
     if n_train < 8:
         raise SettingError("n_train", f"must be at least 8 (got {n_train}): folds need every class")
     if n_test < 1:
@@ -203,117 +366,12 @@ def write_dataset(
         raise SettingError("signal", f"must be in (0, 1], got {signal}")
     if not 0 <= label_noise < 1:
         raise SettingError("label_noise", f"must be in [0, 1), got {label_noise}")
+    if fmt not in LAYOUTS:
+        raise SettingError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if test_labels is not None and out.resolve() in test_labels.resolve().parents:
         raise SettingError(
             "test_labels", f"{test_labels} is inside {out}: the hidden labels go outside it"
         )
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-
-    if fmt == "pp2020":
-        classes = PP2020_CLASSES
-        labels = _pp2020_labels(rng, n_train)
-        order = {"rust": 0, "scab": 1}
-        train_ids = [f"Train_{i}" for i in range(n_train)]
-        test_ids = [f"Test_{i}" for i in range(n_test)]
-        train_dir = test_dir = out / "images"
-        train_files, test_files = [f"{i}.jpg" for i in train_ids], [f"{i}.jpg" for i in test_ids]
-        label_sets = [row[:1] for row in labels]
-        spot_lists = [row[1:] for row in labels]
-        id_column, with_test_csv = "image_id", True
-        sample_class = None  # probabilities: a uniform 0.25 each
-    elif fmt == "pp2021":
-        classes = PP2021_CLASSES
-        diseases = [c for c in classes if c != "healthy"]
-        order = {d: i for i, d in enumerate(diseases)}
-        label_sets = []
-        for i in range(n_train):
-            if i < len(classes):  # every class present
-                label_sets.append([classes[i]])
-            elif rng.uniform() < 0.3:
-                label_sets.append(["healthy"])
-            else:
-                k = 1 if rng.uniform() < 0.8 else 2
-                label_sets.append(sorted(rng.choice(diseases, size=k, replace=False).tolist()))
-        if n_train > len(classes) and all(len(s) == 1 for s in label_sets):
-            # One image with two diseases: one name in every row would read as single-label.
-            label_sets[len(classes)] = sorted(diseases[:2])
-        label_sets = [label_sets[i] for i in rng.permutation(n_train)]
-        train_files = [f"{rng.integers(16**15):015x}{i:x}.jpg" for i in range(n_train)]
-        test_files = [f"{rng.integers(16**15):015x}{i:x}t.jpg" for i in range(n_test)]
-        train_ids, test_ids = train_files, test_files
-        train_dir, test_dir = out / "train_images", out / "test_images"
-        spot_lists = [[d for d in s if d != "healthy"] for s in label_sets]
-        id_column, with_test_csv, sample_class = "image", False, "healthy"
-    elif fmt == "cassava":
-        classes = CASSAVA_CLASSES
-        order = {c: i for i, c in enumerate(classes)}
-        ints = np.concatenate([np.arange(len(classes)), rng.choice(len(classes), n_train)])
-        ints = rng.permutation(ints[:n_train])
-        train_files = [f"{rng.integers(10**9)}{i}.jpg" for i in range(n_train)]
-        test_files = [f"{rng.integers(10**9)}{i}t.jpg" for i in range(n_test)]
-        train_ids, test_ids = train_files, test_files
-        train_dir, test_dir = out / "train_images", out / "test_images"
-        atomic_write_text(
-            out / "label_num_to_disease_map.json",
-            json.dumps({str(i): c for i, c in enumerate(classes)}, indent=1),
-        )
-        label_sets = [[classes[c]] for c in ints]
-        spot_lists = [[] if classes[c] == "Healthy" else [classes[c]] for c in ints]
-        id_column, with_test_csv, sample_class = "image_id", False, "Healthy"
-    elif fmt == "generic":
-        classes = GENERIC_CLASSES
-        order = {c: i for i, c in enumerate(classes)}
-        # Every class at least twice, so that stratified folds and per-class AUC are defined.
-        picks = np.concatenate([np.repeat(np.arange(len(classes)), 2), rng.choice(4, n_train)])
-        picks = rng.permutation(picks[:n_train])
-        train_ids = [f"leaf_{i:04d}" for i in range(n_train)]
-        test_ids = [f"query_{i:04d}" for i in range(n_test)]
-        train_dir = test_dir = out / "images"
-        train_files, test_files = [f"{i}.jpg" for i in train_ids], [f"{i}.jpg" for i in test_ids]
-        label_sets = [[classes[c]] for c in picks]
-        spot_lists = [[] if classes[c] == "healthy" else [classes[c]] for c in picks]
-        id_column, with_test_csv, sample_class = "image_id", True, "healthy"
-    else:
-        raise SettingError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    clean = label_sets
-    if label_noise:
-        label_sets = _flip_labels(np.random.default_rng([seed, 1]), clean, classes, label_noise)
-    label_format = formats.get(LAYOUT_FORMATS[fmt])
-    tables = _tables(
-        label_format,
-        list(classes),
-        id_column=id_column,
-        train_ids=train_ids,
-        label_sets=label_sets,
-        test_ids=test_ids,
-        sample_class=sample_class,
-        with_test_csv=with_test_csv,
-    )
-
-    train_dir.mkdir(parents=True, exist_ok=True)
-    test_dir.mkdir(parents=True, exist_ok=True)
-    for name, spots in zip(train_files, spot_lists):
-        draw_leaf(rng, size, spots, order, signal).save(train_dir / name, quality=quality)
-    # Test images follow the training distribution; their labels are written only to
-    # `test_labels`, clean (the noise is the training labels').
-    drawn_like = rng.integers(0, n_train, n_test)
-    for name, i in zip(test_files, drawn_like):
-        draw_leaf(rng, size, spot_lists[int(i)], order, signal).save(
-            test_dir / name, quality=quality
-        )
-    for name, frame in tables.items():
-        atomic_to_csv(frame, out / name)
-    if test_labels is not None:
-        index = {c: k for k, c in enumerate(classes)}
-        targets = np.zeros((n_test, len(classes)))
-        for row, i in enumerate(drawn_like):
-            targets[row, [index[n] for n in clean[int(i)]]] = 1
-        frame = label_format.label_frame(targets, list(classes))
-        frame.insert(0, id_column, test_ids)
-        test_labels.parent.mkdir(parents=True, exist_ok=True)
-        atomic_to_csv(frame, test_labels)
-    return out
 
 
 def _flip_labels(
@@ -327,52 +385,9 @@ def _flip_labels(
     return flipped
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m leaf_xla.synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory to write")
-    parser.add_argument("--n-train", type=int, default=240, help="training images")
-    parser.add_argument("--n-test", type=int, default=60, help="test images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=parse_size, default=(320, 213), help="WxH, e.g. 2048x1365")
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="pp2020",
-        help="pp2020 one-hot columns, pp2021 space-separated labels, cassava integer labels, "
-        "generic image_id,label with class names",
-    )
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    parser.add_argument(
-        "--signal", type=float, default=1.0, help="opacity of the disease spots, in (0, 1]"
-    )
-    parser.add_argument(
-        "--label-noise",
-        type=float,
-        default=0.0,
-        help="fraction of train.csv's labels replaced by another class (test labels stay clean)",
-    )
-    parser.add_argument(
-        "--test-labels",
-        type=Path,
-        help="CSV to write the test images' true labels to (outside --out)",
-    )
-    args = parser.parse_args(argv)
-    out = write_dataset(
-        args.out,
-        args.n_train,
-        args.n_test,
-        seed=args.seed,
-        size=args.size,
-        fmt=args.format,
-        quality=args.quality,
-        signal=args.signal,
-        label_noise=args.label_noise,
-        test_labels=args.test_labels,
-    )
-    print(f"wrote {args.n_train} train and {args.n_test} test images ({args.format}) to {out}")
+if __name__ == "__main__":  # `python -m leaf_xla.synth`: the `synth` command, as before
+    import sys
 
+    from leaf_xla.cli import main
 
-if __name__ == "__main__":
-    from leaf_xla.cli import run
-
-    run(main)
+    main(["synth", *sys.argv[1:]])

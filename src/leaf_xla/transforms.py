@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-# albumentations asks PyPI for a newer version on every import (every spawned TPU process):
-# a network call a training run has no use for.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from leaf_xla.errors import UserError
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
+if TYPE_CHECKING:
+    import albumentations as A
 
-from leaf_xla.cli import UserError  # noqa: E402
+REFLECT_101 = 4  # REFLECT_101: the presets are read (--help) without importing cv2
 
 # Transforms that may turn an image by 90 degrees: a batch of HEIGHTxWIDTH images has one shape.
 SWAP_SIDES = {"Transpose", "RandomRotate90", "D4", "SquareSymmetry"}
@@ -70,7 +69,7 @@ PRESETS: dict[str, list[Any]] = {
                 "translate_percent": [-0.2, 0.2],
                 "scale": [0.8, 1.2],
                 "rotate": [-20, 20],
-                "border_mode": cv2.BORDER_REFLECT_101,
+                "border_mode": REFLECT_101,
                 "p": 1.0,
             }
         },
@@ -78,7 +77,18 @@ PRESETS: dict[str, list[Any]] = {
 }
 
 
+def _albumentations() -> ModuleType:
+    """albumentations, imported when a transform is built (seconds: not for --help)."""
+    # It asks PyPI for a newer version on every import (every spawned TPU process): a network
+    # call a training run has no use for.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
 def _extra(spec: Any, where: str = "augment") -> A.BasicTransform:
+    alb = _albumentations()
     if isinstance(spec, str):
         name, kwargs = spec, {}
     elif isinstance(spec, dict) and len(spec) == 1:
@@ -86,10 +96,10 @@ def _extra(spec: Any, where: str = "augment") -> A.BasicTransform:
         kwargs = dict(kwargs or {})
     else:
         raise UserError(f"{where}: each entry is a name or {{Name: {{arg: value}}}}, got {spec!r}")
-    transform = getattr(A, str(name), None)
-    composition = isinstance(transform, type) and issubclass(transform, A.BaseCompose)
+    transform = getattr(alb, str(name), None)
+    composition = isinstance(transform, type) and issubclass(transform, alb.BaseCompose)
     if not isinstance(transform, type) or not (
-        issubclass(transform, A.BasicTransform) or composition
+        issubclass(transform, alb.BasicTransform) or composition
     ):
         raise UserError(f"{where}: {name!r} is not an albumentations transform")
     if composition:
@@ -133,15 +143,16 @@ def create_transform(
 
     `square` False (a HEIGHTxWIDTH image size): transforms that swap the sides are refused.
     """
+    alb = _albumentations()
     if preset not in PRESETS:
         raise UserError(f"--augment-preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if augment is not None and not isinstance(augment, list):
         raise UserError(f"augment: expected a list of transforms, got {augment!r}")
     steps: list[A.BasicTransform] = []
     if hflip > 0:
-        steps.append(A.HorizontalFlip(p=hflip))
+        steps.append(alb.HorizontalFlip(p=hflip))
     if vflip > 0:
-        steps.append(A.VerticalFlip(p=vflip))
+        steps.append(alb.VerticalFlip(p=vflip))
     steps.extend(_extra(spec, f"--augment-preset {preset}") for spec in PRESETS[preset])
     steps.extend(_extra(spec) for spec in augment or [])
     for step in _all_transforms(steps):
@@ -150,7 +161,7 @@ def create_transform(
                 f"augment: {type(step).__name__} swaps height and width, so it needs a square "
                 "--image-size"
             )
-    return A.Compose(steps)
+    return alb.Compose(steps)
 
 
 def _all_transforms(steps: list[Any]) -> Iterator[Any]:

@@ -44,13 +44,13 @@ def _install_record(folder: str) -> None:
             handle.write(f"{name} {aug_seed}\n")
         return filled
 
-    def recording_save(rt, path, state):
+    def recording_save(rt, path, state, **kwargs):
         mine = rt.to_cpu(state["model"])
         torch.save(mine, os.path.join(folder, f"{path.name}-rank{_rank()}.pt"))
         if "ema" in state:  # --ema-decay: the moving average, as this replica holds it
             ema = rt.to_cpu(state["ema"])
             torch.save(ema, os.path.join(folder, f"{path.name}-ema-rank{_rank()}.pt"))
-        save(rt, path, state)
+        save(rt, path, state, **kwargs)
 
     loader.LeafImages.fill = recording_fill
     checkpoint.save = recording_save
