@@ -5,7 +5,7 @@
 For each data seed: a synthetic Plant Pathology 2020 set whose spots are faded (`--signal`) and
 a fraction of whose training labels is replaced by another class (`--label-noise`); the test
 images' true labels go to a file outside the data folder, which no training command reads.
-Then two recipes, each run with `python -m leaf_xla.recipe` as a user would:
+Then two recipes, each run with `python -m leaf_xla recipe` as a user would:
 
 - seed-style: two tiny models (test_efficientnet, test_resnet) on fold 0 of 5, squashed square
   images, flips, flip TTA, their average;
@@ -86,7 +86,7 @@ def run_recipe(config: dict, name: str, data: Path, work: Path, options: argpars
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     out = work / name
     command = [
-        *(sys.executable, "-m", "leaf_xla.recipe", "--config", str(path)),
+        *(sys.executable, "-m", "leaf_xla", "recipe", "--config", str(path)),
         *("--data-dir", str(data), "--out-dir", str(out), "--device", options.device, "--resume"),
         *("--", "--workers", "2", "--log-every", "1000"),
     ]

@@ -30,7 +30,7 @@ def pp2020(tmp_path_factory) -> Path:
 def run_cli(
     *args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m leaf_xla.<module> ...` as a user would; output captured as text."""
+    """Run `python -m ARGS...` (`"leaf_xla", "train", ...`) as a user would; output captured."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", *args],

@@ -9,8 +9,8 @@ import re
 import pytest
 from conftest import assert_user_error, run_cli
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands import COMMANDS, command
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.errors import UserError
 
 

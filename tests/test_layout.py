@@ -24,19 +24,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def is_main_block(node: ast.AST) -> bool:
-    """`if __name__ == "__main__":` (a library module run as `python -m` runs its command)."""
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and "__main__" in ast.unparse(test)
-
-
 def imports(path: Path) -> set[str]:
-    """The leaf_xla modules `path` imports, at its top or inside functions (not in its
-    `__main__` block)."""
-    tree = ast.parse(path.read_text())
-    tree.body = [node for node in tree.body if not is_main_block(node)]
+    """The leaf_xla modules `path` imports, at its top or inside functions."""
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("leaf_xla")}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("leaf_xla"):
@@ -130,3 +121,15 @@ def test_a_missing_data_folder_is_named_before_torch_is_imported(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == f"error: --data-dir {missing}: data directory not found\n"
+
+
+def test_the_old_module_form_says_what_to_run():
+    """`python -m leaf_xla.train`, the form before the commands moved: one line, exit 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "leaf_xla.train", "--model", "x"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: leaf_xla.train is the library; the command is `leaf-xla train ...` "
+        "(or `python -m leaf_xla train ...`)\n"
+    )

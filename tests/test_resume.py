@@ -100,7 +100,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path_factory, tmp
 
 
 def test_an_unreadable_last_pt_falls_back_to_last_prev_pt(tmp_path_factory, tmp_path, pp2020):
-    """train_worker loads with checkpoint.load_for_resume(run_dir, warn=False)."""
+    """train_worker loads with rundir.load_for_resume(run_dir, warn=False)."""
     reference = reference_run(tmp_path_factory, pp2020)
     out = tmp_path / "out"
     shutil.copytree(reference.parent, out)

@@ -1,4 +1,4 @@
-"""`python -m leaf_xla.train` / `recipe` on run folders a user cares about: names that escape
+"""`leaf-xla train` / `recipe` on run folders a user cares about: names that escape
 --out-dir, a live run's lock, an --overwrite that fails or succeeds, and resumes with other
 settings. The old runs are copies of test_train's reference run; new training runs use the
 plain CPU device (quick), since what is tested here is the run folder, not the graphs.

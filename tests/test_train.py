@@ -1,4 +1,4 @@
-"""`python -m leaf_xla.train` end to end on XLA:CPU: outputs, compile stability, spawn, bf16,
+"""`leaf-xla train` end to end on XLA:CPU: outputs, compile stability, spawn, bf16,
 early stopping, non-finite losses and the persistent compilation cache.
 
 Each training run compiles a tiny timm model (about half a minute on 2 cores), so one

@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from leaf_xla.data import DataSet, Problems, scan, verify_images
-from leaf_xla.errors import UserError
+from leaf_xla.errors import UserError, not_a_command
 from leaf_xla.formats import FORMATS, submission_example
 
 
@@ -117,9 +117,5 @@ def report(problems: Problems) -> None:
     print(f"\n{verdict}: {len(problems.errors)} error(s), {len(problems.warnings)} warning(s)")
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.check`: the `check` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["check", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/check.py
+    not_a_command("leaf_xla.check", "check")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from leaf_xla.errors import UserError
+from leaf_xla.errors import UserError, not_a_command
 from leaf_xla.files import atomic_write_text
 
 
@@ -84,9 +84,5 @@ def summary(path: Path) -> str:
     return text[: end.end()] if end else text
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.config`: the `configs` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["configs", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/configs.py
+    not_a_command("leaf_xla.config", "configs")

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from leaf_xla.errors import UserError
+from leaf_xla.errors import UserError, not_a_command
 from leaf_xla.keras_resnet import ARCH_LAYERS, KerasResNetV2, keras_layer_names
 
 KerasWeights = dict[str, dict[str, np.ndarray]]  # layer name -> weight name -> array
@@ -200,11 +200,5 @@ def convert_file(h5: Path, out: Path, arch: str | None = None) -> str:
     )
 
 
-if (
-    __name__ == "__main__"
-):  # `python -m leaf_xla.convert_keras`: the `convert_keras` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["convert_keras", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/convert_keras.py
+    not_a_command("leaf_xla.convert_keras", "convert_keras")

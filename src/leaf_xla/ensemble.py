@@ -18,7 +18,7 @@ import pandas as pd
 from leaf_xla.config import find_config, load_yaml
 from leaf_xla.data import DataSet, read_csv, read_dataset
 from leaf_xla.ensemble_fit import combine, fit_weights
-from leaf_xla.errors import UserError, first_few
+from leaf_xla.errors import UserError, first_few, not_a_command
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 from leaf_xla.formats import format_submission, id_column, submission_format
 from leaf_xla.metrics import (
@@ -409,9 +409,5 @@ def score_members(
     return threshold, warnings
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.ensemble`: the `ensemble` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["ensemble", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/ensemble.py
+    not_a_command("leaf_xla.ensemble", "ensemble")

@@ -1,12 +1,14 @@
 """The errors leaf_xla reports to a user as one line: expected mistakes, never bugs.
 
-Library code raises them; each command (leaf_xla.cli.run) prints `error: ...` and exits with 2,
-and a failed replica's error reaches the launching process as the same one line.
+Library code raises them; the console script (leaf_xla.cli.run) prints `error: ...` and exits
+with 2, and a failed replica's error reaches the launching process as the same one line.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 IDS_SHOWN = 3  # ids named in one error line before "and N more"
 
@@ -41,3 +43,14 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message in one line (its first), for an error line that quotes it."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def not_a_command(module: str, command: str) -> NoReturn:
+    """`python -m leaf_xla.train`, the form before the commands moved to leaf_xla/commands/:
+    one line saying what to run, not a library module that runs and does nothing."""
+    print(
+        f"error: {module} is the library; the command is `leaf-xla {command} ...` "
+        f"(or `python -m leaf_xla {command} ...`)",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)

@@ -19,7 +19,7 @@ from leaf_xla import backends, checkpoint, folds, formats, rundir
 from leaf_xla.backends.base import Runtime
 from leaf_xla.data import DataSet, read_dataset
 from leaf_xla.engine import Trainer
-from leaf_xla.errors import SettingError, UserError
+from leaf_xla.errors import SettingError, UserError, not_a_command
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, default_cache_root, eval_batches
 from leaf_xla.models import ModelSpec, create_model
@@ -164,7 +164,7 @@ def predict_checkpoint(job: Job, rt: Runtime, state: dict, ids: list[str]) -> np
         cache=ResizeCache(root, size) if s.cache == "auto" else None,
         num_classes=len(data.classes),
     )
-    batch = s.batch_size * (rt.replicas // rt.loaders)
+    batch = s.batch_size * rt.per_loader
     batches = eval_batches(len(images), batch, rt.loaders, rt.loader_rank)
     probs, _ = trainer.evaluate(BatchLoader(images, batches, s.workers), len(images))
     return probs
@@ -195,9 +195,5 @@ def read_for_checkpoint(settings: PredictSettings, path: Path, state: dict) -> D
         raise
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.predict`: the `predict` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["predict", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/predict.py
+    not_a_command("leaf_xla.predict", "predict")

@@ -57,6 +57,7 @@ def train_transform(settings: TrainSettings, image_size: int | str) -> albumenta
 
 def plan_run(settings: TrainSettings) -> Plan:
     """Checks, folds, cache and run folder: fail here, before any compilation."""
+    Schedule.of(settings.schedule)  # its values checked before the data is read
     resolve_name(settings.model.model)
     check_decay(settings.optim.ema_decay)
     image_size = settings.data.image_size or default_image_size(settings.model.model)
@@ -236,7 +237,7 @@ def check_unreadable(
         raise UserError(
             f"{len(unreadable)} of {train_samples} training images cannot be read ({names}), "
             f"more than --max-bad-fraction {max_fraction:g}; replace or remove them "
-            f"(python -m leaf_xla check --data-dir {data.data_dir} lists them all)"
+            f"(leaf-xla check --data-dir {data.data_dir} lists them all)"
         )
     data.warnings.append(
         f"{len(unreadable)} training image(s) cannot be read and are skipped every epoch "

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from leaf_xla.data import Problems, print_warnings, read_dataset
-from leaf_xla.errors import SettingError
+from leaf_xla.errors import SettingError, not_a_command
 from leaf_xla.loader import ResizeCache, default_cache_root
 
 
@@ -55,9 +55,5 @@ def prepare_cache(
     print(f"{cache.dir}: {built} image(s) resized, {len(paths) - built} already fresh {counts}")
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.prepare`: the `prepare` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["prepare", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/prepare.py
+    not_a_command("leaf_xla.prepare", "prepare")

@@ -17,7 +17,7 @@ import pandas as pd
 from leaf_xla import folds as folds_module
 from leaf_xla.config import load_yaml
 from leaf_xla.data import DataSet, read_dataset
-from leaf_xla.errors import UserError
+from leaf_xla.errors import UserError, not_a_command
 from leaf_xla.files import atomic_write_text
 from leaf_xla.metrics import METRICS, resolve
 from leaf_xla.rundir import HISTORY, OOF, check_name, folds_file_of
@@ -322,9 +322,5 @@ def summarize(out_dir: Path, runs: list[PlannedRun], submission: Path) -> dict:
     return summary
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.recipe`: the `recipe` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["recipe", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/recipe.py
+    not_a_command("leaf_xla.recipe", "recipe")

@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
 
 from leaf_xla.files import atomic_path  # noqa: E402
+from leaf_xla.rundir import HISTORY, OOF, PLOTS
 
 if TYPE_CHECKING:
     from leaf_xla.schedule import Schedule
@@ -111,8 +112,8 @@ def training_plots(
     val_targets: np.ndarray,
 ) -> None:
     """loss.png, auc.png, lr.png, roc.png and (single-label) confusion.png in <run>/plots."""
-    out = run_dir / "plots"
-    history = pd.read_csv(run_dir / "history.csv")
+    out = run_dir / PLOTS
+    history = pd.read_csv(run_dir / HISTORY)
     fig, ax = _figure(7, 4)
     ax.plot(history["epoch"], history["train_loss"], "o-", label="train")
     ax.plot(history["epoch"], history["val_loss"], "o-", label="validation")
@@ -132,9 +133,9 @@ def training_plots(
     _save(fig, out / "auc.png")
 
     lr_plot(schedule, epochs, out / "lr.png")
-    if not (run_dir / "oof.csv").is_file():
+    if not (run_dir / OOF).is_file():
         return  # no epoch scored an AUC (a validation set of one class): no best epoch to plot
-    oof = pd.read_csv(run_dir / "oof.csv")
+    oof = pd.read_csv(run_dir / OOF)
     probs = oof[list(classes)].to_numpy()
     roc_plot(val_targets, probs, classes, out / "roc.png")
     if not multilabel:

@@ -1,9 +1,10 @@
 """Run folders: plain names, one process at a time, an `--overwrite` that loses nothing until the
 new run has something to show, and a resume that refuses other settings.
 
-- `<out-dir>/.<run>.lock`: an exclusive `flock` held for the life of the train (or recipe)
-  process that owns the folder. It sits beside the folder, not in it, so that it covers the
-  name through `--overwrite`'s move-aside and restore. The holder's pid is written inside.
+- `<out-dir>/.<run>.lock`: an exclusive `flock` held by the train (or recipe) process that owns
+  the folder, until its run ends well (`fit()` returns) or the process ends. It sits beside the
+  folder, not in it, so that it covers the name through `--overwrite`'s move-aside and
+  restore. The holder's pid is written inside.
 - `<out-dir>/.<run>.overwritten`: the old run while `--overwrite` trains the new one. It is
   deleted once the new run folder holds a best.pt; any earlier end of the process (an error,
   an exit, or a kill, found at the next start) puts it back.
@@ -186,7 +187,7 @@ class Overwrite:
     def finish(self) -> None:
         if os.getpid() != self.owner:  # a forked child inherits atexit handlers: not its job
             return
-        if (self.run_dir / "best.pt").is_file():
+        if (self.run_dir / BEST).is_file():
             self.commit()
         else:
             self.restore()
@@ -214,8 +215,8 @@ def recover_overwrite(run_dir: Path, *, resume: bool = False, overwrite: bool = 
     pending = Overwrite(run_dir)
     if not pending.aside.exists():
         return
-    newer = not (run_dir / "best.pt").is_file() and any(
-        (run_dir / name).is_file() for name in ("last.pt", "last.prev.pt")
+    newer = not (run_dir / BEST).is_file() and any(
+        (run_dir / name).is_file() for name in (LAST, LAST_PREVIOUS)
     )
     if not newer or (overwrite and not resume):
         pending.finish()

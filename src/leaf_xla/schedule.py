@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from leaf_xla.errors import SettingError
+from leaf_xla.errors import SettingError, not_a_command
 from leaf_xla.settings import ScheduleSettings
 
 
@@ -61,9 +61,5 @@ class Schedule:
         return (self.lr_max - self.lr_min) * self.decay**after + self.lr_min
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.schedule`: the `schedule` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["schedule", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/schedule.py
+    not_a_command("leaf_xla.schedule", "schedule")

@@ -58,6 +58,8 @@ class DataSettings:
     max_bad_fraction: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.image_size is not None:  # 512, "512" and [512, 512] are one size
+            object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         if self.workers < 1:
             raise SettingError("workers", "must be at least 1")
         if not 0 <= self.max_bad_fraction < 1:

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from leaf_xla import formats
-from leaf_xla.errors import SettingError
+from leaf_xla.errors import SettingError, not_a_command
 from leaf_xla.files import atomic_to_csv, atomic_write_text
 
 # Plant Pathology 2020's train split: 516 healthy, 91 multiple_diseases, 622 rust, 592 scab.
@@ -385,9 +385,5 @@ def _flip_labels(
     return flipped
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.synth`: the `synth` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["synth", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/synth.py
+    not_a_command("leaf_xla.synth", "synth")

@@ -34,7 +34,7 @@ from leaf_xla.checkpoint import (
 )
 from leaf_xla.config import plain, save_config
 from leaf_xla.engine import Trainer, create_optimizer
-from leaf_xla.errors import UserError
+from leaf_xla.errors import UserError, not_a_command
 from leaf_xla.files import atomic_to_csv
 from leaf_xla.loader import BatchLoader, LeafImages, ResizeCache, eval_batches, train_batches
 from leaf_xla.metrics import Metric, validation_scores
@@ -122,9 +122,7 @@ def build(plan: Plan) -> Run:
         max_nonfinite_steps=settings.optim.max_nonfinite_steps,
     )
     train_set, val_set = build_datasets(plan)
-    # A loader feeds all devices of its process: one under spawn and ddp, a host's under SPMD.
-    per_loader = rt.replicas // rt.loaders
-    loader_batch = settings.optim.batch_size * per_loader
+    loader_batch = settings.optim.batch_size * rt.per_loader
     return Run(
         plan=plan,
         rt=rt,
@@ -135,7 +133,8 @@ def build(plan: Plan) -> Run:
         train_set=train_set,
         val_set=val_set,
         loader_batch=loader_batch,
-        eval_batch=(settings.optim.eval_batch_size or 2 * settings.optim.batch_size) * per_loader,
+        eval_batch=(settings.optim.eval_batch_size or 2 * settings.optim.batch_size)
+        * rt.per_loader,
         steps=len(train_set) // (loader_batch * rt.loaders),
         meta=checkpoint_meta(plan, rt, mean, std),
     )
@@ -339,13 +338,14 @@ def _improves(score: float, best: float) -> bool:
 def train_epoch(run: Run, state: RunState) -> None:
     """Train `state.epoch` from `state.step` on, evaluate, and checkpoint; advances `state`."""
     started, first = time.time(), state.step
-    train_loss, nonfinite = train_steps(run, state)
-    seconds = time.time() - started
+    train_loss, nonfinite, train_seconds = train_steps(run, state)
     average_buffers(run)  # every replica evaluates (and saves) the same model
-    row, probs = evaluate_epoch(run, state.epoch)
-    row = {"epoch": state.epoch, "lr": run.lr_at(state.epoch), "train_loss": train_loss, **row}
+    scores, probs = evaluate_epoch(run, state.epoch)
+    row = {"epoch": state.epoch, "lr": run.lr_at(state.epoch), "train_loss": train_loss}
+    row.update({k: v for k, v in scores.items() if not k.startswith("ema_")})
     row["nonfinite_steps"] = nonfinite
-    row["images_per_sec"] = (run.steps - first) * run.global_batch / seconds
+    row.update({k: v for k, v in scores.items() if k.startswith("ema_")})
+    row["images_per_sec"] = (run.steps - first) * run.global_batch / train_seconds
     row["seconds"] = time.time() - started
     row["compiles"] = run.rt.compile_count() - run.compiles_counted
     run.compiles_counted += row["compiles"]
@@ -366,9 +366,10 @@ def train_epoch(run: Run, state: RunState) -> None:
     save_epoch(run, state, probs, improved=improved, improved_ema=improved_ema)
 
 
-def train_steps(run: Run, state: RunState) -> tuple[float, int]:
-    """The epoch's training steps from `state.step` on: (mean loss, non-finite steps skipped)."""
-    settings, rt, epoch = run.plan.settings, run.rt, state.epoch
+def train_steps(run: Run, state: RunState) -> tuple[float, int, float]:
+    """The epoch's training steps from `state.step` on: (mean loss, non-finite steps skipped,
+    seconds they took)."""
+    settings, rt, epoch, started = run.plan.settings, run.rt, state.epoch, time.time()
     batches = train_batches(
         len(run.train_set),
         run.loader_batch,
@@ -414,6 +415,7 @@ def train_steps(run: Run, state: RunState) -> tuple[float, int]:
         loss_sum=state.epoch_loss_sum,
         nonfinite=(state.epoch_nonfinite, state.epoch_nonfinite_run),
     )
+    seconds = time.time() - started
     nonfinite = run.trainer.nonfinite_steps()
     if nonfinite and rt.is_master:
         print(
@@ -421,7 +423,7 @@ def train_steps(run: Run, state: RunState) -> tuple[float, int]:
             "gradients (they changed no weights)"
         )
     check_skipped(run, loader.skipped, epoch, before=state.epoch_skipped)
-    return train_loss, nonfinite
+    return train_loss, nonfinite, seconds
 
 
 def evaluate_epoch(run: Run, epoch: int) -> tuple[dict[str, float], dict[bool, np.ndarray]]:
@@ -488,7 +490,7 @@ def check_skipped(run: Run, mine: list[int], epoch: int, before: int) -> None:
         raise UserError(
             f"epoch {epoch}: {count} of {samples} training images cannot be decoded "
             f"({names}), more than --max-bad-fraction {max_fraction:g}; replace or remove them "
-            f"(python -m leaf_xla check lists them all) or raise the fraction"
+            f"(leaf-xla check lists them all) or raise the fraction"
         )
     if run.rt.is_master:
         print(f"warning: epoch {epoch}: skipped {count} unreadable training images: {names}")
@@ -587,9 +589,5 @@ def train_worker(plan: Plan) -> None:
     run.rt.shutdown()
 
 
-if __name__ == "__main__":  # `python -m leaf_xla.train`: the `train` command, as before
-    import sys
-
-    from leaf_xla.cli import main
-
-    main(["train", *sys.argv[1:]])
+if __name__ == "__main__":  # the command is leaf_xla/commands/train.py
+    not_a_command("leaf_xla.train", "train")

@@ -80,6 +80,12 @@ class Runtime:
         return self.loader_rank
 
     @property
+    def per_loader(self) -> int:
+        """Replicas each host loader feeds: one under spawn and ddp, a host's devices under SPMD;
+        a loader's batch is this many replicas' batches."""
+        return self.replicas // self.loaders
+
+    @property
     def batch_shards(self) -> int:
         """Replicas' shards in the batch a step sees: the step's whole batch is one replica's,
         except under SPMD (every replica's, in order)."""
@@ -155,7 +161,7 @@ class Runtime:
 
     def watched(self, limit: float) -> contextlib.AbstractContextManager:
         """Within the block, XLA stops the process when no step finishes for `limit` seconds
-        (a step that compiles: xla.COMPILE_ALLOWANCE more); collectives elsewhere time out."""
+        (a step that compiles: settings.COMPILE_ALLOWANCE more); collectives elsewhere time out."""
         return contextlib.nullcontext()
 
     def heartbeat(self) -> None:

@@ -1,7 +1,8 @@
 """The commands: one thin module each, which parses its options, calls the library and prints.
 
 Each has `build_parser()` and `main(argv)`, and `parse(argv)` where parsing is more than
-`build_parser().parse_args(argv)` (a --config file, a `--` pass-through). `leaf-xla NAME ...`
+`build_parser().parse_args(argv)` (a --config file, a `--` pass-through, demo's options for
+train). `leaf-xla NAME ...`
 and `python -m leaf_xla NAME ...` run it (leaf_xla.cli). A command module imports only light
 modules at its top and the library after parsing, so that --help and a mistyped option are
 answered before torch, timm and torch_xla are loaded.
@@ -9,7 +10,6 @@ answered before torch, timm and torch_xla are loaded.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
@@ -38,9 +38,10 @@ def command(name: str) -> ModuleType:
     return importlib.import_module(f"leaf_xla.commands.{name}")
 
 
-def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+def parse_command_line(argv: Sequence[str]) -> object:
     """Parse `leaf-xla COMMAND OPTIONS...` (without the `leaf-xla`) as the command would, running
-    nothing: a bad line is a UserError. The docs test checks every command line shown with it."""
+    nothing: a bad line is a UserError; returns what the command's parser returns. The docs
+    test checks every command line shown with it."""
     if not argv:
         raise UserError("no command")
     module = command(argv[0])

@@ -14,8 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands.options import add_data_source_options
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.settings import check_data_dir
 
 

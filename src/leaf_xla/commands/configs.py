@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from leaf_xla.cli import ArgumentParser
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.config import shipped_configs, summary
 
 

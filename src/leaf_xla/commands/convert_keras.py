@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
+from leaf_xla.commands.parser import ArgumentParser
 
 
 def build_parser() -> ArgumentParser:

@@ -14,8 +14,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands import recipe, train
+from leaf_xla.commands.parser import ArgumentParser
 
 
 def build_parser() -> ArgumentParser:

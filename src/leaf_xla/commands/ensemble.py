@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands.options import settings_of
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.metrics import METRIC_CHOICES
 
 

@@ -1,5 +1,6 @@
-"""The one module that knows flag names: option tables shared by the commands, a YAML config's
-values as their defaults (the timm pattern), and parsed arguments turned into typed settings.
+"""The options the commands share (train's, and each one that several commands take), a YAML
+config's values as their defaults (the timm pattern), and parsed arguments turned into typed
+settings.
 
 Every option is named after its setting (`--lr-max` sets `ScheduleSettings.lr_max`), so the
 conversion is by name; `settings.IDENTITY` says which of them a resume may not change.
@@ -26,6 +27,7 @@ from leaf_xla.config import find_config, load_yaml
 from leaf_xla.errors import UserError
 from leaf_xla.formats import LABEL_FORMATS
 from leaf_xla.metrics import METRIC_CHOICES
+from leaf_xla.schedule import Schedule
 from leaf_xla.settings import (
     COMPILE_ALLOWANCE,
     DEVICES,
@@ -334,7 +336,9 @@ def settings_of(kind: type, args: argparse.Namespace) -> Any:
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
-    return TrainSettings.from_flat(vars(args))
+    settings = TrainSettings.from_flat(vars(args))
+    Schedule.of(settings.schedule)  # its values checked before anything heavy is imported
+    return settings
 
 
 def _check_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:

@@ -14,8 +14,8 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands.options import add_launch_options, launch_settings
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.settings import PRECISIONS, check_data_dir
 from leaf_xla.tta import TTA_FLIPS
 

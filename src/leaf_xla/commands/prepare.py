@@ -15,8 +15,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands.options import add_data_source_options
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.settings import check_data_dir, parse_image_size
 
 

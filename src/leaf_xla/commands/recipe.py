@@ -42,7 +42,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands import train
 from leaf_xla.commands.options import (
     add_launch_options,
@@ -51,8 +50,9 @@ from leaf_xla.commands.options import (
     parse_args,
     train_settings,
 )
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.config import find_config, load_yaml
-from leaf_xla.errors import UserError
+from leaf_xla.errors import SettingError, UserError
 from leaf_xla.rundir import BEST, LAST, OOF
 from leaf_xla.settings import check_data_dir, parse_image_size
 
@@ -199,7 +199,8 @@ def plan_runs(
         try:
             runs += _plan_model(model, fold_list, args)
         except UserError as err:
-            raise UserError(f"{recipe_path}: model {model['name']}: {err}") from None
+            said = err.as_flag() if isinstance(err, SettingError) else str(err)
+            raise UserError(f"{recipe_path}: model {model['name']}: {said}") from None
     return runs
 
 

@@ -9,13 +9,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands.options import (
     add_config_option,
     add_schedule_options,
     parse_args,
     settings_of,
 )
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.settings import ScheduleSettings
 
 

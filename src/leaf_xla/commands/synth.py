@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.synth import FORMATS
 
 

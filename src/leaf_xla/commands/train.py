@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from leaf_xla.cli import ArgumentParser
 from leaf_xla.commands.options import add_train_options, parse_args, train_settings
+from leaf_xla.commands.parser import ArgumentParser
 from leaf_xla.settings import check_data_dir
 
 
